@@ -1,0 +1,18 @@
+"""lowbit-compile: 2/3/4-bit and FP4 weights for PyTorch 2 models, through torch.compile and export."""
+
+from . import kernels  # noqa: F401  (registers the lowbit:: ops)
+from .backend import REPORTS, BackendSettings, reset
+from .checkpoint import QuantizedLinear
+from .errors import LowbitError
+from .recipe import LayerSpec, Recipe
+
+__version__ = "0.1.0"
+
+
+def last_report():
+    """The report of the most recent graph the backend compiled (None before the first)."""
+    return REPORTS[-1] if REPORTS else None
+
+
+__all__ = ["BackendSettings", "LayerSpec", "LowbitError", "QuantizedLinear", "Recipe", "last_report", "reset",
+           "__version__"]

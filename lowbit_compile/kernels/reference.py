@@ -1,0 +1,37 @@
+"""Pure-torch reference implementations of the lowbit ops: the oracle every fast path is tested against."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import formats, hadamard
+
+
+def hadamard_ref(x: torch.Tensor, signs: torch.Tensor | None, factor: torch.Tensor | None,
+                 inverse: bool = False) -> torch.Tensor:
+    y = hadamard.apply(x.to(torch.float32), signs, factor, inverse)
+    return y.to(x.dtype)
+
+
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int, in_features: int,
+                      group_size: int) -> torch.Tensor:
+    """Packed codes + scales -> the rotated float32 weight W' (out_features, in_features)."""
+    codes = formats.unpack(qweight, bits, in_features)
+    return formats.dequantize(codes, scales, formats.int_format(bits), group_size)
+
+
+def rotated_linear_ref(x, qweight, scales, su, sv, had_in, had_out, bias, bits, in_features, group_size):
+    """y = Uᵀ Ŵ' V x + b with V = had_in·diag(su), U = had_out·diag(sv) (see quantize/incoherence.py).
+
+    su None: no input transform; sv None: no output transform (plain low-bit linear when both are None).
+    """
+    w = dequantize_weight(qweight, scales, bits, in_features, group_size)
+    h = x.to(torch.float32)
+    if su is not None:
+        h = hadamard.apply(h, su, had_in)
+    y = torch.nn.functional.linear(h, w)
+    if sv is not None:
+        y = hadamard.apply(y, sv, had_out, inverse=True)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)

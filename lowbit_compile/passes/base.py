@@ -1,0 +1,39 @@
+"""Pass plumbing in the style of torch.fx.passes.infra: `call(gm) -> PassResult(gm, modified)`."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+__all__ = ["PassBase", "PassResult", "LINEAR_TARGETS", "source_to_fqn", "fake_mode_of"]
+
+# Linear call targets: the Dynamo graph (torch._C._nn.linear / F.linear) and torch.export (aten.linear).
+LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
+
+_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]\.?")
+
+
+def source_to_fqn(name: str) -> str:
+    """Dynamo source / module-stack strings -> dotted FQN.
+
+    "L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']" -> "model.layers.0.weight"
+    "L['self'].model.layers[0].q_proj" -> "model.layers.0.q_proj"
+    """
+    s = _ROOT.sub("", name)
+    s = re.sub(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]", r".\1", s)
+    s = re.sub(r"^_(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]", r"\1", s)
+    s = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", s)
+    return s.strip(".")
+
+
+def fake_mode_of(gm: torch.fx.GraphModule):
+    """The FakeTensorMode the graph's meta["val"] tensors belong to, or None."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for node in gm.graph.nodes:
+        val = node.meta.get("val", node.meta.get("example_value"))
+        if isinstance(val, FakeTensor):
+            return val.fake_mode
+    return None

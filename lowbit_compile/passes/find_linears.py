@@ -1,0 +1,100 @@
+"""find_linears: tag every linear whose weight is a constant of the model with its module FQN.
+
+Works on the Dynamo graph (weights are placeholders carrying a `grapharg` source), on torch.export graphs
+(weights are placeholders named in the graph signature: pass `weight_names`) and on plain FX graphs
+(weights are get_attr nodes). The tag is `node.meta["lowbit_linear"] = LinearSite(...)`. Tagging is
+metadata only, so the result reports modified=False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .base import LINEAR_TARGETS, PassBase, PassResult, source_to_fqn
+
+TAG = "lowbit_linear"
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    fqn: str  # the module that calls the linear (e.g. "lm_head"; a tied weight may live elsewhere)
+    weight_name: str  # FQN of the weight tensor (e.g. "model.embed_tokens.weight")
+    weight_node: str  # graph node holding the weight
+    in_features: int
+    out_features: int
+    has_bias: bool
+    tied: bool  # the weight node also feeds something other than linears (e.g. an embedding)
+
+
+def _weight_name(node: torch.fx.Node, weight_names: Mapping[str, str]) -> str | None:
+    if node.op == "get_attr":
+        return str(node.target)
+    if node.op != "placeholder":
+        return None
+    if node.name in weight_names:
+        return weight_names[node.name]
+    ga = node.meta.get("grapharg")
+    if ga is not None and isinstance(getattr(ga, "example", None), torch.nn.Parameter):
+        return source_to_fqn(ga.source.name)
+    return None
+
+
+def _module_fqn(node: torch.fx.Node, weight_name: str) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, cls = list(stack.values())[-1]
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Linear):
+            return source_to_fqn(path)
+    return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+
+
+def _get_attr(gm: torch.fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _shape(node: torch.fx.Node):
+    val = node.meta.get("val", node.meta.get("example_value"))
+    if val is None:
+        ga = node.meta.get("grapharg")
+        val = getattr(ga, "example", None)
+    return None if val is None else tuple(val.shape)
+
+
+class FindLinears(PassBase):
+    def __init__(self, weight_names: Mapping[str, str] | None = None):
+        super().__init__()
+        self.weight_names = dict(weight_names or {})
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+                continue
+            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if not isinstance(w, torch.fx.Node):
+                continue
+            name = _weight_name(w, self.weight_names)
+            if name is None:
+                continue
+            shape = _shape(w)
+            if shape is None and w.op == "get_attr":
+                shape = tuple(_get_attr(gm, str(w.target)).shape)
+            if shape is None or len(shape) != 2:
+                continue
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            tied = any(u.op != "call_function" or u.target not in LINEAR_TARGETS for u in w.users)
+            node.meta[TAG] = LinearSite(
+                fqn=_module_fqn(node, name), weight_name=name, weight_node=w.name,
+                in_features=shape[1], out_features=shape[0], has_bias=bias is not None, tied=tied,
+            )
+        return PassResult(gm, False)
+
+
+def linear_sites(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, LinearSite]]:
+    """The tagged linears of a graph, in graph order."""
+    return [(n, n.meta[TAG]) for n in gm.graph.nodes if TAG in n.meta]

@@ -1,0 +1,141 @@
+"""Recipes: what format each linear gets. Frozen, validated, parsed from short strings.
+
+A recipe string names the default layer spec: ``w{bits}[-{method}][-g{group}]``
+    w4          int4, randomized-Hadamard incoherence + RTN with a clipping search (data-free)
+    w4-rtn      int4, plain RTN without incoherence (baseline)
+    w4-g128     as w4, one scale per 128 inputs instead of per output channel
+Per-layer overrides are an ordered map (torchao's FqnToConfig order): an exact module FQN wins, then the
+first matching ``re:`` pattern, then ``_default``; a value of None keeps that layer in float.
+By default output heads (``lm_head``) stay in float, as in GPTQ/QuIP practice; override to change it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import LowbitError
+from .formats import PACKABLE_BITS
+
+# method -> (description, rotate, needs calibration)
+METHODS = {
+    "": ("randomized-Hadamard incoherence + RTN with clipping search (data-free)", True, False),
+    "rtn": ("plain round-to-nearest with clipping search, no incoherence (baseline)", False, False),
+}
+
+DEFAULT_FLOAT_PATTERNS = (r"re:(^|.*\.)lm_head$",)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one linear is quantized."""
+
+    bits: int = 4
+    method: str = "rtn"
+    rotate: bool = True
+    group_size: int = 0  # 0: one scale per output channel
+
+    def __post_init__(self):
+        if self.bits not in PACKABLE_BITS:
+            raise LowbitError(f"{self.bits}-bit weights are not supported; valid bit widths: {PACKABLE_BITS}")
+        if self.group_size < 0:
+            raise LowbitError(f"group_size must be 0 (per channel) or positive, got {self.group_size}")
+
+    @property
+    def fmt(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method not in ("rtn",)
+
+    def describe(self) -> str:
+        g = f", group {self.group_size}" if self.group_size else ""
+        return f"{self.fmt} {self.method}{' + incoherence' if self.rotate else ''}{g}"
+
+
+_SPEC_RE = re.compile(r"^w(?P<bits>\d+)(?:-(?P<method>[a-z]+))?(?:-g(?P<group>\d+))?$")
+
+
+def valid_recipe_names() -> list[str]:
+    out = []
+    for b in PACKABLE_BITS:
+        for m in METHODS:
+            out.append(f"w{b}" + (f"-{m}" if m else ""))
+    return out
+
+
+def parse_spec(text: str) -> LayerSpec:
+    m = _SPEC_RE.match(text.strip().lower()) if isinstance(text, str) else None
+    if not m or (m["method"] or "") not in METHODS or int(m["bits"]) not in PACKABLE_BITS:
+        raise LowbitError(
+            f"unknown recipe {text!r}; valid recipes: {', '.join(valid_recipe_names())} "
+            f"(append -g<N> for group-wise scales, e.g. w4-g128)"
+        )
+    method = m["method"] or ""
+    _, rotate, _ = METHODS[method]
+    return LayerSpec(bits=int(m["bits"]), method=method or "rtn", rotate=rotate,
+                     group_size=int(m["group"] or 0))
+
+
+def _as_spec(value) -> LayerSpec | None:
+    if value is None or isinstance(value, LayerSpec):
+        return value
+    return parse_spec(value)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    default: LayerSpec | None
+    overrides: tuple[tuple[str, LayerSpec | None], ...] = field(default=())
+    seed: int = 0
+
+    def __post_init__(self):
+        for key, _ in self.overrides:
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as e:
+                    raise LowbitError(f"override pattern {key!r} is not a valid regular expression: {e}") from None
+
+    @classmethod
+    def parse(cls, recipe, overrides: Mapping[str, object] | None = None, seed: int = 0) -> Recipe:
+        if isinstance(recipe, Recipe):
+            base = recipe
+        elif isinstance(recipe, str):
+            base = cls(name=recipe, default=parse_spec(recipe), seed=seed)
+        else:
+            raise LowbitError(f"recipe must be a string like 'w4' or a Recipe, got {type(recipe).__name__}")
+        if not overrides:
+            return base
+        items = [(str(k), _as_spec(v)) for k, v in overrides.items()]
+        default = base.default
+        items_wo_default = []
+        for k, v in items:
+            if k == "_default":
+                default = v
+            else:
+                items_wo_default.append((k, v))
+        return cls(name=base.name, default=default, overrides=tuple(items_wo_default) + base.overrides,
+                   seed=base.seed if isinstance(recipe, Recipe) else seed)
+
+    def spec_for(self, fqn: str) -> tuple[LayerSpec | None, str]:
+        """(spec or None for float, why): exact name, then patterns in order, then the built-in float
+        patterns, then the default."""
+        for key, spec in self.overrides:
+            if key == fqn:
+                return spec, f"override {key!r}"
+        for key, spec in self.overrides:
+            if key.startswith("re:") and re.fullmatch(key[3:], fqn):
+                return spec, f"override {key!r}"
+        for key in DEFAULT_FLOAT_PATTERNS:
+            if re.fullmatch(key[3:], fqn):
+                return None, "output head kept in float by default (override its name to quantize it)"
+        return self.default, "recipe default"
+
+    @property
+    def needs_calibration(self) -> bool:
+        specs = [self.default] + [s for _, s in self.overrides]
+        return any(s is not None and s.needs_calibration for s in specs)
