@@ -19,7 +19,7 @@ import torch
 
 from . import kernels  # noqa: F401  (registers lowbit::*)
 from .errors import LowbitError
-from .passes import FindLinears, RewriteLinears, linear_sites
+from .passes import FindLinears, RewriteLinears, count_quantized, linear_sites
 from .quantize.layer import quantize_weight
 from .recipe import Recipe
 from .report import LayerReport, Report
@@ -38,7 +38,7 @@ class BackendSettings:
     seed: int = 0  # seed of every random transform (per layer: hash of seed and layer name)
     compiler: str = "inductor"  # "inductor", or "eager" to run the rewritten graph without Inductor
     fallback: bool = False  # on a LowbitError keep the float graph with a warning instead of raising
-    verbose: bool = False  # log the per-layer table at INFO level... and print it
+    verbose: bool = False  # print the per-layer table (it is always logged at INFO level)
     _recipe: Recipe = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -108,7 +108,7 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
     nodes = {n.name: n for n in gm.graph.nodes}
     report = Report()
     records = {}
-    for node, site in linear_sites(gm):
+    for _, site in linear_sites(gm):
         spec, why = recipe.spec_for(site.fqn)
         shape = (site.out_features, site.in_features)
         if spec is None:
@@ -130,6 +130,8 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
         report.notes.append("no linear layer with a constant weight in this graph: nothing was quantized")
     if records:
         RewriteLinears(records)(gm)
+    report.records = records
+    report.rewritten = count_quantized(gm)
     return gm, report
 
 

@@ -159,7 +159,7 @@ def construction(order: int) -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def hadamard_matrix(order: int) -> np.ndarray:
-    """A ±1 Hadamard matrix (H Hᵀ = order·I) of a supported order, as int64."""
+    """A ±1 Hadamard matrix (H Hᵀ = order·I, checked) of a supported order, as int8."""
     name = construction(order)
     if name is None:
         raise LowbitError(f"no Hadamard construction of order {order} is known here")
@@ -169,8 +169,9 @@ def hadamard_matrix(order: int) -> np.ndarray:
         h = _paley1(order - 1)
     else:
         h = _paley2(order // 2 - 1)
-    assert np.array_equal(h @ h.T, order * np.eye(order, dtype=np.int64)), f"bad Hadamard of order {order}"
-    return h
+    hf = h.astype(np.float64)  # float64 BLAS is exact here: every entry of H Hᵀ is an integer <= 1024
+    assert np.array_equal(hf @ hf.T, order * np.eye(order)), f"bad Hadamard of order {order}"
+    return h.astype(np.int8)
 
 
 def random_factor_seed(m: int) -> int:
@@ -182,7 +183,7 @@ def _random_orthogonal(m: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(random_factor_seed(m))
     a = torch.randn(m, m, generator=g, dtype=torch.float64)
     q, r = torch.linalg.qr(a)
-    return (q * torch.sign(torch.diagonal(r))).to(torch.float32)  # Haar-distributed
+    return (q * torch.sign(torch.diagonal(r))).to(torch.float32).contiguous()  # Haar-distributed
 
 
 # ----------------------------------------------------------------------------- plans
@@ -202,7 +203,7 @@ class HadamardPlan:
         return self.factor_size > 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def plan(n: int) -> HadamardPlan:
     if n < 1:
         raise LowbitError(f"Hadamard transform of size {n}: the size must be positive")

@@ -21,6 +21,8 @@ class LayerReport:
 class Report:
     layers: list[LayerReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    records: dict = field(default_factory=dict, repr=False)  # fqn -> QuantizedLinear
+    rewritten: int = 0  # lowbit ops in the rewritten graph
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -31,7 +33,7 @@ class Report:
         return [r for r in self.layers if r.status != "quantized"]
 
     def average_bits(self) -> float:
-        """Bits per weight over all reported linears (float ones count 32... as stored in the model)."""
+        """Bits per weight over all reported linears, float ones counted at 32 (as stored in the model)."""
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
         if not total:
             return 0.0

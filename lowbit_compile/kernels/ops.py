@@ -46,3 +46,44 @@ def _(x, qweight, scales, su, sv, had_in, had_out, bias, bits, in_features, grou
     torch._check(x.shape[-1] == in_features, lambda: f"rotated_linear: input has {x.shape[-1]} features, "
                  f"the weight expects {in_features}")
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+# Autograd: gradients flow to the activations (and bias); packed weights are frozen constants.
+# Forward y = A x with A orthonormal, so dx = Aᵀ dy, i.e. the opposite direction of the transform.
+
+
+def _hadamard_setup(ctx, inputs, output):
+    _, signs, factor, inverse = inputs
+    ctx.save_for_backward(signs, factor)
+    ctx.inverse = inverse
+
+
+def _hadamard_backward(ctx, grad):
+    signs, factor = ctx.saved_tensors
+    return torch.ops.lowbit.hadamard(grad, signs, factor, not ctx.inverse), None, None, None
+
+
+hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
+
+
+def _rotated_setup(ctx, inputs, output):
+    x, qweight, scales, su, sv, had_in, had_out, bias, bits, in_features, group_size = inputs
+    ctx.save_for_backward(qweight, scales, su, sv, had_in, had_out)
+    ctx.meta = (bits, in_features, group_size, bias is not None, x.dtype)
+
+
+def _rotated_backward(ctx, grad):
+    qweight, scales, su, sv, had_in, had_out = ctx.saved_tensors
+    bits, in_features, group_size, has_bias, dtype = ctx.meta
+    g = grad.to(reference.compute_dtype(grad))
+    g_bias = g.reshape(-1, g.shape[-1]).sum(0) if has_bias else None
+    if sv is not None:  # y = Uᵀ z  ->  dz = U dy
+        g = reference.hadamard_ref(g, sv, had_out)
+    w = reference.dequantize_weight(qweight, scales, bits, in_features, group_size).to(g.dtype)
+    g = g @ w
+    if su is not None:  # h = V x  ->  dx = Vᵀ dh
+        g = reference.hadamard_ref(g, su, had_in, inverse=True)
+    return (g.to(dtype), None, None, None, None, None, None, g_bias, None, None, None)
+
+
+rotated_linear.register_autograd(_rotated_backward, setup_context=_rotated_setup)

@@ -7,9 +7,15 @@ import torch
 from .. import formats, hadamard
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 inputs are computed in float64 (tests, gradcheck); everything else in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def hadamard_ref(x: torch.Tensor, signs: torch.Tensor | None, factor: torch.Tensor | None,
                  inverse: bool = False) -> torch.Tensor:
-    y = hadamard.apply(x.to(torch.float32), signs, factor, inverse)
+    dt = compute_dtype(x)
+    y = hadamard.apply(x.to(dt), None if signs is None else signs.to(dt), factor, inverse)
     return y.to(x.dtype)
 
 
@@ -25,13 +31,14 @@ def rotated_linear_ref(x, qweight, scales, su, sv, had_in, had_out, bias, bits, 
 
     su None: no input transform; sv None: no output transform (plain low-bit linear when both are None).
     """
-    w = dequantize_weight(qweight, scales, bits, in_features, group_size)
-    h = x.to(torch.float32)
+    dt = compute_dtype(x)
+    w = dequantize_weight(qweight, scales, bits, in_features, group_size).to(dt)
+    h = x.to(dt)
     if su is not None:
-        h = hadamard.apply(h, su, had_in)
+        h = hadamard.apply(h, su.to(dt), had_in)
     y = torch.nn.functional.linear(h, w)
     if sv is not None:
-        y = hadamard.apply(y, sv, had_out, inverse=True)
+        y = hadamard.apply(y, sv.to(dt), had_out, inverse=True)
     if bias is not None:
-        y = y + bias.to(torch.float32)
+        y = y + bias.to(dt)
     return y.to(x.dtype)

@@ -2,8 +2,9 @@
 
 Works on the Dynamo graph (weights are placeholders carrying a `grapharg` source), on torch.export graphs
 (weights are placeholders named in the graph signature: pass `weight_names`) and on plain FX graphs
-(weights are get_attr nodes). The tag is `node.meta["lowbit_linear"] = LinearSite(...)`. Tagging is
-metadata only, so the result reports modified=False.
+(weights are get_attr nodes, or nn.Linear leaf modules called with call_module).
+The tag is `node.meta["lowbit_linear"] = LinearSite(...)`. Tagging is metadata only, so the result
+reports modified=False.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ TAG = "lowbit_linear"
 class LinearSite:
     fqn: str  # the module that calls the linear (e.g. "lm_head"; a tied weight may live elsewhere)
     weight_name: str  # FQN of the weight tensor (e.g. "model.embed_tokens.weight")
-    weight_node: str  # graph node holding the weight
+    weight_node: str  # graph node holding the weight ("" for an nn.Linear call_module node)
     in_features: int
     out_features: int
     has_bias: bool
@@ -73,6 +74,15 @@ class FindLinears(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         for node in gm.graph.nodes:
+            if node.op == "call_module":
+                mod = gm.get_submodule(str(node.target))
+                if type(mod) is torch.nn.Linear:  # plain FX traces keep nn.Linear as a leaf module
+                    node.meta[TAG] = LinearSite(
+                        fqn=str(node.target), weight_name=f"{node.target}.weight", weight_node="",
+                        in_features=mod.in_features, out_features=mod.out_features,
+                        has_bias=mod.bias is not None, tied=False,
+                    )
+                continue
             if node.op != "call_function" or node.target not in LINEAR_TARGETS:
                 continue
             w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")

@@ -59,8 +59,14 @@ class RewriteLinears(PassBase):
                     f"another model"
                 )
             p = _buffer_prefix(site.fqn)
-            x = node.args[0]
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            x = node.args[0] if node.args else node.kwargs["input"]
+            if node.op == "call_module":
+                bias = None
+                if site.has_bias:
+                    with graph.inserting_before(node):
+                        bias = graph.get_attr(f"{node.target}.bias")
+            else:
+                bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             qw = constant(p + "_qweight", rec.qweight, node)
             sc = constant(p + "_scales", rec.scales, node)
             su = constant(p + "_su", rec.su, node) if rec.su is not None else None

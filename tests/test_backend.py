@@ -1,0 +1,172 @@
+"""torch.compile(model, backend="lowbit") on real HF graphs: every block linear rewritten, outputs equal to a
+float model that applies the same dequantized weights, and recompiles that never quantize again.
+
+Tolerance: the rotated path computes Hadamard transforms in float32 (about log2(n) roundings per element),
+so it differs from a float32 matmul with the dequantized weight by ~1e-6 relative; 1e-4 absolute on O(1)
+outputs leaves margin while quantization itself moves outputs by ~1e-1 (asserted too, so the comparison is
+not vacuous)."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from tinymodels import minilm, tiny_llama, tiny_opt, tiny_qwen2, with_weights
+
+import lowbit_compile as lb
+from lowbit_compile.backend import CACHE
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    lb.reset()
+    yield
+    torch._dynamo.reset()
+    lb.reset()
+
+
+def block_linears(model, skip=("lm_head",)):
+    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in skip}
+
+
+def _check_model(model, make_inputs, output, options, expected):
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="lowbit", options=options)
+        y = output(compiled(**make_inputs(2, 9)))
+        report = lb.last_report()
+        assert {r.fqn for r in report.quantized} == expected
+        assert report.rewritten == len(expected)  # ops counted in the rewritten graph
+        ref = with_weights(model, report.records)
+        assert torch.allclose(y, output(ref(**make_inputs(2, 9))), atol=1e-4, rtol=1e-4)
+        assert (y - output(model(**make_inputs(2, 9)))).abs().max() > 1e-3  # quantization really happened
+
+        n_quantized, n_reports = CACHE.quantized, len(lb.REPORTS)
+        y2 = output(compiled(**make_inputs(3, 5)))  # new shape: Dynamo recompiles, nothing is re-quantized
+        assert len(lb.REPORTS) > n_reports and CACHE.quantized == n_quantized
+        assert all(r.cached for r in lb.last_report().quantized)
+        assert torch.allclose(y2, output(ref(**make_inputs(3, 5))), atol=1e-4, rtol=1e-4)
+
+
+def _ids(vocab):
+    def make(batch, seq):
+        g = torch.Generator().manual_seed(batch * 100 + seq)
+        return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)}
+    return make
+
+
+def _logits(out):
+    return out.logits
+
+
+@pytest.mark.slow
+def test_llama_through_inductor():
+    model = tiny_llama()
+    _check_model(model, _ids(320), _logits, {"recipe": "w4"}, block_linears(model))
+
+
+def test_qwen2_with_qkv_bias():
+    model = tiny_qwen2()
+    _check_model(model, _ids(320), _logits, {"recipe": "w4", "compiler": "eager"}, block_linears(model))
+
+
+def test_opt_with_tied_head_quantized_keeps_the_embedding_float():
+    model = tiny_opt()
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    expected = block_linears(model, skip=()) - {"model.decoder.project_in", "model.decoder.project_out"}
+    _check_model(model, _ids(320), _logits, {"recipe": "w3", "compiler": "eager", "overrides": {"lm_head": "w4"}},
+                 expected)
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight  # the model itself is untouched
+
+
+@pytest.mark.slow
+def test_real_minilm_through_inductor():
+    model, tok = minilm()
+    sentences = ["The quick brown fox jumps over the lazy dog.", "Quantization makes models small.",
+                 "Hadamard rotations spread outliers.", "A fourth sentence to fill a batch of three."]
+
+    def make(batch, seq):
+        enc = tok(sentences[:batch], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+        return dict(enc)
+
+    expected = block_linears(model)
+    assert len(expected) == 37  # 6 layers x 6 linears + the pooler
+    _check_model(model, make, lambda out: out.last_hidden_state, {"recipe": "w4"}, expected)
+
+
+def test_backend_is_found_by_entry_point_in_a_fresh_interpreter():
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 24)).eval()\n"
+        "assert 'lowbit_compile' not in sys.modules\n"
+        "with torch.no_grad():\n"
+        "    y = torch.compile(m, backend='lowbit', options={'compiler': 'eager'})(torch.randn(2, 24))\n"
+        "import lowbit_compile\n"
+        "print(lowbit_compile.last_report().rewritten, tuple(y.shape))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "2 (2, 24)"
+
+
+def _compile_call(model, options, *args):
+    with torch.no_grad():
+        return torch.compile(model, backend="lowbit", options=options)(*args)
+
+
+def test_unknown_option_key_lists_the_valid_ones():
+    with pytest.raises(Exception, match=r"unknown lowbit option\(s\) \['recipy'\]; valid options: .*'recipe'"):
+        _compile_call(torch.nn.Linear(8, 8), {"recipy": "w4"}, torch.randn(2, 8))
+
+
+def test_unknown_recipe_lists_the_valid_ones():
+    with pytest.raises(Exception, match="unknown recipe 'w5'; valid recipes: w2, "):
+        _compile_call(torch.nn.Linear(8, 8), {"recipe": "w5"}, torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_name_the_layer(bad):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8))
+    with torch.no_grad():
+        model[1].weight[3, 2] = bad
+    with pytest.raises(Exception, match=r"layer 1: weight has \d NaN and \d Inf values.*overrides=\{'1': None\}"):
+        _compile_call(model, {"compiler": "eager"}, torch.randn(2, 8))
+
+
+def test_fallback_keeps_the_float_graph_with_a_warning():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8))
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="running this graph in float"):
+        y = _compile_call(model, {"compiler": "eager", "fallback": True}, torch.ones(2, 8))
+    assert torch.isnan(y).any()  # the float model, as it is
+
+
+def test_model_without_linears_warns_and_still_runs():
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 2, 3), torch.nn.ReLU())
+    with pytest.warns(UserWarning, match="no linear layers .* nothing was quantized"):
+        y = _compile_call(model, {"compiler": "eager"}, torch.randn(1, 2, 8))
+    assert y.shape == (1, 2, 6)
+
+
+def test_layers_kept_in_float_are_reported_with_the_reason():
+    model = tiny_llama(layers=1)
+    _compile_call(model, {"compiler": "eager", "overrides": {"re:.*k_proj": None}},
+                  torch.randint(0, 320, (1, 4)))
+    floats = {r.fqn: r.reason for r in lb.last_report().kept_float}
+    assert floats["lm_head"].startswith("output head kept in float")
+    assert floats["model.layers.0.self_attn.k_proj"] == "override 're:.*k_proj'"
+    assert "kept in float" in lb.last_report().table()
+
+
+def test_training_mode_graphs_get_input_gradients():
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 24))
+    x = torch.randn(3, 24, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.compile(model, backend="lowbit", options={"compiler": "eager"})(x).sum().backward()
+    ref = with_weights(model, lb.last_report().records)
+    x2 = x.detach().clone().requires_grad_()
+    ref(x2).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-4)

