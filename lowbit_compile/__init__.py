@@ -2,8 +2,10 @@
 
 from . import kernels  # noqa: F401  (registers the lowbit:: ops)
 from .backend import REPORTS, BackendSettings, reset
-from .checkpoint import QuantizedLinear
+from .checkpoint import Checkpoint, QuantizedLinear
 from .errors import LowbitError
+from .nn import LowbitLinear, swap_linears
+from .pipeline import quantize
 from .recipe import LayerSpec, Recipe
 
 __version__ = "0.1.0"
@@ -14,5 +16,5 @@ def last_report():
     return REPORTS[-1] if REPORTS else None
 
 
-__all__ = ["BackendSettings", "LayerSpec", "LowbitError", "QuantizedLinear", "Recipe", "last_report", "reset",
-           "__version__"]
+__all__ = ["BackendSettings", "Checkpoint", "LayerSpec", "LowbitError", "LowbitLinear", "QuantizedLinear",
+           "Recipe", "last_report", "quantize", "reset", "swap_linears", "__version__"]

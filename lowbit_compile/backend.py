@@ -2,14 +2,16 @@
 
 Dynamo hands us the graph with the model's parameters as placeholders (their example inputs are the very
 nn.Parameter objects). We tag the linears, quantize each weight (cached by tensor identity and version,
-so a recompile for a new shape does not quantize again), rewrite the linears to `lowbit::rotated_linear`
-and hand the graph to Inductor.
+so a recompile for a new shape does not quantize again) or take it from a checkpoint, rewrite the linears
+to `lowbit::rotated_linear` and hand the graph to Inductor. Recipes that need calibration data and come
+without a checkpoint are calibrated on the first call's inputs (observers inserted, one run, removed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -18,8 +20,17 @@ from typing import Any
 import torch
 
 from . import kernels  # noqa: F401  (registers lowbit::*)
+from .checkpoint import Checkpoint
 from .errors import LowbitError
-from .passes import FindLinears, RewriteLinears, count_quantized, linear_sites
+from .passes import (
+    FindLinears,
+    InsertObservers,
+    RewriteLinears,
+    count_quantized,
+    linear_sites,
+    observed_stats,
+    remove_observers,
+)
 from .quantize.layer import quantize_weight
 from .recipe import Recipe
 from .report import LayerReport, Report
@@ -33,18 +44,27 @@ COMPILERS = ("inductor", "eager")
 class BackendSettings:
     """options={...} of torch.compile(backend="lowbit"). Unknown keys are an error."""
 
-    recipe: Any = "w4"  # a recipe string ("w4", "w2-rtn", ...) or a Recipe
+    recipe: Any = "w4"  # a recipe string ("w4", "w2-quip", ...) or a Recipe
+    checkpoint: Any = None  # a Checkpoint from lb.quantize, or the folder it was saved to
     overrides: dict | None = None  # {fqn | "re:pattern" | "_default": recipe string or None}
     seed: int = 0  # seed of every random transform (per layer: hash of seed and layer name)
     compiler: str = "inductor"  # "inductor", or "eager" to run the rewritten graph without Inductor
     fallback: bool = False  # on a LowbitError keep the float graph with a warning instead of raising
     verbose: bool = False  # print the per-layer table (it is always logged at INFO level)
     _recipe: Recipe = field(init=False, repr=False, compare=False)
+    _checkpoint: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.compiler not in COMPILERS:
             raise LowbitError(f"option compiler={self.compiler!r}: valid values are {COMPILERS}")
         object.__setattr__(self, "_recipe", Recipe.parse(self.recipe, self.overrides, self.seed))
+        ckpt = self.checkpoint
+        if isinstance(ckpt, (str, os.PathLike)):
+            ckpt = Checkpoint.load(os.fspath(ckpt))
+        elif ckpt is not None and not isinstance(ckpt, Checkpoint):
+            raise LowbitError(f"option checkpoint: expected a Checkpoint or a folder path, got "
+                              f"{type(ckpt).__name__}")
+        object.__setattr__(self, "_checkpoint", ckpt)
 
     @classmethod
     def from_options(cls, options: dict | None) -> BackendSettings:
@@ -82,12 +102,15 @@ class _WeightCache:
 
 CACHE = _WeightCache()
 REPORTS: list[Report] = []
+_calibration_logged = False
 
 
 def reset() -> None:
     """Forget cached quantized weights and past reports (call with torch._dynamo.reset())."""
+    global _calibration_logged
     CACHE.clear()
     REPORTS.clear()
+    _calibration_logged = False
 
 
 def _weight_value(gm: torch.fx.GraphModule, node: torch.fx.Node, examples: dict[str, torch.Tensor]):
@@ -99,30 +122,72 @@ def _weight_value(gm: torch.fx.GraphModule, node: torch.fx.Node, examples: dict[
     return examples[node.name]
 
 
+def _first_call_hessians(gm: torch.fx.GraphModule, example_inputs) -> dict:
+    """Calibrate on the inputs of the call being compiled: observers in, one eager run, observers out."""
+    global _calibration_logged
+    InsertObservers()(gm)
+    try:
+        with torch.no_grad():
+            gm(*example_inputs)
+        stats = dict(observed_stats(gm))
+    finally:
+        remove_observers(gm)
+    if not _calibration_logged:
+        tokens = max((a.tokens for a in stats.values()), default=0)
+        log.warning("lowbit: calibrating on the first call's inputs (%d tokens); for better quality quantize "
+                    "once with lb.quantize(model, recipe, calibration=...) and pass options={'checkpoint': ...}",
+                    tokens)
+        _calibration_logged = True
+    return stats
+
+
+def _from_checkpoint(ckpt: Checkpoint, site, shape, report: Report, records: dict) -> None:
+    rec = ckpt.records.get(site.fqn)
+    if rec is None:
+        why = next((p.get("reason", "") for p in ckpt.plan if p["fqn"] == site.fqn), "")
+        reason = f"float in the checkpoint: {why}" if why else "not in the checkpoint"
+        report.layers.append(LayerReport(site.fqn, shape, "float", reason=reason))
+        return
+    records[site.fqn] = rec
+    report.layers.append(LayerReport(site.fqn, shape, "quantized", f"{rec.fmt} {rec.method}",
+                                     rec.bits_per_weight(), rec.weight_error, "checkpoint"))
+
+
 def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSettings):
-    """Tag, quantize and rewrite the linears of a Dynamo graph. Returns (gm, report)."""
-    recipe = settings._recipe
+    """Tag, quantize (or take from the checkpoint) and rewrite the linears of a Dynamo graph."""
+    recipe, ckpt = settings._recipe, settings._checkpoint
     FindLinears()(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     examples = {n.name: t for n, t in zip(placeholders, example_inputs)}
     nodes = {n.name: n for n in gm.graph.nodes}
     report = Report()
     records = {}
+    stats = None
+
+    def make(w, fqn, spec):
+        nonlocal stats
+        hessian = None
+        if spec.needs_calibration:  # only on a cache miss: a recompile never calibrates again
+            if stats is None:
+                stats = _first_call_hessians(gm, example_inputs)
+            hessian = stats[fqn].hessian()
+        return quantize_weight(fqn, w, spec, recipe.seed, hessian=hessian)
+
     for _, site in linear_sites(gm):
-        spec, why = recipe.spec_for(site.fqn)
         shape = (site.out_features, site.in_features)
+        if ckpt is not None:
+            _from_checkpoint(ckpt, site, shape, report, records)
+            continue
+        spec, why = recipe.spec_for(site.fqn)
         if spec is None:
             report.layers.append(LayerReport(site.fqn, shape, "float", reason=why))
             continue
-        if spec.needs_calibration:
-            raise LowbitError(f"layer {site.fqn}: method {spec.method!r} needs calibration data, which this "
-                              f"backend does not collect yet; use a data-free recipe such as 'w4'")
         w = _weight_value(gm, nodes[site.weight_node], examples)
         if not isinstance(w, torch.Tensor) or w.is_meta or type(w).__name__ == "FakeTensor":
             raise LowbitError(f"layer {site.fqn}: the backend received no real weight tensor for "
                               f"{site.weight_name}; compile the model itself, not a functional wrapper")
         rec, cached = CACHE.get(w, (site.fqn, spec, recipe.seed),
-                                lambda w=w, fqn=site.fqn, spec=spec: quantize_weight(fqn, w, spec, recipe.seed))
+                                lambda w=w, fqn=site.fqn, spec=spec: make(w, fqn, spec))
         records[site.fqn] = rec
         report.layers.append(LayerReport(site.fqn, shape, "quantized", spec.describe(), rec.bits_per_weight(),
                                          rec.weight_error, why, cached))

@@ -4,6 +4,8 @@ A recipe string names the default layer spec: ``w{bits}[-{method}][-g{group}]``
     w4          int4, randomized-Hadamard incoherence + RTN with a clipping search (data-free)
     w4-rtn      int4, plain RTN without incoherence (baseline)
     w4-g128     as w4, one scale per 128 inputs instead of per output channel
+    w2-quip     int2, QuIP: incoherence + LDLQ on calibration Hessians (needs calibration data)
+    w2-optq     int2, OPTQ/GPTQ: LDLQ without incoherence (baseline, needs calibration data)
 Per-layer overrides are an ordered map (torchao's FqnToConfig order): an exact module FQN wins, then the
 first matching ``re:`` pattern, then ``_default``; a value of None keeps that layer in float.
 By default output heads (``lm_head``) stay in float, as in GPTQ/QuIP practice; override to change it.
@@ -22,6 +24,8 @@ from .formats import PACKABLE_BITS
 METHODS = {
     "": ("randomized-Hadamard incoherence + RTN with clipping search (data-free)", True, False),
     "rtn": ("plain round-to-nearest with clipping search, no incoherence (baseline)", False, False),
+    "quip": ("QuIP: incoherence + LDLQ adaptive rounding on calibration Hessians", True, True),
+    "optq": ("OPTQ/GPTQ: LDLQ on calibration Hessians without incoherence (baseline)", False, True),
 }
 
 DEFAULT_FLOAT_PATTERNS = (r"re:(^|.*\.)lm_head$",)
@@ -35,6 +39,10 @@ class LayerSpec:
     method: str = "rtn"
     rotate: bool = True
     group_size: int = 0  # 0: one scale per output channel
+    # LDLQ methods only: QuIP's greedy coordinate-descent passes, diagonal rescaling, Hessian damping
+    greedy: int = 0
+    rescale: bool = False
+    damp: float = 0.01
 
     def __post_init__(self):
         if self.bits not in PACKABLE_BITS:
@@ -48,11 +56,12 @@ class LayerSpec:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method not in ("rtn",)
+        return self.method in ("quip", "optq")
 
     def describe(self) -> str:
         g = f", group {self.group_size}" if self.group_size else ""
-        return f"{self.fmt} {self.method}{' + incoherence' if self.rotate else ''}{g}"
+        inc = " + incoherence" if self.rotate and self.method == "rtn" else ""
+        return f"{self.fmt} {self.method}{inc}{g}"
 
 
 _SPEC_RE = re.compile(r"^w(?P<bits>\d+)(?:-(?P<method>[a-z]+))?(?:-g(?P<group>\d+))?$")

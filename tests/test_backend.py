@@ -170,3 +170,29 @@ def test_training_mode_graphs_get_input_gradients():
     x2 = x.detach().clone().requires_grad_()
     ref(x2).sum().backward()
     assert torch.allclose(x.grad, x2.grad, atol=1e-4)
+
+
+def test_calibrating_recipe_without_checkpoint_calibrates_on_the_first_call(caplog):
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 320, (2, 16))
+    with torch.no_grad(), caplog.at_level("WARNING", logger="lowbit_compile"):
+        compiled = torch.compile(model, backend="lowbit", options={"recipe": "w3-quip", "compiler": "eager"})
+        y = compiled(ids).logits
+        compiled(torch.randint(0, 320, (1, 5)))  # a recompile: no second calibration, no re-quantization
+    assert sum("calibrating on the first call's inputs (32 tokens)" in r.message for r in caplog.records) == 1
+    report = lb.REPORTS[0]
+    assert {r.spec for r in report.quantized} == {"int3 quip"}
+    assert all(r.cached for r in lb.last_report().quantized)
+    assert torch.allclose(y, with_weights(model, report.records)(ids).logits, atol=1e-4)
+
+
+def test_checkpoint_option_takes_an_object_and_rejects_other_types():
+    model = tiny_llama(layers=1)
+    ck = lb.quantize(model, "w4", progress=False)
+    ids = torch.randint(0, 320, (1, 6))
+    y = _compile_call(model, {"checkpoint": ck, "compiler": "eager"}, ids).logits
+    assert lb.last_report().rewritten == 7 and CACHE.quantized == 0  # nothing quantized at compile time
+    with torch.no_grad():
+        assert torch.equal(y, lb.swap_linears(model, ck.records)(ids).logits)
+    with pytest.raises(Exception, match="option checkpoint: expected a Checkpoint or a folder path"):
+        _compile_call(model, {"checkpoint": 3}, ids)

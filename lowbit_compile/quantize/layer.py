@@ -26,11 +26,17 @@ def check_weight(fqn: str, w: torch.Tensor) -> None:
         )
 
 
-def quantize_weight(fqn: str, w: torch.Tensor, spec: LayerSpec, seed: int = 0) -> QuantizedLinear:
-    """Quantize one linear weight (out_features, in_features) without calibration data."""
+def quantize_weight(fqn: str, w: torch.Tensor, spec: LayerSpec, seed: int = 0,
+                    hessian: torch.Tensor | None = None) -> QuantizedLinear:
+    """Quantize one linear weight (out_features, in_features); LDLQ methods need its input Hessian."""
     check_weight(fqn, w)
     if spec.needs_calibration:
-        raise LowbitError(f"layer {fqn}: method {spec.method!r} needs calibration data")
+        if hessian is None:
+            raise LowbitError(f"layer {fqn}: method {spec.method!r} needs calibration data (an input Hessian)")
+        from .quip import quantize_quip
+
+        return quantize_quip(w.detach(), hessian, spec.bits, spec.group_size, rotate=spec.rotate, seed=seed,
+                             rescale=spec.rescale, greedy=spec.greedy, damp=spec.damp, fqn=fqn)
     w = w.detach().to(torch.float32)
     out_f, in_f = w.shape
     fmt = formats.int_format(spec.bits)

@@ -1,0 +1,270 @@
+"""Calibration: run data through the model and collect, per linear, H = E[x xᵀ] (float64) and per-channel
+max |x|; per repeated block, how much the block changes its input (LIM = 1 − cos(in, out)).
+
+Streaming, block by block (GPTQ/QuIP practice): the inputs of the first repeated block are captured once;
+then each block in turn is run on the stored boundary activations to collect its linears' Hessians, the
+caller quantizes those linears, and the block is run again -- with the quantized weights when sequential --
+to produce the next block's inputs. Peak memory is one block's weights and Hessians plus the activations at
+one block boundary. Linears outside the repeated blocks (a pooler, an untied head) get their statistics from
+one float pass over the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import LowbitError
+
+
+class HessianAccumulator:
+    """Running H = Σ x xᵀ / tokens in float64, and max |x| per input channel."""
+
+    def __init__(self, n: int, name: str = ""):
+        self.n, self.name = n, name
+        self.sum = torch.zeros(n, n, dtype=torch.float64)
+        self.absmax = torch.zeros(n, dtype=torch.float32)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.n)
+        if not bool(torch.isfinite(x).all()):
+            raise LowbitError(f"layer {self.name}: calibration activations contain NaN or Inf; check the "
+                              f"calibration data and that the float model runs cleanly on it")
+        x64 = x.to(torch.float64)
+        self.sum.addmm_(x64.t(), x64)
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0).float())
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise LowbitError(f"layer {self.name}: no calibration tokens reached this layer")
+        return self.sum / self.tokens
+
+
+@dataclass
+class LayerStats:
+    hessian: torch.Tensor  # float64 (in, in)
+    absmax: torch.Tensor  # float32 (in,)
+    tokens: int
+
+
+@dataclass
+class CalibrationSummary:
+    batches: int = 0
+    tokens: int = 0
+    sequential: bool = True
+    blocks: list[str] = field(default_factory=list)
+    lim: dict[str, float] = field(default_factory=dict)  # block fqn -> 1 − cos(in, out)
+
+    def as_dict(self) -> dict:
+        return {"batches": self.batches, "tokens": self.tokens, "sequential": self.sequential,
+                "blocks": self.blocks, "lim": self.lim}
+
+
+# ----------------------------------------------------------------------------- model structure
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, list[torch.nn.Module]]:
+    """The repeated blocks: the nn.ModuleList of same-type children holding the most linears."""
+    best, best_count = ("", []), 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(c) for c in mod}) != 1:
+            continue
+        count = sum(isinstance(m, torch.nn.Linear) for c in mod for m in c.modules())
+        if count > best_count:
+            best, best_count = (name, list(mod)), count
+    return best
+
+
+def named_linears(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.nn.Linear]:
+    return {(f"{prefix}.{n}" if prefix else n): m for n, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def as_batches(calibration) -> list:
+    if calibration is None:
+        raise LowbitError("this recipe needs calibration data: pass calibration=[batch, ...] (dicts of tensors "
+                          "or input_ids tensors), a list of strings with tokenizer=..., or calibration='stdlib'")
+    batches = list(calibration)
+    if not batches:
+        raise LowbitError("the calibration set is empty: give at least one batch")
+    return batches
+
+
+def _run(model: torch.nn.Module, batch, index: int) -> None:
+    if not isinstance(batch, (Mapping, torch.Tensor, tuple, list)):
+        raise LowbitError(f"calibration batch {index} is a {type(batch).__name__}: use a dict of tensors, a "
+                          f"tensor of input_ids, or a tuple of positional tensors")
+    try:
+        if isinstance(batch, Mapping):
+            model(**batch)
+        elif isinstance(batch, torch.Tensor):
+            model(batch)
+        else:
+            model(*batch)
+    except LowbitError:
+        raise
+    except Exception as e:
+        raise LowbitError(f"calibration batch {index} does not fit the model ({type(e).__name__}: {e}); give "
+                          f"batches shaped like the model's inputs, e.g. the tokenizer's output") from e
+
+
+def _tokens_of(batch) -> int:
+    t = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    if isinstance(t, (tuple, list)):
+        t = t[0]
+    return int(t.numel()) if isinstance(t, torch.Tensor) else 0
+
+
+@contextlib.contextmanager
+def _no_cache(model):
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "use_cache", None)
+    if old is not None:
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        if old is not None:
+            cfg.use_cache = old
+
+
+@contextlib.contextmanager
+def _observing(root: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], accs: dict[str, HessianAccumulator]):
+    """Forward pre-hooks accumulating each linear's input. Linears fed the very same tensor within one call of
+    `root` (q/k/v, gate/up) share one accumulator, decided on the first call. The tensors seen in a call are
+    held until the next call starts, so a freed activation's memory cannot be mistaken for a shared input."""
+    share: dict[str, str] = {}
+    seen: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def new_call(mod, args, kwargs):
+        seen.clear()
+
+    def make(fqn, lin):
+        def hook(mod, args):
+            x = args[0]
+            hit = seen.get(id(x))
+            owner = hit[0] if hit is not None and hit[1] is x else fqn
+            if fqn not in share:
+                share[fqn] = owner
+                if owner == fqn:
+                    accs[fqn] = HessianAccumulator(lin.in_features, fqn)
+            seen[id(x)] = (share[fqn], x)
+            if share[fqn] == fqn:
+                accs[fqn].add(x)
+        return hook
+
+    hooks = [root.register_forward_pre_hook(new_call, with_kwargs=True)]
+    hooks += [lin.register_forward_pre_hook(make(fqn, lin)) for fqn, lin in linears.items()]
+    try:
+        yield share
+    finally:
+        for h in hooks:
+            h.remove()
+        seen.clear()
+
+
+def _stats(share: Mapping[str, str], accs: Mapping[str, HessianAccumulator]) -> dict[str, LayerStats]:
+    by_owner = {o: LayerStats(accs[o].hessian(), accs[o].absmax, accs[o].tokens) for o in set(share.values())}
+    return {fqn: by_owner[owner] for fqn, owner in share.items()}
+
+
+class _Captured(Exception):
+    pass
+
+
+def _hidden(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, h):
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _lim(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    cos = torch.nn.functional.cosine_similarity(x.reshape(-1, x.shape[-1]).double(),
+                                                y.reshape(-1, y.shape[-1]).double(), dim=-1)
+    return float((1 - cos).sum()), cos.numel()
+
+
+def calibrate_blocks(
+    model: torch.nn.Module,
+    calibration: Iterable,
+    quantize_layers: Callable[[dict[str, torch.nn.Linear], dict[str, LayerStats]], dict[str, torch.Tensor]],
+    sequential: bool = True,
+    progress: bool = True,
+) -> CalibrationSummary:
+    """Drive calibration block by block. `quantize_layers(linears, stats)` quantizes the given linears and
+    returns {fqn: dequantized weight} (the weights the rest of the model should see when sequential)."""
+    from tqdm.auto import tqdm
+
+    batches = as_batches(calibration)
+    summary = CalibrationSummary(batches=len(batches), tokens=sum(_tokens_of(b) for b in batches),
+                                 sequential=sequential)
+    blocks_name, blocks = find_blocks(model)
+    in_blocks = {id(m) for b in blocks for m in b.modules()}
+    outside = {n: m for n, m in named_linears(model).items() if id(m) not in in_blocks}
+
+    # pass A: one float pass; capture the first block's inputs and the statistics of linears outside blocks
+    stored: list[tuple[tuple, dict]] = []
+    accs: dict[str, HessianAccumulator] = {}
+
+    def capture(mod, args, kwargs):
+        stored.append((args, kwargs))
+
+    handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True) if blocks else None
+    with torch.no_grad(), _no_cache(model), _observing(model, outside, accs) as share:
+        for i, batch in enumerate(tqdm(batches, desc="calibration: float pass", disable=not progress,
+                                       leave=False)):
+            _run(model, batch, i)
+    if handle is not None:
+        handle.remove()
+    outside_stats = _stats(share, accs) if outside else {}
+
+    for i, block in enumerate(tqdm(blocks, desc="calibration: blocks", disable=not progress)):
+        prefix = f"{blocks_name}.{i}" if blocks_name else str(i)
+        summary.blocks.append(prefix)
+        linears = named_linears(block, prefix)
+        accs = {}
+        outputs = []
+        with torch.no_grad(), _observing(block, linears, accs) as share:
+            for args, kwargs in stored:
+                outputs.append(_first(block(*args, **kwargs)))
+        deq = quantize_layers(linears, _stats(share, accs))
+        if sequential and deq:
+            saved = {f: linears[f].weight.data for f in deq}
+            try:
+                for f, w in deq.items():
+                    linears[f].weight.data = w.to(saved[f].dtype)
+                with torch.no_grad():
+                    outputs = [_first(block(*a, **k)) for a, k in stored]
+            finally:
+                for f, w in saved.items():
+                    linears[f].weight.data = w
+        lim_sum, lim_n = 0.0, 0
+        new_stored = []
+        for (args, kwargs), out in zip(stored, outputs):
+            s, n = _lim(_hidden(args, kwargs), out)
+            lim_sum, lim_n = lim_sum + s, lim_n + n
+            new_stored.append(_with_hidden(args, kwargs, out))
+        stored = new_stored
+        summary.lim[prefix] = lim_sum / max(lim_n, 1)
+
+    if outside:
+        quantize_layers(outside, outside_stats)
+    return summary
