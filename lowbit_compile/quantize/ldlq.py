@@ -9,10 +9,10 @@ column k is rounded after adding the feedback of the errors already made on colu
     A_k = W_k + (W − Ŵ)_{:,<k} Ů_{<k,k},    Ŵ_k = Q(A_k).
 
 This is OPTQ/GPTQ's update written with the LDL factor of H instead of the upper Cholesky factor of H⁻¹
-(QuIP, Theorem 6): one Cholesky instead of three, and the proxy loss comes for free, without cancellation:
-tr(E H Eᵀ) = Σ_k d_k ‖A_k − Ŵ_k‖². The feedback is pulled in lazily, one GEMM per block of columns, as
-GPTQ does with its pushes. Work happens in the dtype of W (float32, or float64 where tests need exact
-agreement); the factorization is always float64.
+(QuIP shows the two are the same algorithm): one Cholesky instead of three, and the proxy loss comes for
+free, without cancellation: tr(E H Eᵀ) = Σ_k d_k ‖A_k − Ŵ_k‖². The feedback is pulled in lazily, one GEMM
+per block of columns, as GPTQ does with its pushes. Work happens in the dtype of W (float32, or float64
+where tests need exact agreement); the factorization is always float64.
 """
 
 from __future__ import annotations
@@ -177,11 +177,19 @@ def _column_scales(scales: torch.Tensor, n: int, group_size: int, dt: torch.dtyp
     return scales.to(dt).t().contiguous(), n // g
 
 
+def _check_sizes(n: int, h_size: int, block_size: int) -> None:
+    if h_size != n:
+        raise LowbitError(f"Hessian is {h_size} x {h_size} but the weight has {n} input columns")
+    if block_size < 1:
+        raise LowbitError(f"block_size must be positive, got {block_size}")
+
+
 def ldlq_factored(w: torch.Tensor, ldl: LDL, scales: torch.Tensor, fmt: IntFormat, group_size: int,
                   block_size: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """LDLQ codes (rows, n) uint8 for fixed scales, and the per-row proxy loss (float64) under U diag(d) Uᵀ."""
     rows, n = w.shape
     dt = _work_dtype(w)
+    _check_sizes(n, ldl.u.shape[0], block_size)
     st, per_group = _column_scales(scales, n, group_size, dt)
     # Transposed layout: column k of W is the contiguous row k, so every per-column step is contiguous.
     wt = w.to(dt).t().contiguous()
@@ -231,6 +239,7 @@ def greedy_refine(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scales:
     if passes <= 0:
         return codes, change
     dt = _work_dtype(w)
+    _check_sizes(n, h.shape[0], block_size)
     st, per_group = _column_scales(scales, n, group_size, dt)
     h = h.to(dt)
     ct = codes.t().contiguous()
