@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench` runs them all and writes their tables under bench-out/ (copied to docs/benchmarks.md)."""
