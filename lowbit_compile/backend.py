@@ -3,8 +3,11 @@
 Dynamo hands us the graph with the model's parameters as placeholders (their example inputs are the very
 nn.Parameter objects). We tag the linears, quantize each weight (cached by tensor identity and version,
 so a recompile for a new shape does not quantize again) or take it from a checkpoint, rewrite the linears
-to `lowbit::rotated_linear` and hand the graph to Inductor. Recipes that need calibration data and come
-without a checkpoint are calibrated on the first call's inputs (observers inserted, one run, removed).
+to `lowbit::rotated_linear` / `lowbit::fp4_linear`, fold FP4 activation exponents into their producers
+(passes/fold_act_scales.py: folded copies of norm weights and FP4 row scales become constants of the graph;
+the model's own parameters are never modified) and hand the graph to Inductor. Recipes that need
+calibration data and come without a checkpoint are calibrated on the first call's inputs (observers
+inserted, one run, removed); FP4 layers fed the same input are quantized together (shared exponents).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .passes import (
     FindLinears,
+    FoldActScales,
     InsertObservers,
     RewriteLinears,
     count_quantized,
@@ -31,7 +35,7 @@ from .passes import (
     observed_stats,
     remove_observers,
 )
-from .quantize.layer import quantize_weight
+from .quantize.layer import quantize_fp4_group, quantize_weight
 from .recipe import Recipe
 from .report import LayerReport, Report
 
@@ -163,14 +167,30 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
     report = Report()
     records = {}
     stats = None
+    fp4_done: dict = {}  # FP4 records of this graph, made group by group
+
+    def weight_of(site):
+        w = _weight_value(gm, nodes[site.weight_node], examples)
+        if not isinstance(w, torch.Tensor) or w.is_meta or type(w).__name__ == "FakeTensor":
+            raise LowbitError(f"layer {site.fqn}: the backend received no real weight tensor for "
+                              f"{site.weight_name}; compile the model itself, not a functional wrapper")
+        return w
 
     def make(w, fqn, spec):
         nonlocal stats
-        hessian = None
-        if spec.needs_calibration:  # only on a cache miss: a recompile never calibrates again
-            if stats is None:
-                stats = _first_call_hessians(gm, example_inputs)
-            hessian = stats[fqn].hessian()
+        if spec.needs_calibration and stats is None:  # only on a cache miss: a recompile never calibrates again
+            stats = _first_call_hessians(gm, example_inputs)
+        if spec.method == "fp4":
+            if fqn not in fp4_done:  # the whole group of FP4 linears fed the same input, at once
+                acc = stats[fqn]
+                group = {}
+                for _, s in linear_sites(gm):
+                    s_spec = recipe.spec_for(s.fqn)[0]
+                    if stats.get(s.fqn) is acc and s_spec is not None and s_spec.method == "fp4":
+                        group[s.fqn] = (weight_of(s), s_spec)
+                fp4_done.update(quantize_fp4_group(group, acc.sample, acc.absmax, recipe.seed))
+            return fp4_done[fqn]
+        hessian = stats[fqn].hessian() if spec.needs_calibration else None
         return quantize_weight(fqn, w, spec, recipe.seed, hessian=hessian)
 
     for _, site in linear_sites(gm):
@@ -182,10 +202,7 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
         if spec is None:
             report.layers.append(LayerReport(site.fqn, shape, "float", reason=why))
             continue
-        w = _weight_value(gm, nodes[site.weight_node], examples)
-        if not isinstance(w, torch.Tensor) or w.is_meta or type(w).__name__ == "FakeTensor":
-            raise LowbitError(f"layer {site.fqn}: the backend received no real weight tensor for "
-                              f"{site.weight_name}; compile the model itself, not a functional wrapper")
+        w = weight_of(site)
         rec, cached = CACHE.get(w, (site.fqn, spec, recipe.seed),
                                 lambda w=w, fqn=site.fqn, spec=spec: make(w, fqn, spec))
         records[site.fqn] = rec
@@ -195,6 +212,11 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
         report.notes.append("no linear layer with a constant weight in this graph: nothing was quantized")
     if records:
         RewriteLinears(records)(gm)
+        fold = FoldActScales()
+        fold(gm)
+        report.notes.extend(fold.notes)
+    for rec in records.values():
+        report.notes.extend(getattr(rec, "notes", ()))
     report.records = records
     report.rewritten = count_quantized(gm)
     return gm, report

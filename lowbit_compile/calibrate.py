@@ -1,6 +1,10 @@
 """Calibration: run data through the model and collect, per linear, H = E[x xᵀ] (float64) and per-channel
 max |x|; per repeated block, how much the block changes its input (LIM = 1 − cos(in, out)).
 
+Each accumulator also keeps a bounded, deterministic sample of input tokens (`SAMPLE_TOKENS` rows, reservoir
+sampling with a fixed seed): the FP4 search evaluates the layer-output error on real activations, which a
+second moment alone cannot give (activation rounding is not a function of H).
+
 Streaming, block by block (GPTQ/QuIP practice): the inputs of the first repeated block are captured once;
 then each block in turn is run on the stored boundary activations to collect its linears' Hessians, the
 caller quantizes those linears, and the block is run again -- with the quantized weights when sequential --
@@ -19,25 +23,58 @@ import torch
 
 from .errors import LowbitError
 
+SAMPLE_TOKENS = 512  # rows of input kept per accumulator for the FP4 search
+SAMPLE_SEED = 0
+
 
 class HessianAccumulator:
-    """Running H = Σ x xᵀ / tokens in float64, and max |x| per input channel."""
+    """Running H = Σ x xᵀ / tokens in float64, max |x| per input channel, and a sample of up to
+    `sample_size` input rows (float32), the same rows for the same data in the same order."""
 
-    def __init__(self, n: int, name: str = ""):
+    def __init__(self, n: int, name: str = "", sample_size: int = SAMPLE_TOKENS):
         self.n, self.name = n, name
         self.sum = torch.zeros(n, n, dtype=torch.float64)
         self.absmax = torch.zeros(n, dtype=torch.float32)
         self.tokens = 0
+        self.sample_size = sample_size
+        self._sample = torch.empty(0, n, dtype=torch.float32)
+        self._gen = torch.Generator().manual_seed(SAMPLE_SEED)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, self.n)
-        if not bool(torch.isfinite(x).all()):
-            raise LowbitError(f"layer {self.name}: calibration activations contain NaN or Inf; check the "
-                              f"calibration data and that the float model runs cleanly on it")
+        finite = torch.isfinite(x).all(dim=0)
+        if not bool(finite.all()):
+            chans = (~finite).nonzero().flatten().tolist()
+            kind = "Inf" if bool(torch.isinf(x[:, chans[0]]).any()) else "NaN"
+            raise LowbitError(f"layer {self.name}: calibration activations contain NaN or Inf (input channel "
+                              f"{chans[0]} has {kind}; {len(chans)} channel(s) affected: {chans[:8]}); check "
+                              f"the calibration data and that the float model runs cleanly on it")
         x64 = x.to(torch.float64)
         self.sum.addmm_(x64.t(), x64)
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0).float())
+        self._add_sample(x.to(torch.float32))
         self.tokens += x.shape[0]
+
+    def _add_sample(self, x: torch.Tensor) -> None:
+        """Reservoir sampling (Vitter's algorithm R), vectorized per batch; the generator has a fixed seed."""
+        room = self.sample_size - self._sample.shape[0]
+        if room > 0:
+            self._sample = torch.cat([self._sample, x[:room].clone()])
+            x, start = x[room:], self.tokens + room
+        else:
+            start = self.tokens
+        if x.shape[0] == 0 or self.sample_size == 0:
+            return
+        seen = torch.arange(start, start + x.shape[0], dtype=torch.float64) + 1  # tokens seen incl. this one
+        slot = (torch.rand(x.shape[0], generator=self._gen, dtype=torch.float64) * seen).long()
+        keep = (slot < self.sample_size).nonzero().flatten().tolist()
+        for i in keep:  # in order: a later token replacing the same slot wins, as in the sequential algorithm
+            self._sample[slot[i]] = x[i]
+
+    @property
+    def sample(self) -> torch.Tensor:
+        """float32 (min(tokens, sample_size), n): the sampled input rows."""
+        return self._sample
 
     def hessian(self) -> torch.Tensor:
         if self.tokens == 0:
@@ -50,6 +87,8 @@ class LayerStats:
     hessian: torch.Tensor  # float64 (in, in)
     absmax: torch.Tensor  # float32 (in,)
     tokens: int
+    sample: torch.Tensor | None = None  # float32 (<= SAMPLE_TOKENS, in): sampled input rows
+    owner: str = ""  # the linear whose accumulator this is; linears fed the very same tensor share one
 
 
 @dataclass
@@ -174,7 +213,8 @@ def _observing(root: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], ac
 
 
 def _stats(share: Mapping[str, str], accs: Mapping[str, HessianAccumulator]) -> dict[str, LayerStats]:
-    by_owner = {o: LayerStats(accs[o].hessian(), accs[o].absmax, accs[o].tokens) for o in set(share.values())}
+    by_owner = {o: LayerStats(accs[o].hessian(), accs[o].absmax, accs[o].tokens, accs[o].sample, o)
+                for o in set(share.values())}
     return {fqn: by_owner[owner] for fqn, owner in share.items()}
 
 
@@ -202,15 +242,39 @@ def _lim(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
     return float((1 - cos).sum()), cos.numel()
 
 
+@contextlib.contextmanager
+def _quantized(block: torch.nn.Module, prefix: str, linears: Mapping[str, torch.nn.Linear], deq: Mapping):
+    """Temporarily give the block's linears their quantized weights, or replace them by modules."""
+    saved_w = {f: linears[f].weight.data for f, v in deq.items() if isinstance(v, torch.Tensor)}
+    swapped = []
+    try:
+        for f, v in deq.items():
+            if isinstance(v, torch.Tensor):
+                linears[f].weight.data = v.to(saved_w[f].dtype)
+            else:
+                rel = f[len(prefix) + 1:] if prefix else f
+                parent_name, _, child = rel.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                swapped.append((parent, child, getattr(parent, child)))
+                setattr(parent, child, v)
+        yield
+    finally:
+        for f, w in saved_w.items():
+            linears[f].weight.data = w
+        for parent, child, old in swapped:
+            setattr(parent, child, old)
+
+
 def calibrate_blocks(
     model: torch.nn.Module,
     calibration: Iterable,
-    quantize_layers: Callable[[dict[str, torch.nn.Linear], dict[str, LayerStats]], dict[str, torch.Tensor]],
+    quantize_layers: Callable[[dict[str, torch.nn.Linear], dict[str, LayerStats]], dict],
     sequential: bool = True,
     progress: bool = True,
 ) -> CalibrationSummary:
     """Drive calibration block by block. `quantize_layers(linears, stats)` quantizes the given linears and
-    returns {fqn: dequantized weight} (the weights the rest of the model should see when sequential)."""
+    returns {fqn: dequantized weight, or a module that replaces the linear} (what the rest of the model
+    should see when sequential: a module when activations are quantized too, e.g. an FP4 W4A4 layer)."""
     from tqdm.auto import tqdm
 
     batches = as_batches(calibration)
@@ -247,15 +311,9 @@ def calibrate_blocks(
                 outputs.append(_first(block(*args, **kwargs)))
         deq = quantize_layers(linears, _stats(share, accs))
         if sequential and deq:
-            saved = {f: linears[f].weight.data for f in deq}
-            try:
-                for f, w in deq.items():
-                    linears[f].weight.data = w.to(saved[f].dtype)
+            with _quantized(block, prefix, linears, deq):
                 with torch.no_grad():
                     outputs = [_first(block(*a, **k)) for a, k in stored]
-            finally:
-                for f, w in saved.items():
-                    linears[f].weight.data = w
         lim_sum, lim_n = 0.0, 0
         new_stored = []
         for (args, kwargs), out in zip(stored, outputs):

@@ -1,8 +1,14 @@
 """Module form of a quantized linear, for torch.export-based paths (ExecuTorch, ONNX) and eager use.
 
-`swap_linears(model, records)` replaces each named nn.Linear by a LowbitLinear whose buffers are the packed
-record and whose forward is one `lowbit::rotated_linear` call. Tied weights stay with the module that
-still uses them (an embedding keeps its float weight when a tied lm_head is swapped).
+`swap_linears(model, records)` replaces each named nn.Linear by a LowbitLinear (integer record: one
+`lowbit::rotated_linear` call) or a LowbitFP4Linear (FP4 record: one `lowbit::fp4_linear` call) whose
+buffers are the packed record. Tied weights stay with the module that still uses them (an embedding keeps
+its float weight when a tied lm_head is swapped).
+
+An FP4 W4A4 module applies its per-channel activation exponents at run time (`act_shift`); folding them
+into the producer of its input is a graph transformation (passes/fold_act_scales.py), applied by the
+backend to the Dynamo graph and, for export, to the exported graph of the swapped model
+(`FoldActScales()(torch.export.export(swapped, ...).module())`). Both give the same outputs bit for bit.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from . import hadamard, kernels  # noqa: F401  (registers the ops)
-from .checkpoint import QuantizedLinear
+from .checkpoint import FP4QuantizedLinear, QuantizedLinear
 from .errors import LowbitError
 
 
@@ -42,8 +48,47 @@ class LowbitLinear(torch.nn.Module):
                 f"group_size={self.group_size}, rotated={self.su is not None}")
 
 
-def swap_linears(model: torch.nn.Module, records: Mapping[str, QuantizedLinear], inplace: bool = False):
-    """Replace each nn.Linear named in `records` by a LowbitLinear (on a deep copy unless inplace)."""
+class LowbitFP4Linear(torch.nn.Module):
+    """An LLM-FP4 linear: y = Q_a(x ⊙ 2**act_shift) · Ŵ'ᵀ + bias (see kernels/fp4_ops.py), after a
+    randomized Hadamard rotation of x for rotated records (fp4-rot)."""
+
+    def __init__(self, rec: FP4QuantizedLinear, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.fqn = rec.fqn
+        self.in_features, self.out_features = rec.in_features, rec.out_features
+        self.w_format, self.a_format = rec.w_format, rec.a_format
+        self.register_buffer("qweight", rec.qweight.clone())
+        self.register_buffer("w_scales", rec.w_scales.clone())
+        self.register_buffer("act_shift", None if rec.act_exponents is None else rec.act_exponents.clone())
+        self.register_buffer("act_scale", None if rec.act_scale is None else rec.act_scale.clone())
+        self.register_buffer("su", None if rec.su is None else rec.su.clone())
+        self.register_buffer("had_in", hadamard.factor(rec.in_features) if rec.su is not None else None)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.su is not None:
+            x = torch.ops.lowbit.hadamard(x, self.su, self.had_in)
+        return torch.ops.lowbit.fp4_linear(x, self.qweight, self.w_scales, self.act_shift, self.act_scale,
+                                           self.w_format, self.a_format, self.bias, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fp4 w:{self.w_format} "
+                f"a:{self.a_format or 'float'}, act_shift={self.act_shift is not None}, rotated={self.su is not None}")
+
+
+def lowbit_module(rec, bias: torch.Tensor | None = None) -> torch.nn.Module:
+    """The run-time module of one record."""
+    if isinstance(rec, FP4QuantizedLinear):
+        return LowbitFP4Linear(rec, bias)
+    if isinstance(rec, QuantizedLinear):
+        return LowbitLinear(rec, bias)
+    raise LowbitError(f"layer {getattr(rec, 'fqn', '?')}: not a quantized linear record ({type(rec).__name__})")
+
+
+def swap_linears(model: torch.nn.Module, records: Mapping[str, QuantizedLinear | FP4QuantizedLinear],
+                 inplace: bool = False):
+    """Replace each nn.Linear named in `records` by its LowbitLinear / LowbitFP4Linear (on a deep copy
+    unless inplace)."""
     if not inplace:
         model = copy.deepcopy(model)
     for fqn, rec in records.items():
@@ -60,5 +105,5 @@ def swap_linears(model: torch.nn.Module, records: Mapping[str, QuantizedLinear],
                               f"model")
         parent_name, _, child = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LowbitLinear(rec, old.bias))
+        setattr(parent, child, lowbit_module(rec, old.bias))
     return model

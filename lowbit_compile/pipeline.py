@@ -9,7 +9,7 @@ import torch
 from .calibrate import calibrate_blocks, named_linears
 from .checkpoint import Checkpoint
 from .errors import LowbitError
-from .quantize.layer import quantize_weight
+from .quantize.layer import quantize_fp4_group, quantize_weight
 from .recipe import Recipe
 
 log = logging.getLogger("lowbit_compile")
@@ -58,13 +58,21 @@ def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer
 
     calibration: a list of batches (dicts of tensors, or input_ids tensors), a list of strings or a text
     file path (with tokenizer=), or "stdlib" (standard-library docstrings, with tokenizer=). Needed by the
-    LDLQ recipes (w*-quip, w*-optq); data-free recipes ignore it.
+    LDLQ recipes (w*-quip, w*-optq) and FP4 (fp4, w4a16-fp4); data-free recipes ignore it.
+
+    FP4 layers fed the very same tensor (q/k/v, gate/up) are quantized as a group sharing one vector of
+    per-channel activation exponents (quantize.layer.quantize_fp4_group). With sequential calibration the
+    next block sees FP4 W4A4 layers as they run (activation rounding included), other layers through their
+    dequantized weights.
     """
+    from .nn import LowbitFP4Linear
+
     rec = Recipe.parse(recipe, overrides, seed)
     records, plan = {}, []
 
     def quantize_layers(linears, stats):
         deq = {}
+        fp4_groups: dict[str, dict] = {}  # stats owner -> {fqn: (weight, spec)}
         for fqn, lin in linears.items():
             spec, why = rec.spec_for(fqn)
             shape = [lin.out_features, lin.in_features]
@@ -77,11 +85,24 @@ def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer
                              "reason": "no calibration data reached this layer"})
                 log.warning("lowbit: layer %s received no calibration data; kept in float", fqn)
                 continue
-            r = quantize_weight(fqn, lin.weight, spec, rec.seed, hessian=None if st is None else st.hessian)
-            records[fqn] = r
             plan.append({"fqn": fqn, "shape": shape, "spec": spec.describe(), "reason": why,
                          "calibration_tokens": None if st is None else st.tokens})
+            if spec.method == "fp4":
+                fp4_groups.setdefault(st.owner or fqn, {})[fqn] = (lin.weight, spec)
+                continue
+            r = quantize_weight(fqn, lin.weight, spec, rec.seed, hessian=None if st is None else st.hessian)
+            records[fqn] = r
             deq[fqn] = r.dequantized_weight()
+        for group in fp4_groups.values():
+            st = stats[next(iter(group))]  # one LayerStats object, shared by the whole group
+            for fqn, r in quantize_fp4_group(group, st.sample, st.absmax, rec.seed).items():
+                records[fqn] = r
+                if r.notes:
+                    next(p for p in plan if p["fqn"] == fqn)["notes"] = list(r.notes)
+                    for note in r.notes:
+                        log.warning("lowbit: %s", note)
+                bias = linears[fqn].bias
+                deq[fqn] = r.dequantized_weight() if r.a_format is None else LowbitFP4Linear(r, bias)
         return deq
 
     summary = {}

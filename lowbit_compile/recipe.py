@@ -6,6 +6,12 @@ A recipe string names the default layer spec: ``w{bits}[-{method}][-g{group}]``
     w4-g128     as w4, one scale per 128 inputs instead of per output channel
     w2-quip     int2, QuIP: incoherence + LDLQ on calibration Hessians (needs calibration data)
     w2-optq     int2, OPTQ/GPTQ: LDLQ without incoherence (baseline, needs calibration data)
+and the LLM-FP4 recipes (both need calibration data: the search runs on a sample of each layer's inputs)
+    fp4         W4A4: FP4 weights (format and per-row bias searched) and FP4 activations (format and one
+                per-tensor bias searched, per-channel power-of-two exponents folded into the producer)
+    w4a16-fp4   FP4 weights as above, activations left in float
+    fp4-rot     W4A4 as fp4, but the layer input goes through a seeded randomized Hadamard rotation first
+                (one per group of layers reading the same input) instead of per-channel exponents
 Per-layer overrides are an ordered map (torchao's FqnToConfig order): an exact module FQN wins, then the
 first matching ``re:`` pattern, then ``_default``; a value of None keeps that layer in float.
 By default output heads (``lm_head``) stay in float, as in GPTQ/QuIP practice; override to change it.
@@ -30,6 +36,13 @@ METHODS = {
 
 DEFAULT_FLOAT_PATTERNS = (r"re:(^|.*\.)lm_head$",)
 
+# Named FP4 recipes -> LayerSpec keyword arguments (method "fp4"; see LayerSpec's FP4 fields).
+FP4_RECIPES = {
+    "fp4": {"act_quant": True},
+    "w4a16-fp4": {"act_quant": False},
+    "fp4-rot": {"act_quant": True, "rotate": True, "act_exponents": False},
+}
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -43,8 +56,18 @@ class LayerSpec:
     greedy: int = 0
     rescale: bool = False
     damp: float = 0.01
+    # method "fp4" only (LLM-FP4): quantize activations too (W4A4; False is W4A16), search formats and
+    # clipping (False: max-scaled E2M1, the unsearched baseline), per-channel activation exponents
+    act_quant: bool = True
+    fp4_search: bool = True
+    act_exponents: bool = True
 
     def __post_init__(self):
+        if self.method == "fp4":
+            if self.bits != 4 or self.group_size:
+                raise LowbitError(f"FP4 layers are 4-bit with one scale per output row; got bits={self.bits}, "
+                                  f"group_size={self.group_size}")
+            return
         if self.bits not in PACKABLE_BITS:
             raise LowbitError(f"{self.bits}-bit weights are not supported; valid bit widths: {PACKABLE_BITS}")
         if self.group_size < 0:
@@ -52,13 +75,18 @@ class LayerSpec:
 
     @property
     def fmt(self) -> str:
-        return f"int{self.bits}"
+        return "fp4" if self.method == "fp4" else f"int{self.bits}"
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("quip", "optq")
+        return self.method in ("quip", "optq", "fp4")
 
     def describe(self) -> str:
+        if self.method == "fp4":
+            how = ("searched" if self.fp4_search else "max-scaled e2m1") + (" + rotation" if self.rotate else "")
+            if not self.act_quant:
+                return f"fp4 w4a16 {how}"
+            return f"fp4 w4a4 {how}" + (" + act. exponents" if self.act_exponents and self.fp4_search else "")
         g = f", group {self.group_size}" if self.group_size else ""
         inc = " + incoherence" if self.rotate and self.method == "rtn" else ""
         return f"{self.fmt} {self.method}{inc}{g}"
@@ -72,10 +100,12 @@ def valid_recipe_names() -> list[str]:
     for b in PACKABLE_BITS:
         for m in METHODS:
             out.append(f"w{b}" + (f"-{m}" if m else ""))
-    return out
+    return out + list(FP4_RECIPES)
 
 
 def parse_spec(text: str) -> LayerSpec:
+    if isinstance(text, str) and text.strip().lower() in FP4_RECIPES:
+        return LayerSpec(**{"bits": 4, "method": "fp4", "rotate": False, **FP4_RECIPES[text.strip().lower()]})
     m = _SPEC_RE.match(text.strip().lower()) if isinstance(text, str) else None
     if not m or (m["method"] or "") not in METHODS or int(m["bits"]) not in PACKABLE_BITS:
         raise LowbitError(

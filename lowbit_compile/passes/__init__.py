@@ -2,12 +2,14 @@
 
 from .base import PassBase, PassResult
 from .find_linears import FindLinears, LinearSite, linear_sites
+from .fold_act_scales import FoldActScales
 from .insert_observers import InsertObservers, observed_stats, remove_observers
 from .rewrite_linears import RewriteLinears, count_quantized
 
 # The backend's pipeline, in order: analysis, (calibration observers when the recipe needs data and no
-# checkpoint is given: inserted, run once, removed), then the rewrite that consumes the tags.
-PIPELINE = (FindLinears, InsertObservers, RewriteLinears)
+# checkpoint is given: inserted, run once, removed), the rewrite that consumes the tags, then folding of
+# FP4 activation exponents into the producers of the rewritten linears' inputs.
+PIPELINE = (FindLinears, InsertObservers, RewriteLinears, FoldActScales)
 
-__all__ = ["PassBase", "PassResult", "FindLinears", "LinearSite", "linear_sites", "InsertObservers",
+__all__ = ["PassBase", "PassResult", "FindLinears", "FoldActScales", "LinearSite", "linear_sites", "InsertObservers",
            "observed_stats", "remove_observers", "RewriteLinears", "count_quantized", "PIPELINE"]

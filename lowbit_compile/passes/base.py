@@ -7,7 +7,7 @@ import re
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["PassBase", "PassResult", "LINEAR_TARGETS", "source_to_fqn", "fake_mode_of"]
+__all__ = ["PassBase", "PassResult", "LINEAR_TARGETS", "source_to_fqn", "fake_mode_of", "add_constant"]
 
 # Linear call targets: the Dynamo graph (torch._C._nn.linear / F.linear) and torch.export (aten.linear).
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
@@ -37,3 +37,15 @@ def fake_mode_of(gm: torch.fx.GraphModule):
         if isinstance(val, FakeTensor):
             return val.fake_mode
     return None
+
+
+def add_constant(gm: torch.fx.GraphModule, name: str, t: torch.Tensor, before: torch.fx.Node) -> torch.fx.Node:
+    """Register `t` as buffer `name` of gm (once) and read it with a get_attr node inserted before `before`;
+    meta["val"] is a fake tensor of the graph's fake mode (or t itself when the graph has none)."""
+    if not hasattr(gm, name):
+        gm.register_buffer(name, t)
+    with gm.graph.inserting_before(before):
+        n = gm.graph.get_attr(name)
+    fake_mode = fake_mode_of(gm)
+    n.meta["val"] = fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t
+    return n

@@ -1,8 +1,9 @@
-"""rewrite_linears: replace tagged linears that have a QuantizedLinear record with `lowbit::rotated_linear`.
+"""rewrite_linears: replace tagged linears that have a record with their lowbit op: `lowbit::rotated_linear`
+for a QuantizedLinear, `lowbit::fp4_linear` for an FP4QuantizedLinear.
 
-Packed codes, scales and sign vectors become buffers of the GraphModule (get_attr nodes); the dense
-Hadamard factors are shared by every layer of the same size. Only the linear call is replaced, so a weight
-that also feeds an embedding (tied lm_head) keeps serving it in float.
+Packed codes, scales, sign vectors and activation exponents become buffers of the GraphModule (get_attr
+nodes); the dense Hadamard factors are shared by every layer of the same size. Only the linear call is
+replaced, so a weight that also feeds an embedding (tied lm_head) keeps serving it in float.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from collections.abc import Mapping
 
 import torch
 
-from .. import hadamard
-from ..checkpoint import QuantizedLinear
+from .. import hadamard, kernels  # noqa: F401  (kernels: registers the lowbit ops named below)
+from ..checkpoint import FP4QuantizedLinear, QuantizedLinear
 from ..errors import LowbitError
-from .base import PassBase, PassResult, fake_mode_of
+from .base import PassBase, PassResult, add_constant
 from .find_linears import TAG, linear_sites
 
 QUANTIZED_TAG = "lowbit_quantized"
+LOWBIT_LINEAR_OPS = (torch.ops.lowbit.rotated_linear.default, torch.ops.lowbit.fp4_linear.default)
 
 
 def _buffer_prefix(fqn: str) -> str:
@@ -26,28 +28,27 @@ def _buffer_prefix(fqn: str) -> str:
 
 
 class RewriteLinears(PassBase):
-    def __init__(self, records: Mapping[str, QuantizedLinear]):
+    def __init__(self, records: Mapping[str, QuantizedLinear | FP4QuantizedLinear]):
         super().__init__()
         self.records = records
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
-        fake_mode = fake_mode_of(gm)
         factors: dict[int, torch.fx.Node | None] = {}
         modified = False
 
         def constant(name: str, t: torch.Tensor, before: torch.fx.Node) -> torch.fx.Node:
-            if not hasattr(gm, name):
-                gm.register_buffer(name, t)
-            with graph.inserting_before(before):
-                n = graph.get_attr(name)
-            if fake_mode is not None:
-                n.meta["val"] = fake_mode.from_tensor(t, static_shapes=True)
-            else:
-                n.meta["val"] = t
-            return n
+            return add_constant(gm, name, t, before)
 
         first = next(iter(graph.nodes))
+        rotations: dict[tuple, torch.fx.Node] = {}  # (input node, seed) -> its rotation, shared by a group
+
+        def factor_node(n: int) -> torch.fx.Node | None:
+            if n not in factors:
+                f = hadamard.factor(n)
+                factors[n] = None if f is None else constant(f"_lowbit_had_{n}", f, first)
+            return factors[n]
+
         for node, site in linear_sites(gm):
             rec = self.records.get(site.fqn)
             if rec is None:
@@ -68,15 +69,31 @@ class RewriteLinears(PassBase):
             else:
                 bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             qw = constant(p + "_qweight", rec.qweight, node)
+            if isinstance(rec, FP4QuantizedLinear):
+                opt = {n: None if getattr(rec, n) is None else constant(f"{p}_{n}", getattr(rec, n), node)
+                       for n in ("act_exponents", "act_scale")}
+                if rec.su is not None:  # fp4-rot: x -> V x, one rotation node per (input, seed)
+                    key = (x, rec.seed)
+                    if key not in rotations:
+                        su = constant(p + "_su", rec.su, node)
+                        with graph.inserting_before(node):
+                            rotations[key] = graph.call_function(
+                                torch.ops.lowbit.hadamard.default, (x, su, factor_node(rec.in_features)))
+                        rotations[key].meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value",
+                                                                                              "tensor_meta")})
+                    x = rotations[key]
+                with graph.inserting_before(node):
+                    new = graph.call_function(
+                        torch.ops.lowbit.fp4_linear.default,
+                        (x, qw, constant(p + "_w_scales", rec.w_scales, node), opt["act_exponents"],
+                         opt["act_scale"], rec.w_format, rec.a_format, bias, rec.in_features),
+                    )
+                _replace(graph, node, new, site.fqn)
+                modified = True
+                continue
             sc = constant(p + "_scales", rec.scales, node)
             su = constant(p + "_su", rec.su, node) if rec.su is not None else None
             sv = constant(p + "_sv", rec.sv, node) if rec.sv is not None else None
-
-            def factor_node(n: int) -> torch.fx.Node | None:
-                if n not in factors:
-                    f = hadamard.factor(n)
-                    factors[n] = None if f is None else constant(f"_lowbit_had_{n}", f, first)
-                return factors[n]
 
             had_in = factor_node(rec.in_features) if su is not None else None
             had_out = factor_node(rec.out_features) if sv is not None else None
@@ -85,10 +102,7 @@ class RewriteLinears(PassBase):
                     torch.ops.lowbit.rotated_linear.default,
                     (x, qw, sc, su, sv, had_in, had_out, bias, rec.bits, rec.in_features, rec.group_size),
                 )
-            new.meta.update({k: v for k, v in node.meta.items() if k != TAG})
-            new.meta[QUANTIZED_TAG] = site.fqn
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            _replace(graph, node, new, site.fqn)
             modified = True
         if modified:
             graph.lint()
@@ -96,6 +110,13 @@ class RewriteLinears(PassBase):
         return PassResult(gm, modified)
 
 
+def _replace(graph: torch.fx.Graph, node: torch.fx.Node, new: torch.fx.Node, fqn: str) -> None:
+    new.meta.update({k: v for k, v in node.meta.items() if k != TAG})
+    new.meta[QUANTIZED_TAG] = fqn
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
 def count_quantized(gm: torch.fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function"
-               and n.target is torch.ops.lowbit.rotated_linear.default)
+    """Number of lowbit linear ops (rotated_linear, fp4_linear) in the graph."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in LOWBIT_LINEAR_OPS)

@@ -1,13 +1,21 @@
-"""Quantize one linear weight: dispatch on the layer spec, return a QuantizedLinear record."""
+"""Quantize one linear weight: dispatch on the layer spec, return a QuantizedLinear or FP4QuantizedLinear.
+
+FP4 layers that read the same input tensor (q/k/v, gate/up) are quantized together by `quantize_fp4_group`,
+so that they share one vector of per-channel activation exponents: then a single folded copy of their
+producer (a norm's weight) serves all of them.
+"""
 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from .. import formats
-from ..checkpoint import QuantizedLinear
+from ..checkpoint import FP4QuantizedLinear, QuantizedLinear
 from ..errors import LowbitError
+from ..formats import fp4 as f4
 from ..recipe import LayerSpec
 from .incoherence import Transform, layer_seed
 from .rtn import quantize_rtn
@@ -27,9 +35,13 @@ def check_weight(fqn: str, w: torch.Tensor) -> None:
 
 
 def quantize_weight(fqn: str, w: torch.Tensor, spec: LayerSpec, seed: int = 0,
-                    hessian: torch.Tensor | None = None) -> QuantizedLinear:
-    """Quantize one linear weight (out_features, in_features); LDLQ methods need its input Hessian."""
+                    hessian: torch.Tensor | None = None, sample: torch.Tensor | None = None,
+                    absmax: torch.Tensor | None = None) -> QuantizedLinear | FP4QuantizedLinear:
+    """Quantize one linear weight (out_features, in_features); LDLQ methods need its input Hessian, FP4 a
+    sample of its inputs (and optionally the per-channel max |x| over all calibration tokens)."""
     check_weight(fqn, w)
+    if spec.method == "fp4":
+        return quantize_fp4_group({fqn: (w, spec)}, sample, absmax, seed)[fqn]
     if spec.needs_calibration:
         if hessian is None:
             raise LowbitError(f"layer {fqn}: method {spec.method!r} needs calibration data (an input Hessian)")
@@ -59,3 +71,101 @@ def quantize_weight(fqn: str, w: torch.Tensor, spec: LayerSpec, seed: int = 0,
     rec.weight_error = float(err)
     return rec
 
+
+
+# ----------------------------------------------------------------------------- FP4
+
+
+def _fp4_record(res, w: torch.Tensor, method: str, su=None, seed=None) -> FP4QuantizedLinear:
+    rec = FP4QuantizedLinear(
+        fqn=res.fqn, method=method, w_format=res.w_format.name,
+        a_format=None if res.a_format is None else res.a_format.name,
+        in_features=res.in_features, out_features=res.out_features, qweight=res.qweight,
+        w_scales=res.w_scales, act_scale=res.act_scale, weight_error=0.0,
+        act_exponents=None if res.act_exponents is None else res.act_exponents.clone(),  # groups share k
+        proxy_loss=_finite_or_none(res.loss), baseline_loss=_finite_or_none(res.baseline_loss),
+        notes=list(res.notes), su=None if su is None else su.clone(), seed=seed,
+    )
+    w = w.detach().to(torch.float32)
+    err = torch.linalg.vector_norm(rec.dequantized_weight() - w) / torch.linalg.vector_norm(w).clamp_min(1e-30)
+    rec.weight_error = float(err)
+    return rec
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if v == v and abs(v) != float("inf") else None
+
+
+def quantize_fp4_group(layers: Mapping[str, tuple[torch.Tensor, LayerSpec]], sample: torch.Tensor | None,
+                       absmax: torch.Tensor | None = None, seed: int = 0) -> dict[str, FP4QuantizedLinear]:
+    """FP4-quantize linears that read the same input, given a sample of that input (tokens, in_features).
+
+    W4A4 layers with searched per-channel exponents share one exponent vector k: for each activation
+    format f, k_f = channel_exponents(max |x| per channel, f) (over all calibration tokens when `absmax`
+    is given, else over the sample) and every layer is searched with k_f and format f; the f with the
+    smallest summed relative output error (loss / mean y²) wins for the whole group. With one layer this is
+    exactly the per-layer LLM-FP4 search. Other FP4 specs (W4A16, max-scaled, no exponents) are per layer.
+    Rotated specs (fp4-rot) share one randomized Hadamard V (seeded by the recipe seed and the group's
+    first layer): they are searched on (V x, W Vᵀ), and their exponents, if any, are on rotated channels.
+    """
+    from . import fp4 as q
+
+    names = ", ".join(layers)
+    if sample is None:
+        raise LowbitError(f"layer(s) {names}: FP4 needs calibration data (a sample of the layer inputs); pass "
+                          f"calibration=... to lb.quantize, or compile without a checkpoint to calibrate on the "
+                          f"first call")
+    for fqn, (w, _) in layers.items():
+        check_weight(fqn, w)
+    x = sample.detach().to(torch.float32)
+    x = x.reshape(-1, x.shape[-1])
+    for fqn, (w, _) in layers.items():
+        q.check_inputs(fqn, x, w)  # names the layer and channel before anything is computed from x
+    out: dict[str, FP4QuantizedLinear] = {}
+    plain = {f: v for f, v in layers.items() if not v[1].rotate}
+    rotated = {f: v for f, v in layers.items() if v[1].rotate}
+    if plain:
+        for f, (res, method) in _fp4_search_group(plain, x, absmax).items():
+            out[f] = _fp4_record(res, layers[f][0], method)
+    if rotated:
+        from .. import hadamard
+
+        s = layer_seed(seed, next(iter(rotated)))
+        su, had = hadamard.random_signs(x.shape[1], s), hadamard.factor(x.shape[1])
+        xr = hadamard.apply(x, su, had)
+        wr = {f: (hadamard.apply(w.detach().to(torch.float32), su, had), spec) for f, (w, spec) in rotated.items()}
+        for f, (res, method) in _fp4_search_group(wr, xr, None).items():
+            out[f] = _fp4_record(res, layers[f][0], method, su, s)
+    return {f: out[f] for f in layers}
+
+
+def _fp4_search_group(layers, x: torch.Tensor, absmax: torch.Tensor | None) -> dict:
+    """The searches of `quantize_fp4_group` for layers reading one input x: {fqn: (FP4LinearQuant, method)}."""
+    from . import fp4 as q
+
+    out = {}
+    shared = {}
+    for fqn, (w, spec) in layers.items():
+        if spec.act_quant and spec.fp4_search and spec.act_exponents:
+            shared[fqn] = w
+        elif not spec.fp4_search:
+            out[fqn] = (q.max_scaled_fp4(x, w, fqn=fqn, act_quant=spec.act_quant), "max-scaled")
+        else:
+            res = q.search_fp4_layer(x, w, fqn=fqn, act_quant=spec.act_quant, channel_shift=False,
+                                     clip_grid=q.CLIP_GRID, rounds=q.SEARCH_ROUNDS)
+            out[fqn] = (res, "search")
+    if shared:
+        amax = (absmax if absmax is not None else x.abs().amax(dim=0)).to(torch.float32)
+        energy = {f: float((x.double() @ w.detach().double().T).pow(2).mean()) for f, w in shared.items()}
+        best = None
+        for name in q.ALL_FORMATS:
+            k = q.channel_exponents(amax, f4.fp4_format(name))
+            results = {f: q.search_fp4_layer(x, w, fqn=f, a_formats=(name,), act_exponents=k,
+                                             clip_grid=q.CLIP_GRID, rounds=q.SEARCH_ROUNDS)
+                       for f, w in shared.items()}
+            score = sum(r.loss / energy[f] if energy[f] > 0 else r.loss for f, r in results.items())
+            if best is None or score < best[0]:
+                best = (score, results)
+        for f, res in best[1].items():
+            out[f] = (res, "search")
+    return out
