@@ -1,0 +1,42 @@
+"""Export quantized models to deployment formats: ExecuTorch `.pte` (executorch.py) and ONNX (onnx.py).
+
+`export(model, records_or_checkpoint, example_inputs, path, **kw)` picks the exporter by the file suffix. The
+exporters are imported lazily: ExecuTorch and ONNX are optional dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ..errors import LowbitError
+
+EXPORTERS = {".pte": ("executorch", "export_pte"), ".onnx": ("onnx", "export_onnx")}
+
+
+def export(model, records_or_checkpoint, example_inputs, path, **kw):
+    """Export `model` with its quantized linears to `path`: `.pte` → ExecuTorch, `.onnx` → ONNX.
+
+    Keyword arguments go to the exporter (see `executorch.export_pte`). Returns the exporter's result.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in EXPORTERS:
+        raise LowbitError(f"cannot export to {str(path)!r}: unknown suffix {suffix!r}; valid suffixes: "
+                          f"{', '.join(EXPORTERS)}")
+    module_name, func_name = EXPORTERS[suffix]
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"{__name__}.{module_name}":
+            raise LowbitError(f"the {suffix} exporter is not available yet in this version of lowbit-compile "
+                              f"(no lowbit_compile/export/{module_name}.py); export to .pte instead") from None
+        raise LowbitError(f"the {suffix} exporter needs the package {e.name!r}: pip install "
+                          f"'lowbit-compile[{'edge' if suffix == '.pte' else 'onnx'}]'") from e
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise LowbitError(f"lowbit_compile/export/{module_name}.py has no {func_name}(); the {suffix} exporter is "
+                          f"not available yet")
+    return func(model, records_or_checkpoint, example_inputs, path, **kw)
+
+
+__all__ = ["EXPORTERS", "export"]
