@@ -62,7 +62,7 @@ def big_layer_seconds(bits: int = 2, out_f: int = 4096, in_f: int = 11008) -> fl
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="2 bits only, no levers, no big layer")
+    ap.add_argument("--quick", action="store_true", help="2 bits only, no levers, no big layer, no FP4")
     args = ap.parse_args(argv)
     model, tok, held, ref = minilm_eval()
     calib = default_calibration(tok)
@@ -91,6 +91,9 @@ def main(argv=None) -> str:
         sec = big_layer_seconds()
         text.append(f"\nOne 4096×11008 linear (random SPD Hessian), QuIP 2-bit with scale search: {sec:.1f} s.")
         print("big layer", sec, flush=True)
+        from .quality_fp4 import HEADER, fp4_rows  # LLM-FP4 rows (issue 11): W4A4 / W4A16 variants
+
+        text += ["\n### FP4 (LLM-FP4)\n", markdown_table(HEADER, fp4_rows(model, tok, held, ref, calib))]
     out = "\n".join(text)
     print(out)
     print("written to", write("quality.md", out))

@@ -84,15 +84,16 @@ def test_fp4_checkpoint_compiles_to_the_same_outputs_as_swapped_modules(llama_fp
 
 
 @pytest.mark.slow
-def test_fp4_checkpoint_through_inductor(llama_fp4):
+def test_fp4_checkpoint_through_inductor():
     """Inductor compiles the folded graph (fp4_linear as an extern call, folded constants as buffers); its
     float order may differ from eager, so the comparison has a float tolerance, not bit equality."""
-    model, ck = llama_fp4
+    model = tiny_llama(layers=1)
+    ck = lb.quantize(model, "fp4", _batches(1), progress=False)
     ids = torch.randint(0, 320, (2, 9))
     with torch.no_grad():
         swapped = lb.swap_linears(model, ck.records)(ids).logits
         compiled = torch.compile(model, backend="lowbit", options={"checkpoint": ck})(ids).logits
-    assert lb.last_report().rewritten == 14
+    assert lb.last_report().rewritten == 7
     assert any("folded into" in n for n in lb.last_report().notes)
     # activation rounding can flip on a last-bit difference, so compare in aggregate
     assert (compiled - swapped).norm() / swapped.norm() < 1e-3
