@@ -12,14 +12,7 @@ from lowbit_compile.checkpoint import FP4QuantizedLinear
 from lowbit_compile.errors import LowbitError
 from lowbit_compile.quantize import fp4 as q
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: on the shared 2-core test machine a second OpenMP thread only adds waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

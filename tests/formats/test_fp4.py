@@ -21,13 +21,7 @@ except ImportError:  # pragma: no cover - private module moved
 needs_torch_oracle = pytest.mark.skipif(_f32_to_floatx_unpacked is None, reason="torch FP4 converters moved")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: on the shared 2-core test machine a second OpenMP thread only adds waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def formula_value(fmt, code, bias):

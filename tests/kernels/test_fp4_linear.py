@@ -12,13 +12,7 @@ op = torch.ops.lowbit.fp4_linear.default
 GRID = (0.5, 0.7, 0.85, 1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: on the shared 2-core test machine a second OpenMP thread only adds waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_layer(m=24, n=37, w_fmt="e2m1", a_fmt="e2m1", shift=True, seed=0):

@@ -13,13 +13,7 @@ from lowbit_compile.quantize import fp4 as q
 GRID = tuple(sorted({round(0.3 + 0.1 * i, 2) for i in range(9)} | {1.0}))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: on the shared 2-core test machine a second OpenMP thread only adds waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def outlier_layer(seed=0, tokens=192, n=48, m=40, outliers=(3, 17, 30)):
