@@ -86,9 +86,10 @@ def lowbit_module(rec, bias: torch.Tensor | None = None) -> torch.nn.Module:
 
 
 def swap_linears(model: torch.nn.Module, records: Mapping[str, QuantizedLinear | FP4QuantizedLinear],
-                 inplace: bool = False):
+                 inplace: bool = False, make_module=None):
     """Replace each nn.Linear named in `records` by its LowbitLinear / LowbitFP4Linear (on a deep copy
-    unless inplace)."""
+    unless inplace). `make_module(record, bias)` builds another module kind (the exporters' forms)."""
+    make_module = make_module or lowbit_module
     if not inplace:
         model = copy.deepcopy(model)
     for fqn, rec in records.items():
@@ -105,5 +106,5 @@ def swap_linears(model: torch.nn.Module, records: Mapping[str, QuantizedLinear |
                               f"model")
         parent_name, _, child = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, lowbit_module(rec, old.bias))
+        setattr(parent, child, make_module(rec, old.bias))
     return model

@@ -42,7 +42,6 @@ and raises LowbitError when the outputs differ from the PyTorch quantized model 
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Mapping
@@ -316,24 +315,14 @@ class OnnxFP4Linear(torch.nn.Module):
 
 
 def swap_for_onnx(model: torch.nn.Module, records: Mapping, standard_ops: bool = False) -> torch.nn.Module:
-    model = copy.deepcopy(model)
-    for fqn, rec in records.items():
-        try:
-            old = model.get_submodule(fqn)
-        except AttributeError:
-            raise LowbitError(f"layer {fqn}: no such module in this model; the checkpoint belongs to another "
-                              f"model") from None
-        if not isinstance(old, torch.nn.Linear):
-            raise LowbitError(f"layer {fqn}: expected nn.Linear, found {type(old).__name__}")
-        if (old.out_features, old.in_features) != (rec.out_features, rec.in_features):
-            raise LowbitError(f"layer {fqn}: the model's weight is {old.out_features}x{old.in_features}, the "
-                              f"record is {rec.out_features}x{rec.in_features}")
-        parent_name, _, child = fqn.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        mod = (OnnxFP4Linear(rec, old.bias) if isinstance(rec, FP4QuantizedLinear)
-               else OnnxLowbitLinear(rec, old.bias, standard_ops))
-        setattr(parent, child, mod)
-    return model
+    from ..nn import swap_linears
+
+    def make(rec, bias):
+        if isinstance(rec, FP4QuantizedLinear):
+            return OnnxFP4Linear(rec, bias)
+        return OnnxLowbitLinear(rec, bias, standard_ops)
+
+    return swap_linears(model, records, make_module=make)
 
 
 # ----------------------------------------------------------------------------- export
