@@ -26,9 +26,8 @@ from .calibrate import calibrate_blocks, find_blocks, named_linears
 from .errors import LowbitError
 from .quantize.allocate import Option, Unit, solve
 from .quantize.importance import lim_scores, measure_candidates, output_energy, output_sensitivity, zd_scores
-from .recipe import DEFAULT_FLOAT_PATTERNS, LayerSpec, Recipe, parse_spec
+from .recipe import DEFAULT_CANDIDATES, DEFAULT_FLOAT_PATTERNS, LayerSpec, Recipe, parse_spec
 
-DEFAULT_CANDIDATES = ("w2-quip", "w3-quip", "w4-quip")
 UNITS = ("linear", "group", "block")
 LOSSES = {
     "output": "proxy loss × output sensitivity: the model-output squared error the layer's error causes",

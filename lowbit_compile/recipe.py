@@ -12,6 +12,10 @@ and the LLM-FP4 recipes (both need calibration data: the search runs on a sample
     w4a16-fp4   FP4 weights as above, activations left in float
     fp4-rot     W4A4 as fp4, but the layer input goes through a seeded randomized Hadamard rotation first
                 (one per group of layers reading the same input) instead of per-channel exponents
+and the mixed-precision recipes (need calibration data: every layer is measured at every candidate format)
+    2.5bpw      a plan from the budget solver (mixed.py): each linear gets one of the candidate formats
+                (default w2-quip, w3-quip, w4-quip) so that the average stored bits per weight, scales and
+                sign vectors included, is at most 2.5; "3.25bpw+fp4" adds W4A16 FP4 to the candidates
 Per-layer overrides are an ordered map (torchao's FqnToConfig order): an exact module FQN wins, then the
 first matching ``re:`` pattern, then ``_default``; a value of None keeps that layer in float.
 By default output heads (``lm_head``) stay in float, as in GPTQ/QuIP practice; override to change it.
@@ -19,6 +23,7 @@ By default output heads (``lm_head``) stay in float, as in GPTQ/QuIP practice; o
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -92,6 +97,9 @@ class LayerSpec:
         return f"{self.fmt} {self.method}{inc}{g}"
 
 
+_BPW_RE = re.compile(r"^(?P<bpw>\d+(?:\.\d+)?)bpw(?P<fp4>\+fp4)?$")
+DEFAULT_CANDIDATES = ("w2-quip", "w3-quip", "w4-quip")
+MIXED_UNITS = ("linear", "group", "block")
 _SPEC_RE = re.compile(r"^w(?P<bits>\d+)(?:-(?P<method>[a-z]+))?(?:-g(?P<group>\d+))?$")
 
 
@@ -110,7 +118,8 @@ def parse_spec(text: str) -> LayerSpec:
     if not m or (m["method"] or "") not in METHODS or int(m["bits"]) not in PACKABLE_BITS:
         raise LowbitError(
             f"unknown recipe {text!r}; valid recipes: {', '.join(valid_recipe_names())} "
-            f"(append -g<N> for group-wise scales, e.g. w4-g128)"
+            f"(append -g<N> for group-wise scales, e.g. w4-g128; a mixed-precision budget is <bits>bpw, e.g. "
+            f"2.5bpw or 3.25bpw+fp4)"
         )
     method = m["method"] or ""
     _, rotate, _ = METHODS[method]
@@ -130,8 +139,23 @@ class Recipe:
     default: LayerSpec | None
     overrides: tuple[tuple[str, LayerSpec | None], ...] = field(default=())
     seed: int = 0
+    # mixed precision ("2.5bpw"): the average stored bits per weight the plan may use, the candidate formats
+    # (recipe strings) and the unit the solver assigns one format to ("linear", "group" or "block").
+    # Overrides then pin layers (to a format, or None for float) instead of setting their spec.
+    target_bpw: float | None = None
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    unit: str = "linear"
 
     def __post_init__(self):
+        if self.target_bpw is not None:
+            if not (isinstance(self.target_bpw, (int, float)) and 1.0 <= self.target_bpw <= 16.0):
+                raise LowbitError(f"target bits per weight must be a number in [1, 16], got {self.target_bpw!r}")
+            if self.unit not in MIXED_UNITS:
+                raise LowbitError(f"mixed-precision unit {self.unit!r}: valid units are {MIXED_UNITS}")
+            if not self.candidates:
+                raise LowbitError(f"a mixed-precision recipe needs candidate formats, e.g. {DEFAULT_CANDIDATES}")
+            for c in self.candidates:
+                parse_spec(c)
         for key, _ in self.overrides:
             if key.startswith("re:"):
                 try:
@@ -140,9 +164,21 @@ class Recipe:
                     raise LowbitError(f"override pattern {key!r} is not a valid regular expression: {e}") from None
 
     @classmethod
+    def mixed(cls, target_bpw: float, candidates=DEFAULT_CANDIDATES, unit: str = "linear", seed: int = 0,
+              overrides: Mapping[str, object] | None = None) -> Recipe:
+        """A mixed-precision recipe: the solver picks one of `candidates` per unit for `target_bpw`."""
+        base = cls(name=f"{target_bpw:g}bpw", default=None, seed=seed, target_bpw=float(target_bpw),
+                   candidates=tuple(candidates), unit=unit)
+        return cls.parse(base, overrides, seed)
+
+    @classmethod
     def parse(cls, recipe, overrides: Mapping[str, object] | None = None, seed: int = 0) -> Recipe:
         if isinstance(recipe, Recipe):
             base = recipe
+        elif isinstance(recipe, str) and (m := _BPW_RE.match(recipe.strip().lower())):
+            cands = DEFAULT_CANDIDATES + (("w4a16-fp4",) if m["fp4"] else ())
+            base = cls(name=recipe.strip().lower(), default=None, seed=seed, target_bpw=float(m["bpw"]),
+                       candidates=cands)
         elif isinstance(recipe, str):
             base = cls(name=recipe, default=parse_spec(recipe), seed=seed)
         else:
@@ -157,12 +193,19 @@ class Recipe:
                 default = v
             else:
                 items_wo_default.append((k, v))
-        return cls(name=base.name, default=default, overrides=tuple(items_wo_default) + base.overrides,
-                   seed=base.seed if isinstance(recipe, Recipe) else seed)
+        if base.target_bpw is not None and default is not None:
+            raise LowbitError(f"recipe {base.name!r} is a mixed-precision budget: '_default' cannot set a format "
+                              f"for every layer; pin single layers or patterns instead")
+        return dataclasses.replace(base, default=default, overrides=tuple(items_wo_default) + base.overrides,
+                                   seed=base.seed if isinstance(recipe, Recipe) else seed)
 
     def spec_for(self, fqn: str) -> tuple[LayerSpec | None, str]:
         """(spec or None for float, why): exact name, then patterns in order, then the built-in float
         patterns, then the default."""
+        if self.target_bpw is not None:
+            raise LowbitError(f"recipe {self.name!r} is a mixed-precision budget without a plan yet: make the plan "
+                              f"with lb.quantize(model, {self.name!r}, calibration) and use the checkpoint it "
+                              f"returns (torch.compile option checkpoint=...)")
         for key, spec in self.overrides:
             if key == fqn:
                 return spec, f"override {key!r}"
@@ -176,5 +219,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
+        if self.target_bpw is not None:
+            return True
         specs = [self.default] + [s for _, s in self.overrides]
         return any(s is not None and s.needs_calibration for s in specs)

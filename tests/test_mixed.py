@@ -110,6 +110,19 @@ def test_quantize_mixed_stores_the_plan_and_reaches_the_planned_bits(setup, tmp_
     assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_bpw_recipe_through_lb_quantize_plans_then_quantizes():
+    model = tiny_llama(layers=1)
+    recipe = lb.Recipe.mixed(3.0, candidates=("w2-rtn", "w4-rtn"), unit="group", seed=1)
+    ck = lb.quantize(model, recipe, _batches(), overrides={"re:.*down_proj": "w4-rtn"}, progress=False)
+    mixed = ck.meta["mixed"]
+    assert mixed["target_bpw"] == 3.0 and mixed["bits_per_weight"] <= 3.0 and ck.seed == 1
+    formats = {r["fqn"]: r["format"] for r in mixed["rows"]}
+    assert formats["model.layers.0.mlp.down_proj"] == "w4-rtn" and set(formats.values()) == {"w2-rtn", "w4-rtn"}
+    assert {f: ck.records[f].bits for f in formats} == {f: int(v[1]) for f, v in formats.items()}
+    with pytest.raises(Exception, match="mixed-precision budget.*pass options=\\{'checkpoint': ckpt\\}"):
+        torch.compile(model, backend="lowbit", options={"recipe": "2.5bpw"})(torch.zeros(1, 4, dtype=torch.long))
+
+
 def test_bad_pins_and_missing_calibration_are_clear_errors():
     model = tiny_llama(layers=1)
     with pytest.raises(LowbitError, match="pin 're:.*q_proj': unknown recipe 'w5'"):

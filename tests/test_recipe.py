@@ -50,3 +50,25 @@ def test_bad_override_pattern_and_bits_are_clear_errors():
         LayerSpec(bits=5)
     with pytest.raises(LowbitError, match="recipe must be a string"):
         Recipe.parse(4)
+
+
+def test_bpw_recipes_parse_to_a_mixed_precision_budget():
+    r = Recipe.parse("2.5bpw", {"re:.*down_proj": "w4-quip", "lm_head": None}, seed=7)
+    assert r.target_bpw == 2.5 and r.default is None and r.seed == 7 and r.needs_calibration
+    assert r.candidates == ("w2-quip", "w3-quip", "w4-quip") and r.unit == "linear"
+    assert dict(r.overrides) == {"re:.*down_proj": parse_spec("w4-quip"), "lm_head": None}
+    assert Recipe.parse("3.25bpw+fp4").candidates[-1] == "w4a16-fp4"
+    m = Recipe.mixed(3, candidates=("w2-rtn", "w4-rtn"), unit="block")
+    assert (m.name, m.target_bpw, m.unit) == ("3bpw", 3.0, "block")
+    with pytest.raises(LowbitError, match="without a plan yet.*lb.quantize"):
+        r.spec_for("model.layers.0.mlp.up_proj")
+    with pytest.raises(LowbitError, match="'_default' cannot set a format"):
+        Recipe.parse("2.5bpw", {"_default": "w4"})
+    with pytest.raises(LowbitError, match="unit 'layer'"):
+        Recipe.mixed(2.5, unit="layer")
+    with pytest.raises(LowbitError, match="unknown recipe 'w5'"):
+        Recipe.mixed(2.5, candidates=("w5",))
+    with pytest.raises(LowbitError, match=r"in \[1, 16\]"):
+        Recipe.mixed(0.5)
+    with pytest.raises(LowbitError, match="unknown recipe '2.5 bpw'"):
+        Recipe.parse("2.5 bpw")
