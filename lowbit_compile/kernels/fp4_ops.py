@@ -1,4 +1,4 @@
-"""`lowbit::fp4_linear`: an LLM-FP4 linear (FP4 weights, optionally FP4 activations); reference and fake.
+"""`lowbit::fp4_linear`: an LLM-FP4 linear (FP4 weights, optionally FP4 activations); reference and device branch.
 
     y = Q_a(x ⊙ 2**k) · Ŵ'ᵀ + bias,   Ŵ' = decode(codes) ⊙ w_scales (per row)
 
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..errors import LowbitError
 from ..formats import fp4 as f4
+from . import triton as gpu
 
 
 def dequantize_fp4_weight(qweight: Tensor, w_scales: Tensor, w_format: str, in_features: int) -> Tensor:
@@ -55,7 +56,30 @@ def fp4_linear_ref(x, qweight, w_scales, act_shift, act_scale, w_format, a_forma
     return y.to(x.dtype)
 
 
-@torch.library.custom_op("lowbit::fp4_linear", mutates_args=())
+@torch.library.custom_op("lowbit::fp4_linear_reference", mutates_args=())
+def fp4_linear_reference(
+    x: Tensor,
+    qweight: Tensor,
+    w_scales: Tensor,
+    act_shift: Tensor | None,
+    act_scale: Tensor | None,
+    w_format: str,
+    a_format: str | None,
+    bias: Tensor | None,
+    in_features: int,
+) -> Tensor:
+    """`lowbit::fp4_linear` on any device, in pure torch (opaque to the compiler)."""
+    return fp4_linear_ref(x, qweight, w_scales, act_shift, act_scale, w_format, a_format, bias, in_features)
+
+
+@fp4_linear_reference.register_fake
+def _(x, qweight, w_scales, act_shift, act_scale, w_format, a_format, bias, in_features):
+    torch._check(x.shape[-1] == in_features, lambda: f"fp4_linear: input has {x.shape[-1]} features, "
+                 f"the weight expects {in_features}")
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@gpu.triton_op("lowbit::fp4_linear", mutates_args=())
 def fp4_linear(
     x: Tensor,
     qweight: Tensor,
@@ -67,12 +91,12 @@ def fp4_linear(
     bias: Tensor | None,
     in_features: int,
 ) -> Tensor:
-    """y = Q_a(x ⊙ 2**act_shift) · Ŵ'ᵀ + bias with FP4 weights (see the module docstring)."""
-    return fp4_linear_ref(x, qweight, w_scales, act_shift, act_scale, w_format, a_format, bias, in_features)
+    """y = Q_a(x ⊙ 2**act_shift) · Ŵ'ᵀ + bias with FP4 weights (see the module docstring).
 
-
-@fp4_linear.register_fake
-def _(x, qweight, w_scales, act_shift, act_scale, w_format, a_format, bias, in_features):
-    torch._check(x.shape[-1] == in_features, lambda: f"fp4_linear: input has {x.shape[-1]} features, "
-                 f"the weight expects {in_features}")
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+    A triton_op with a device branch, like the ops in `ops.py`: Triton kernel on CUDA, the opaque
+    `lowbit::fp4_linear_reference` elsewhere.
+    """
+    if gpu.usable(x):
+        return gpu.launchers().fp4_linear(x, qweight, w_scales, act_shift, act_scale, w_format, a_format, bias,
+                                          in_features)
+    return fp4_linear_reference(x, qweight, w_scales, act_shift, act_scale, w_format, a_format, bias, in_features)

@@ -1,6 +1,12 @@
-"""The `lowbit::` torch.library ops: schema, CPU/generic implementation (the reference for now) and fakes.
+"""The `lowbit::` torch.library ops: schema, device dispatch, fakes and autograd.
 
-Fakes return fresh tensors (never an input), so the schema's no-alias promise holds under torch.compile.
+Each op is a `torch.library.triton_op` (made by `kernels.triton.triton_op`) whose body is a device branch: CUDA
+inputs launch the Triton kernels (`kernels/triton/`, through `wrap_triton`, so torch.compile traces the body and
+Inductor sees the kernels); every other device calls the opaque `lowbit::*_reference` custom op, which runs
+`reference.py` (Inductor emits an extern call to it, as before the Triton kernels existed).
+`register_kernel("cpu")` would not do: torch.compile traces a triton_op's body, not its per-device kernels.
+The body doubles as the fake implementation: on fake inputs it allocates fresh outputs (never an input), so the
+schema's no-alias promise holds.
 """
 
 from __future__ import annotations
@@ -9,20 +15,55 @@ import torch
 from torch import Tensor
 
 from . import reference
+from . import triton as gpu
 
 
-@torch.library.custom_op("lowbit::hadamard", mutates_args=())
-def hadamard(x: Tensor, signs: Tensor | None, factor: Tensor | None, inverse: bool = False) -> Tensor:
-    """Orthonormal randomized Hadamard on the last dimension: (F ⊗ H_P/√P)(signs ⊙ x); inverse undoes it."""
+@torch.library.custom_op("lowbit::hadamard_reference", mutates_args=())
+def hadamard_reference(x: Tensor, signs: Tensor | None, factor: Tensor | None, inverse: bool = False) -> Tensor:
+    """`lowbit::hadamard` on any device, in pure torch (opaque to the compiler)."""
     return reference.hadamard_ref(x, signs, factor, inverse)
 
 
-@hadamard.register_fake
+@hadamard_reference.register_fake
 def _(x, signs, factor, inverse=False):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("lowbit::rotated_linear", mutates_args=())
+@gpu.triton_op("lowbit::hadamard", mutates_args=())
+def hadamard(x: Tensor, signs: Tensor | None, factor: Tensor | None, inverse: bool = False) -> Tensor:
+    """Orthonormal randomized Hadamard on the last dimension: (F ⊗ H_P/√P)(signs ⊙ x); inverse undoes it."""
+    if gpu.usable(x):
+        return gpu.launchers().hadamard(x, signs, factor, inverse)
+    return hadamard_reference(x, signs, factor, inverse)
+
+
+@torch.library.custom_op("lowbit::rotated_linear_reference", mutates_args=())
+def rotated_linear_reference(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    su: Tensor | None,
+    sv: Tensor | None,
+    had_in: Tensor | None,
+    had_out: Tensor | None,
+    bias: Tensor | None,
+    bits: int,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    """`lowbit::rotated_linear` on any device, in pure torch (opaque to the compiler)."""
+    return reference.rotated_linear_ref(x, qweight, scales, su, sv, had_in, had_out, bias, bits,
+                                        in_features, group_size)
+
+
+@rotated_linear_reference.register_fake
+def _(x, qweight, scales, su, sv, had_in, had_out, bias, bits, in_features, group_size):
+    torch._check(x.shape[-1] == in_features, lambda: f"rotated_linear: input has {x.shape[-1]} features, "
+                 f"the weight expects {in_features}")
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@gpu.triton_op("lowbit::rotated_linear", mutates_args=())
 def rotated_linear(
     x: Tensor,
     qweight: Tensor,
@@ -37,15 +78,11 @@ def rotated_linear(
     group_size: int,
 ) -> Tensor:
     """y = sv ⊙ H_mᵀ(Ŵ' · H_n(su ⊙ x)) + bias, Ŵ' decoded from packed `bits`-bit codes and float16 scales."""
-    return reference.rotated_linear_ref(x, qweight, scales, su, sv, had_in, had_out, bias, bits,
-                                        in_features, group_size)
-
-
-@rotated_linear.register_fake
-def _(x, qweight, scales, su, sv, had_in, had_out, bias, bits, in_features, group_size):
-    torch._check(x.shape[-1] == in_features, lambda: f"rotated_linear: input has {x.shape[-1]} features, "
-                 f"the weight expects {in_features}")
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+    if gpu.usable(x):
+        return gpu.launchers().rotated_linear(x, qweight, scales, su, sv, had_in, had_out, bias, bits,
+                                              in_features, group_size)
+    return rotated_linear_reference(x, qweight, scales, su, sv, had_in, had_out, bias, bits, in_features,
+                                    group_size)
 
 
 # Autograd: gradients flow to the activations (and bias); packed weights are frozen constants.
