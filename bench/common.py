@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -16,6 +20,83 @@ OUT = os.environ.get("LOWBIT_BENCH_OUT", "bench-out")
 def machine() -> str:
     return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
+
+
+def versions() -> str:
+    """Versions of the packages besides torch (machine() names torch's)."""
+    import importlib.metadata as md
+
+    out = []
+    for pkg in ("transformers", "lowbit-compile"):
+        try:
+            out.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    """The 1-minute load average against the core count: the benchmarks share the machine with whatever runs."""
+    try:
+        return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    except OSError:
+        return "load average unknown"
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                     before: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median seconds per call of each function, the functions taking turns round by round, so that a load spike
+    on a shared machine hits every candidate alike and the ratios stay meaningful. `before` runs untimed ahead
+    of every call (e.g. `flush_caches`, so each call starts cold whatever ran before it)."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            if before is not None:
+                before()
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+_FLUSH: list[torch.Tensor] = []
+
+
+def flush_caches(mb: int = 96) -> None:
+    """Read a buffer larger than the last-level cache, so the next call finds its weights in memory, as a layer
+    of a model larger than the cache does in every decode step."""
+    if not _FLUSH:
+        _FLUSH.append(torch.ones(mb << 18))
+    _FLUSH[0].sum()
+
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
+
+
+def update_doc(section: str, text: str, path: str = DOC) -> str:
+    """Put `text` into docs/benchmarks.md between `<!-- bench:{section} -->` markers (appended the first time)."""
+    begin, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    doc = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip() + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(doc)
+    return path
 
 
 def minilm_eval(n_heldout: int = 64):

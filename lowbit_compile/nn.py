@@ -5,6 +5,10 @@
 buffers are the packed record. Tied weights stay with the module that still uses them (an embedding keeps
 its float weight when a tied lm_head is swapped).
 
+These modules run the reference ops: the exporters build on them. `swap_linears(..., fast=True)` puts an
+Int4PackLinear (CPU int4 kernel, `lowbit::int4pack_linear`, bfloat16 activations inside the op) in place of
+each integer record the kernel can take (kernels/cpu.py); the others keep their reference module.
+
 An FP4 W4A4 module applies its per-channel activation exponents at run time (`act_shift`); folding them
 into the producer of its input is a graph transformation (passes/fold_act_scales.py), applied by the
 backend to the Dynamo graph and, for export, to the exported graph of the swapped model
@@ -21,6 +25,7 @@ import torch
 from . import hadamard, kernels  # noqa: F401  (registers the ops)
 from .checkpoint import FP4QuantizedLinear, QuantizedLinear
 from .errors import LowbitError
+from .kernels import cpu
 
 
 class LowbitLinear(torch.nn.Module):
@@ -76,20 +81,61 @@ class LowbitFP4Linear(torch.nn.Module):
                 f"a:{self.a_format or 'float'}, act_shift={self.act_shift is not None}, rotated={self.su is not None}")
 
 
-def lowbit_module(rec, bias: torch.Tensor | None = None) -> torch.nn.Module:
-    """The run-time module of one record."""
+class Int4PackLinear(torch.nn.Module):
+    """The CPU fast form of an integer record: codes widened into the int4 kernel's layout (2/3-bit records take
+    4 bits per weight in memory), one `lowbit::int4pack_linear` call. Results match LowbitLinear to bfloat16
+    activation precision (kernels/cpu.py)."""
+
+    def __init__(self, rec: QuantizedLinear, bias: torch.Tensor | None = None):
+        super().__init__()
+        w = cpu.pack_int4(rec)
+        self.fqn = rec.fqn
+        self.in_features, self.out_features = rec.in_features, rec.out_features
+        self.bits, self.group_size = rec.bits, w.group_size  # the record's width; the kernel's group size
+        self.runtime = w.describe()
+        self.register_buffer("packed", w.packed)
+        self.register_buffer("scales_zeros", w.scales_zeros)
+        self.register_buffer("su", None if rec.su is None else rec.su.clone())
+        self.register_buffer("sv", None if rec.sv is None else rec.sv.clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.n_rot_in = self.n_rot_out = 0
+        for side, n, on in (("in", rec.in_features, rec.su is not None), ("out", rec.out_features, rec.sv is not None)):
+            blocks = cpu.rotation_blocks(n) if on else ()
+            setattr(self, f"n_rot_{side}", len(blocks))
+            for i, b in enumerate(blocks):  # constants of the transform size, not part of the state dict
+                self.register_buffer(f"rot_{side}_{i}", b, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rot_in = [getattr(self, f"rot_in_{i}") for i in range(self.n_rot_in)]
+        rot_out = [getattr(self, f"rot_out_{i}") for i in range(self.n_rot_out)]
+        return torch.ops.lowbit.int4pack_linear(x, self.packed, self.scales_zeros, self.su, self.sv, rot_in, rot_out,
+                                                self.bias, self.in_features, self.out_features, self.group_size)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} as "
+                f"{self.runtime}, rotated={self.su is not None}")
+
+
+def lowbit_module(rec, bias: torch.Tensor | None = None, fast: bool = False) -> torch.nn.Module:
+    """The run-time module of one record: the reference module, or with fast=True the CPU fast form where the
+    record has one."""
     if isinstance(rec, FP4QuantizedLinear):
         return LowbitFP4Linear(rec, bias)
     if isinstance(rec, QuantizedLinear):
+        if fast and cpu.unsupported_reason(rec) is None:
+            return Int4PackLinear(rec, bias)
         return LowbitLinear(rec, bias)
     raise LowbitError(f"layer {getattr(rec, 'fqn', '?')}: not a quantized linear record ({type(rec).__name__})")
 
 
 def swap_linears(model: torch.nn.Module, records: Mapping[str, QuantizedLinear | FP4QuantizedLinear],
-                 inplace: bool = False, make_module=None):
+                 inplace: bool = False, make_module=None, fast: bool = False):
     """Replace each nn.Linear named in `records` by its LowbitLinear / LowbitFP4Linear (on a deep copy
-    unless inplace). `make_module(record, bias)` builds another module kind (the exporters' forms)."""
-    make_module = make_module or lowbit_module
+    unless inplace). `make_module(record, bias)` builds another module kind (the exporters' forms); fast=True
+    uses the CPU fast form (Int4PackLinear) for every integer record that has one."""
+    if make_module is not None and fast:
+        raise LowbitError("swap_linears: pass either make_module or fast=True, not both")
+    make_module = make_module or (lambda rec, bias: lowbit_module(rec, bias, fast=fast))
     if not inplace:
         model = copy.deepcopy(model)
     for fqn, rec in records.items():

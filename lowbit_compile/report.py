@@ -15,6 +15,7 @@ class LayerReport:
     weight_error: float | None = None
     reason: str = ""
     cached: bool = False
+    runtime: str = ""  # the op the rewritten graph runs and the bits per weight it holds in memory
 
 
 @dataclass
@@ -40,11 +41,13 @@ class Report:
         return sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in self.layers) / total
 
     def table(self) -> str:
-        rows = [("layer", "shape", "format", "bits/w", "rel.err", "note")]
+        runtime = any(r.runtime for r in self.layers)
+        rows = [("layer", "shape", "format", "bits/w", "rel.err") + (("runtime",) if runtime else ()) + ("note",)]
         for r in self.layers:
             rows.append((
                 r.fqn, f"{r.shape[0]}x{r.shape[1]}", r.spec if r.status == "quantized" else "float",
                 f"{r.bits_per_weight:.3f}", "" if r.weight_error is None else f"{r.weight_error:.4f}",
+                *((r.runtime,) if runtime else ()),
                 ("cached" if r.cached else "") if r.status == "quantized" else r.reason,
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

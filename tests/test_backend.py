@@ -4,7 +4,9 @@ float model that applies the same dequantized weights, and recompiles that never
 Tolerance: the rotated path computes Hadamard transforms in float32 (about log2(n) roundings per element),
 so it differs from a float32 matmul with the dequantized weight by ~1e-6 relative; 1e-4 absolute on O(1)
 outputs leaves margin while quantization itself moves outputs by ~1e-1 (asserted too, so the comparison is
-not vacuous)."""
+not vacuous). That float-level comparison needs the reference kernels, so these tests ask for them
+(options kernels="reference"); the CPU fast path the backend picks by default (int4pack, bfloat16 activations)
+is compared with the reference in tests/kernels/test_cpu_fast.py."""
 
 import subprocess
 import sys
@@ -31,7 +33,11 @@ def block_linears(model, skip=("lm_head",)):
     return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in skip}
 
 
+REFERENCE = {"kernels": "reference"}
+
+
 def _check_model(model, make_inputs, output, options, expected):
+    options = {**REFERENCE, **options}
     with torch.no_grad():
         compiled = torch.compile(model, backend="lowbit", options=options)
         y = output(compiled(**make_inputs(2, 9)))
@@ -165,7 +171,7 @@ def test_training_mode_graphs_get_input_gradients():
     x = torch.randn(3, 24, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.compile(model, backend="lowbit", options={"compiler": "eager"})(x).sum().backward()
+        torch.compile(model, backend="lowbit", options={"compiler": "eager", **REFERENCE})(x).sum().backward()
     ref = with_weights(model, lb.last_report().records)
     x2 = x.detach().clone().requires_grad_()
     ref(x2).sum().backward()
@@ -176,7 +182,8 @@ def test_calibrating_recipe_without_checkpoint_calibrates_on_the_first_call(capl
     model = tiny_llama(layers=1)
     ids = torch.randint(0, 320, (2, 16))
     with torch.no_grad(), caplog.at_level("WARNING", logger="lowbit_compile"):
-        compiled = torch.compile(model, backend="lowbit", options={"recipe": "w3-quip", "compiler": "eager"})
+        compiled = torch.compile(model, backend="lowbit", options={"recipe": "w3-quip", "compiler": "eager",
+                                                                    **REFERENCE})
         y = compiled(ids).logits
         compiled(torch.randint(0, 320, (1, 5)))  # a recompile: no second calibration, no re-quantization
     assert sum("calibrating on the first call's inputs (32 tokens)" in r.message for r in caplog.records) == 1
@@ -190,7 +197,7 @@ def test_checkpoint_option_takes_an_object_and_rejects_other_types():
     model = tiny_llama(layers=1)
     ck = lb.quantize(model, "w4", progress=False)
     ids = torch.randint(0, 320, (1, 6))
-    y = _compile_call(model, {"checkpoint": ck, "compiler": "eager"}, ids).logits
+    y = _compile_call(model, {"checkpoint": ck, "compiler": "eager", **REFERENCE}, ids).logits
     assert lb.last_report().rewritten == 7 and CACHE.quantized == 0  # nothing quantized at compile time
     with torch.no_grad():
         assert torch.equal(y, lb.swap_linears(model, ck.records)(ids).logits)

@@ -1,9 +1,15 @@
 """rewrite_linears: replace tagged linears that have a record with their lowbit op: `lowbit::rotated_linear`
 for a QuantizedLinear, `lowbit::fp4_linear` for an FP4QuantizedLinear.
 
+The kernel is chosen here, per layer: with kernels="auto" an integer record whose weights live on the CPU
+and fit the int4 kernel becomes `lowbit::int4pack_linear` (kernels/cpu.py: codes widened to the kernel's 4-bit
+layout, bfloat16 activations inside the op); kernels="reference" keeps the reference ops everywhere.
+`runtimes[fqn]` says what each layer runs and how many bits per weight it holds in memory.
+
 Packed codes, scales, sign vectors and activation exponents become buffers of the GraphModule (get_attr
-nodes); the dense Hadamard factors are shared by every layer of the same size. Only the linear call is
-replaced, so a weight that also feeds an embedding (tied lm_head) keeps serving it in float.
+nodes); the dense Hadamard factors (and the int4pack path's rotation blocks) are shared by every layer of the
+same size. Only the linear call is replaced, so a weight that also feeds an embedding (tied lm_head) keeps
+serving it in float.
 """
 
 from __future__ import annotations
@@ -13,14 +19,17 @@ from collections.abc import Mapping
 
 import torch
 
-from .. import hadamard, kernels  # noqa: F401  (kernels: registers the lowbit ops named below)
+from .. import hadamard
 from ..checkpoint import FP4QuantizedLinear, QuantizedLinear
 from ..errors import LowbitError
+from ..kernels import cpu  # importing it registers every lowbit op named below
 from .base import PassBase, PassResult, add_constant
 from .find_linears import TAG, linear_sites
 
 QUANTIZED_TAG = "lowbit_quantized"
-LOWBIT_LINEAR_OPS = (torch.ops.lowbit.rotated_linear.default, torch.ops.lowbit.fp4_linear.default)
+LOWBIT_LINEAR_OPS = (torch.ops.lowbit.rotated_linear.default, torch.ops.lowbit.fp4_linear.default,
+                     torch.ops.lowbit.int4pack_linear.default)
+KERNELS = ("auto", "reference")
 
 
 def _buffer_prefix(fqn: str) -> str:
@@ -28,9 +37,16 @@ def _buffer_prefix(fqn: str) -> str:
 
 
 class RewriteLinears(PassBase):
-    def __init__(self, records: Mapping[str, QuantizedLinear | FP4QuantizedLinear]):
+    def __init__(self, records: Mapping[str, QuantizedLinear | FP4QuantizedLinear], kernels: str = "reference"):
         super().__init__()
+        if kernels not in KERNELS:
+            raise LowbitError(f"rewrite_linears: kernels={kernels!r}; valid values are {KERNELS}")
         self.records = records
+        self.kernels = kernels
+        self.runtimes: dict[str, str] = {}  # fqn -> the op it runs and the bits per weight it holds in memory
+
+    def _fast(self, rec) -> bool:
+        return self.kernels == "auto" and isinstance(rec, QuantizedLinear) and cpu.unsupported_reason(rec) is None
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -42,12 +58,20 @@ class RewriteLinears(PassBase):
 
         first = next(iter(graph.nodes))
         rotations: dict[tuple, torch.fx.Node] = {}  # (input node, seed) -> its rotation, shared by a group
+        blocks: dict[int, list[torch.fx.Node]] = {}  # transform size -> its Kronecker blocks (int4pack path)
 
         def factor_node(n: int) -> torch.fx.Node | None:
             if n not in factors:
                 f = hadamard.factor(n)
                 factors[n] = None if f is None else constant(f"_lowbit_had_{n}", f, first)
             return factors[n]
+
+        def block_nodes(n: int) -> list[torch.fx.Node]:
+            if n not in blocks:  # one buffer per distinct block: equal blocks share a name (and a source)
+                has_factor = hadamard.plan(n).has_factor
+                blocks[n] = [constant(f"_lowbit_rot_{'factor' if i == 0 and has_factor else 'sylvester'}_{b.shape[0]}",
+                                      b, first) for i, b in enumerate(cpu.rotation_blocks(n))]
+            return blocks[n]
 
         for node, site in linear_sites(gm):
             rec = self.records.get(site.fqn)
@@ -68,6 +92,20 @@ class RewriteLinears(PassBase):
                         bias = graph.get_attr(f"{node.target}.bias")
             else:
                 bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if self._fast(rec):  # CPU int4 kernel: only the packed form becomes a constant
+                w = cpu.packed_for(rec)
+                args = (x, constant(p + "_packed", w.packed, node), constant(p + "_scales_zeros", w.scales_zeros, node),
+                        constant(p + "_su", rec.su, node) if rec.su is not None else None,
+                        constant(p + "_sv", rec.sv, node) if rec.sv is not None else None,
+                        block_nodes(rec.in_features) if rec.su is not None else [],
+                        block_nodes(rec.out_features) if rec.sv is not None else [],
+                        bias, rec.in_features, rec.out_features, w.group_size)
+                with graph.inserting_before(node):
+                    new = graph.call_function(torch.ops.lowbit.int4pack_linear.default, args)
+                _replace(graph, node, new, site.fqn)
+                self.runtimes[site.fqn] = w.describe()
+                modified = True
+                continue
             qw = constant(p + "_qweight", rec.qweight, node)
             if isinstance(rec, FP4QuantizedLinear):
                 opt = {n: None if getattr(rec, n) is None else constant(f"{p}_{n}", getattr(rec, n), node)
@@ -89,6 +127,7 @@ class RewriteLinears(PassBase):
                          opt["act_scale"], rec.w_format, rec.a_format, bias, rec.in_features),
                     )
                 _replace(graph, node, new, site.fqn)
+                self.runtimes[site.fqn] = f"fp4_linear {rec.bits_per_weight():.2f} b/w in memory"
                 modified = True
                 continue
             sc = constant(p + "_scales", rec.scales, node)
@@ -103,6 +142,7 @@ class RewriteLinears(PassBase):
                     (x, qw, sc, su, sv, had_in, had_out, bias, rec.bits, rec.in_features, rec.group_size),
                 )
             _replace(graph, node, new, site.fqn)
+            self.runtimes[site.fqn] = f"rotated_linear {rec.bits_per_weight():.2f} b/w in memory"
             modified = True
         if modified:
             graph.lint()
@@ -118,5 +158,5 @@ def _replace(graph: torch.fx.Graph, node: torch.fx.Node, new: torch.fx.Node, fqn
 
 
 def count_quantized(gm: torch.fx.GraphModule) -> int:
-    """Number of lowbit linear ops (rotated_linear, fp4_linear) in the graph."""
+    """Number of lowbit linear ops (rotated_linear, fp4_linear, int4pack_linear) in the graph."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in LOWBIT_LINEAR_OPS)

@@ -1,0 +1,248 @@
+"""End-to-end CPU speed and memory: a transformers Llama decoding and the real all-MiniLM-L6-v2 embedding sentences,
+each as float eager, torch.compile (Inductor) in float, and torch.compile(backend="lowbit").
+
+- Llama: LlamaConfig(hidden 1024, 8 layers, MLP 2816, 16 heads, vocabulary 32000, untied head), random weights.
+  Decode speed is one generated token at a fixed context: a 64-token prompt is prefilled once (float, eager), and
+  each timed call feeds one token against a fresh copy of that cache, so every call has the same shapes (one
+  compilation per variant) and measures exactly a decode step. tokens/s = 1 / median step time.
+- MiniLM: 32 held-out sentences padded to 64 tokens per call; sentences/s = 32 / median call time. The lowbit
+  row also gives the cosine of its sentence embeddings to float's.
+- Memory: "weights MB" counts the tensors each variant computes with (the lowbit graph's packed int4 buffers,
+  bfloat16 scales and rotation blocks, plus the float parameters it still reads: embeddings, norms, a float
+  head); "linears MB" only the linear layers. Peak RSS is measured per variant in a fresh process (--rss); the
+  lowbit process still holds the float model too, since torch.compile keeps the module it wraps.
+
+The variants take turns round by round in one process (median of the rounds), so the ratios are side by side.
+
+    python -m bench.e2e [--quick] [--threads N] [--no-rss] [--no-doc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+
+import torch
+
+from .common import cpu_name, load_average, machine, markdown_table, time_interleaved, update_doc, versions, write
+
+LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+             num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
+PROMPT = 64
+BATCH, SEQ = 32, 64
+VARIANTS = {  # name -> torch.compile arguments (None: the eager model)
+    "float32 eager": None,
+    "float32 torch.compile (Inductor)": {},
+    "lowbit w4 (int4pack), head float": {"backend": "lowbit", "options": {"recipe": "w4"}},
+    "lowbit w4 (int4pack), head w4": {"backend": "lowbit", "options": {"recipe": "w4", "overrides": {"lm_head": "w4"}}},
+    "lowbit w2 (int4pack, widened), head w2": {"backend": "lowbit",
+                                               "options": {"recipe": "w2", "overrides": {"lm_head": "w2"}}},
+}
+QUICK_VARIANTS = ["float32 eager", "float32 torch.compile (Inductor)", "lowbit w4 (int4pack), head float"]
+MINILM_VARIANTS = ["float32 eager", "float32 torch.compile (Inductor)", "lowbit w4 (int4pack), head float"]
+
+
+def build_llama(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**LLAMA, "num_hidden_layers": layers})).eval()
+
+
+def make_variant(model, name: str):
+    kw = VARIANTS[name]
+    return model if kw is None else torch.compile(model, **kw)
+
+
+def _decode_step(model, prompt_len: int = PROMPT):
+    """A zero-argument callable that runs one decode step against a fresh copy of a prefilled cache."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def step(m):
+        c = copy.deepcopy(cache)  # outside the op time it costs microseconds; keeps every call's shapes equal
+        with torch.no_grad():
+            return m(tok, past_key_values=c, use_cache=True).logits
+
+    return step
+
+
+def _minilm_batch(tok):
+    from lowbit_compile.data import stdlib_sentences
+
+    sentences = stdlib_sentences("heldout", limit=BATCH)
+    return dict(tok(sentences, padding="max_length", truncation=True, max_length=SEQ, return_tensors="pt"))
+
+
+def weight_bytes(model, report=None) -> tuple[int, int]:
+    """(all weights, linear weights) the variant computes with, in bytes (see the module docstring)."""
+    from lowbit_compile.kernels import cpu
+
+    records = report.records if report is not None else {}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    replaced = {id(linears[f].weight) for f in records if f in linears}
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for i, p in params.items() if i not in replaced)
+    lin = sum(m.weight.numel() * m.weight.element_size() for f, m in linears.items() if f not in records)
+    blocks = {}
+    for rec in records.values():
+        w = cpu.packed_for(rec)
+        total += w.nbytes()
+        lin += w.nbytes()
+        for n, on in ((rec.in_features, rec.su is not None), (rec.out_features, rec.sv is not None)):
+            if on:
+                blocks.update({id(b): b.numel() * 4 for b in cpu.rotation_blocks(n)})
+    return total + sum(blocks.values()), lin + sum(blocks.values())
+
+
+def _report_since(n: int):
+    """The lowbit report of the compilation that ran after lb.REPORTS had n entries, or None (not lowbit)."""
+    import lowbit_compile as lb
+
+    return lb.REPORTS[-1] if len(lb.REPORTS) > n else None
+
+
+def bench_llama(layers: int, rounds: int, names: list[str]) -> tuple[list[list], dict]:
+    model = build_llama(layers)
+    step = _decode_step(model)
+    import lowbit_compile as lb
+
+    fns, mem = {}, {}
+    for name in names:
+        m = make_variant(model, name)
+        n = len(lb.REPORTS)
+        step(m)  # compiles (and quantizes)
+        report = _report_since(n)
+        fns[name] = (lambda m=m: step(m))
+        mem[name] = weight_bytes(model, report)
+        print(f"llama: {name} ready", flush=True)
+    sec = time_interleaved(fns, rounds)
+    base = sec["float32 eager"]
+    rows = [[n, f"{1 / sec[n]:.1f}", f"{1e3 * sec[n]:.1f}", f"{base / sec[n]:.2f}×", f"{mem[n][0] / 2**20:.0f}",
+             f"{mem[n][1] / 2**20:.0f}", f"{mem[n][0] / mem['float32 eager'][0]:.0%}"] for n in names]
+    return rows, {"sec": sec, "mem": mem}
+
+
+def bench_minilm(rounds: int, names: list[str]) -> list[list]:
+    from lowbit_compile.demo import embed, load_minilm
+
+    model, tok = load_minilm()
+    batch = _minilm_batch(tok)
+    with torch.no_grad():
+        ref = embed(model, batch)
+    import lowbit_compile as lb
+
+    fns, mem, cos = {}, {}, {}
+    for name in names:
+        m = make_variant(model, name)
+        n = len(lb.REPORTS)
+        with torch.no_grad():
+            cos[name] = float((embed(m, batch) * ref).sum(-1).mean())
+        report = _report_since(n)
+        fns[name] = (lambda m=m: _no_grad(m, batch))
+        mem[name] = weight_bytes(model, report)
+        print(f"minilm: {name} ready", flush=True)
+    sec = time_interleaved(fns, rounds)
+    base = sec["float32 eager"]
+    rows = []
+    for n in names:
+        rows.append([n.replace(", head float", ""), f"{BATCH / sec[n]:.1f}", f"{1e3 * sec[n]:.1f}",
+                     f"{base / sec[n]:.2f}×", f"{mem[n][0] / 2**20:.1f}", f"{mem[n][1] / 2**20:.1f}", f"{cos[n]:.4f}"])
+    return rows
+
+
+def _no_grad(m, batch):
+    with torch.no_grad():
+        return m(**batch)
+
+
+def peak_rss_mb(model_name: str, variant: str, layers: int, threads: int | None) -> tuple[float, float]:
+    """(peak, final) RSS in MB of a fresh process that builds the model and runs the variant a few times."""
+    cmd = [sys.executable, "-m", "bench.e2e", "--rss", model_name, variant, "--layers", str(layers)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        raise RuntimeError(f"--rss {model_name} {variant!r} failed:\n{out.stderr[-3000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return res["peak_mb"], res["final_mb"]
+
+
+def _rss_child(model_name: str, variant: str, layers: int) -> None:
+    if model_name == "llama":
+        model = build_llama(layers)
+        step = _decode_step(model)
+        m = make_variant(model, variant)
+        for _ in range(3):
+            step(m)
+    else:
+        from lowbit_compile.demo import load_minilm
+
+        model, tok = load_minilm()
+        batch = _minilm_batch(tok)
+        m = make_variant(model, variant)
+        for _ in range(3):
+            _no_grad(m, batch)
+    status = {}
+    with open("/proc/self/status") as f:  # VmHWM: this process's peak (ru_maxrss would carry the parent's over exec)
+        for line in f:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                status[line.split(":")[0]] = int(line.split()[1]) / 1024
+    print(json.dumps({"peak_mb": status["VmHWM"], "final_mb": status["VmRSS"]}))
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2-layer Llama, 3 variants, no MiniLM, no RSS, few rounds")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--layers", type=int, default=None, help="Llama decoder layers (default 8, --quick 2)")
+    ap.add_argument("--no-rss", action="store_true", help="skip the per-variant peak-RSS processes")
+    ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md (--quick never does)")
+    ap.add_argument("--rss", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import lowbit_compile  # noqa: F401  (registers the backend's ops)
+
+    layers = args.layers or (2 if args.quick else LLAMA["num_hidden_layers"])
+    if args.rss:
+        _rss_child(args.rss[0], args.rss[1], layers)
+        return ""
+    names = QUICK_VARIANTS if args.quick else list(VARIANTS)
+    load_before = load_average()
+    rows, _ = bench_llama(layers, 5 if args.quick else 20, names)
+    head = ["variant", "tokens/s", "ms/token", "speed vs eager", "weights MB", "linears MB", "weights vs float"]
+    text = ["## End to end on CPU: Llama decode and MiniLM sentences (issue 8)\n",
+            f"`python -m bench.e2e{' --quick' if args.quick else ''}`. {cpu_name()}; {machine()}; {versions()}. "
+            f"Machine load: {load_before} at the start, {{after}} at the end. Medians of interleaved rounds.",
+            f"\n### Llama decode (hidden 1024, {layers} layers, MLP 2816, vocabulary 32000, untied head; one token "
+            f"at a {PROMPT}-token context)\n",
+            markdown_table(head, rows)]
+    if not args.quick:
+        mrows = bench_minilm(10, MINILM_VARIANTS)
+        text += [f"\n### all-MiniLM-L6-v2, {BATCH} sentences × {SEQ} tokens per call\n",
+                 markdown_table(["variant", "sentences/s", "ms/call", "speed vs eager", "weights MB", "linears MB",
+                                 "cosine to float"], mrows)]
+    if not (args.quick or args.no_rss):
+        rss = [["Llama", n, *(f"{v:.0f}" for v in peak_rss_mb("llama", n, layers, args.threads))] for n in names]
+        rss += [["MiniLM", n.replace(", head float", ""),
+                 *(f"{v:.0f}" for v in peak_rss_mb("minilm", n, layers, args.threads))] for n in MINILM_VARIANTS]
+        text += ["\n### Process memory (fresh process per variant; the lowbit ones still hold the float module)\n",
+                 markdown_table(["model", "variant", "peak RSS MB", "RSS after MB"], rss)]
+    text[1] = text[1].replace("{after}", load_average())
+    out = "\n".join(text)
+    print(out)
+    print("written to", write("e2e.md", out))
+    if not (args.no_doc or args.quick):  # a smoke run does not replace the full figures
+        print("updated", update_doc("e2e", out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
