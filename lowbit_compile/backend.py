@@ -3,7 +3,8 @@
 Dynamo hands us the graph with the model's parameters as placeholders (their example inputs are the very
 nn.Parameter objects). We tag the linears, quantize each weight (cached by tensor identity and version,
 so a recompile for a new shape does not quantize again) or take it from a checkpoint, rewrite the linears
-to `lowbit::rotated_linear` / `lowbit::fp4_linear`, fold FP4 activation exponents into their producers
+to `lowbit::rotated_linear` / `lowbit::fp4_linear` (integer layers with CPU weights take the CPU fast path
+`lowbit::int4pack_linear` unless options kernels="reference"), fold FP4 activation exponents into their producers
 (passes/fold_act_scales.py: folded copies of norm weights and FP4 row scales become constants of the graph;
 the model's own parameters are never modified) and hand the graph to Inductor. Recipes that need
 calibration data and come without a checkpoint are calibrated on the first call's inputs (observers
@@ -12,6 +13,7 @@ inserted, one run, removed); FP4 layers fed the same input are quantized togethe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -35,6 +37,7 @@ from .passes import (
     observed_stats,
     remove_observers,
 )
+from .passes.rewrite_linears import KERNELS
 from .quantize.layer import quantize_fp4_group, quantize_weight
 from .recipe import Recipe
 from .report import LayerReport, Report
@@ -53,6 +56,7 @@ class BackendSettings:
     overrides: dict | None = None  # {fqn | "re:pattern" | "_default": recipe string or None}
     seed: int = 0  # seed of every random transform (per layer: hash of seed and layer name)
     compiler: str = "inductor"  # "inductor", or "eager" to run the rewritten graph without Inductor
+    kernels: str = "auto"  # "auto": CPU fast paths (int4pack) for CPU weights; "reference": the reference ops
     fallback: bool = False  # on a LowbitError keep the float graph with a warning instead of raising
     verbose: bool = False  # print the per-layer table (it is always logged at INFO level)
     _recipe: Recipe = field(init=False, repr=False, compare=False)
@@ -61,6 +65,8 @@ class BackendSettings:
     def __post_init__(self):
         if self.compiler not in COMPILERS:
             raise LowbitError(f"option compiler={self.compiler!r}: valid values are {COMPILERS}")
+        if self.kernels not in KERNELS:
+            raise LowbitError(f"option kernels={self.kernels!r}: valid values are {KERNELS}")
         object.__setattr__(self, "_recipe", Recipe.parse(self.recipe, self.overrides, self.seed))
         ckpt = self.checkpoint
         if isinstance(ckpt, (str, os.PathLike)):
@@ -69,6 +75,11 @@ class BackendSettings:
             raise LowbitError(f"option checkpoint: expected a Checkpoint or a folder path, got "
                               f"{type(ckpt).__name__}")
         object.__setattr__(self, "_checkpoint", ckpt)
+        if self._recipe.target_bpw is not None and ckpt is None:
+            raise LowbitError(f"recipe {self._recipe.name!r} is a mixed-precision budget: the plan measures every "
+                              f"layer of the whole model, which a compiled graph does not show; run "
+                              f"ckpt = lb.quantize(model, {self._recipe.name!r}, calibration) and pass "
+                              f"options={{'checkpoint': ckpt}}")
 
     @classmethod
     def from_options(cls, options: dict | None) -> BackendSettings:
@@ -145,6 +156,15 @@ def _first_call_hessians(gm: torch.fx.GraphModule, example_inputs) -> dict:
     return stats
 
 
+def _calls_linear_module(node: torch.fx.Node) -> bool:
+    """The linear is the forward of an nn.Linear module (lb.quantize plans every one of those)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return False
+    _, cls = list(stack.values())[-1]
+    return isinstance(cls, type) and issubclass(cls, torch.nn.Linear)
+
+
 def _from_checkpoint(ckpt: Checkpoint, site, shape, report: Report, records: dict) -> None:
     rec = ckpt.records.get(site.fqn)
     if rec is None:
@@ -193,7 +213,11 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
         hessian = stats[fqn].hessian() if spec.needs_calibration else None
         return quantize_weight(fqn, w, spec, recipe.seed, hessian=hessian)
 
-    for _, site in linear_sites(gm):
+    sites = linear_sites(gm)
+    if ckpt is not None:  # refuse a checkpoint made for another model, listing every difference
+        ckpt.check({s.fqn: (s.out_features, s.in_features) for _, s in sites}, whole_model=False,
+                   must_match=[s.fqn for n, s in sites if _calls_linear_module(n)], where="the compiled graph")
+    for _, site in sites:
         shape = (site.out_features, site.in_features)
         if ckpt is not None:
             _from_checkpoint(ckpt, site, shape, report, records)
@@ -211,7 +235,10 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
     if not report.layers:
         report.notes.append("no linear layer with a constant weight in this graph: nothing was quantized")
     if records:
-        RewriteLinears(records)(gm)
+        rewrite = RewriteLinears(records, settings.kernels)
+        rewrite(gm)
+        for layer in report.layers:
+            layer.runtime = rewrite.runtimes.get(layer.fqn, "")
         fold = FoldActScales()
         fold(gm)
         report.notes.extend(fold.notes)
@@ -235,9 +262,33 @@ def _register_constants(gm: torch.fx.GraphModule) -> None:
 
 
 def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
+    """torch.compile backend. Dynamo passes module parameters as graph inputs and may reuse one graph for many
+    modules: after a graph break inside `for block in self.layers`, Block.forward is compiled once and called
+    with each block's parameters. The quantized weights are constants of the compiled graph, so the result
+    is keyed by the identity of its parameter inputs: a call with other parameters quantizes and compiles a
+    variant for them (from a float copy of the graph) instead of running another layer's weights."""
     if kwargs:
         raise LowbitError(f"torch.compile(backend='lowbit') takes options={{...}}; got {sorted(kwargs)}")
     settings = BackendSettings.from_options(options)
+    params = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)]
+    if not params:
+        return _compile_one(gm, example_inputs, settings)
+    float_gm = copy.deepcopy(gm)  # parameters are inputs, not attributes: a graph-only copy
+    first = _compile_one(gm, example_inputs, settings)
+    variants = {tuple(id(example_inputs[i]) for i in params): (first, [weakref.ref(example_inputs[i]) for i in params])}
+
+    def run(*args):
+        key = tuple(id(args[i]) for i in params)
+        hit = variants.get(key)
+        if hit is None or any(ref() is not args[i] for ref, i in zip(hit[1], params)):
+            compiled = _compile_one(copy.deepcopy(float_gm), list(args), settings)
+            hit = variants[key] = (compiled, [weakref.ref(args[i]) for i in params])
+        return hit[0](*args)
+
+    return run
+
+
+def _compile_one(gm: torch.fx.GraphModule, example_inputs, settings: BackendSettings):
     try:
         gm, report = quantize_graph(gm, example_inputs, settings)
     except LowbitError as e:
@@ -246,7 +297,7 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | Non
         warnings.warn(f"lowbit: {e}; running this graph in float (fallback=True)", stacklevel=2)
         report = Report(notes=[f"fallback to float: {e}"])
     REPORTS.append(report)
-    if not report.layers:
+    if not report.layers and not any(n.startswith("fallback") for n in report.notes):
         warnings.warn("lowbit: no linear layers with constant weights found in this graph; nothing was "
                       "quantized", stacklevel=2)
     if settings.verbose:

@@ -126,6 +126,24 @@ def named_linears(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.
             if isinstance(m, torch.nn.Linear)}
 
 
+OUTSIDE_UNIT = "_outside"  # the unit of the linears outside the repeated blocks (a head, a pooler)
+
+
+def units_of(model: torch.nn.Module) -> dict[str, dict[str, torch.nn.Linear]]:
+    """The linears in the order `calibrate_blocks` quantizes them: per repeated block (named by its prefix,
+    e.g. "model.layers.0"), then the rest (OUTSIDE_UNIT). Each unit is what a resumed run can skip."""
+    blocks_name, blocks = find_blocks(model)
+    units = {}
+    for i, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{i}" if blocks_name else str(i)
+        units[prefix] = named_linears(block, prefix)
+    in_blocks = {id(m) for b in blocks for m in b.modules()}
+    outside = {n: m for n, m in named_linears(model).items() if id(m) not in in_blocks}
+    if outside:
+        units[OUTSIDE_UNIT] = outside
+    return units
+
+
 # ----------------------------------------------------------------------------- batches
 
 
@@ -157,11 +175,42 @@ def _run(model: torch.nn.Module, batch, index: int) -> None:
                           f"batches shaped like the model's inputs, e.g. the tokenizer's output") from e
 
 
+def _nonfinite_input(batch, index: int) -> str | None:
+    """What is NaN/Inf in the floating-point tensors of a calibration batch, or None."""
+    items = (batch.items() if isinstance(batch, Mapping) else enumerate(batch) if isinstance(batch, (tuple, list))
+             else [("input", batch)])
+    for key, t in items:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                return (f"calibration batch {index}, input {key!r}: {int(bad.sum())} NaN/Inf value(s) (first at index "
+                        f"{tuple(bad.nonzero()[0].tolist())})")
+    return None
+
+
+def _check_finite(x, what: str, index: int) -> None:
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise LowbitError(f"{what}: NaN or Inf in the float model (calibration batch {index}); check the data, the "
+                          f"model's weights (norms, embeddings) and its dtype (float16 overflows: try float32)")
+
+
 def _tokens_of(batch) -> int:
-    t = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    """Tokens (rows of the model's input) in a batch: input_ids elements, or positions of a float input."""
+    t = batch.get("input_ids", next(iter(batch.values()), None)) if isinstance(batch, Mapping) else batch
     if isinstance(t, (tuple, list)):
-        t = t[0]
-    return int(t.numel()) if isinstance(t, torch.Tensor) else 0
+        t = t[0] if t else None
+    if not isinstance(t, torch.Tensor):
+        return 0
+    if t.is_floating_point() and t.dim() >= 2:  # embeddings or features: the last dimension is the width
+        return int(t.numel() // max(t.shape[-1], 1))
+    return int(t.numel())
+
+
+def _is_empty(batch) -> bool:
+    """True when the batch holds tensors and every one of them is empty."""
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
+    tensors = [t for t in items if isinstance(t, torch.Tensor)]
+    return bool(tensors) and all(t.numel() == 0 for t in tensors)
 
 
 @contextlib.contextmanager
@@ -271,15 +320,23 @@ def calibrate_blocks(
     quantize_layers: Callable[[dict[str, torch.nn.Linear], dict[str, LayerStats]], dict],
     sequential: bool = True,
     progress: bool = True,
+    resume: Callable[[str, dict[str, torch.nn.Linear]], dict | None] | None = None,
 ) -> CalibrationSummary:
     """Drive calibration block by block. `quantize_layers(linears, stats)` quantizes the given linears and
     returns {fqn: dequantized weight, or a module that replaces the linear} (what the rest of the model
-    should see when sequential: a module when activations are quantized too, e.g. an FP4 W4A4 layer)."""
+    should see when sequential: a module when activations are quantized too, e.g. an FP4 W4A4 layer).
+
+    `resume(unit, linears)`, when given, is asked first for each unit (see `units_of`): a dict (the same
+    kind `quantize_layers` returns) means an earlier run finished that unit, so its statistics are not
+    collected and `quantize_layers` is not called for it; the block still runs to feed the next one."""
     from tqdm.auto import tqdm
 
     batches = as_batches(calibration)
     summary = CalibrationSummary(batches=len(batches), tokens=sum(_tokens_of(b) for b in batches),
                                  sequential=sequential)
+    if all(_is_empty(b) for b in batches):
+        raise LowbitError(f"the {len(batches)} calibration batch(es) hold no tokens (every input is empty); give "
+                          f"batches with at least one token each")
     blocks_name, blocks = find_blocks(model)
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     outside = {n: m for n, m in named_linears(model).items() if id(m) not in in_blocks}
@@ -288,28 +345,53 @@ def calibrate_blocks(
     stored: list[tuple[tuple, dict]] = []
     accs: dict[str, HessianAccumulator] = {}
 
+    current = [0]  # the batch being run, for error messages
+    prefixes = [f"{blocks_name}.{i}" if blocks_name else str(i) for i in range(len(blocks))]
+
     def capture(mod, args, kwargs):
+        _check_finite(_hidden(args, kwargs), f"the input of block {prefixes[0]}", current[0])
         stored.append((args, kwargs))
 
-    handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True) if blocks else None
-    with torch.no_grad(), _no_cache(model), _observing(model, outside, accs) as share:
-        for i, batch in enumerate(tqdm(batches, desc="calibration: float pass", disable=not progress,
-                                       leave=False)):
-            _run(model, batch, i)
-    if handle is not None:
-        handle.remove()
+    def check_output(prefix):
+        def hook(mod, args, kwargs, out):
+            _check_finite(_first(out), f"the output of block {prefix} (its input is finite)", current[0])
+        return hook
+
+    handles = []
+    if blocks:
+        handles.append(blocks[0].register_forward_pre_hook(capture, with_kwargs=True))
+        handles += [b.register_forward_hook(check_output(p), with_kwargs=True) for p, b in zip(prefixes, blocks)]
+    try:
+        with torch.no_grad(), _no_cache(model), _observing(model, outside, accs) as share:
+            for i, batch in enumerate(tqdm(batches, desc="calibration: float pass", disable=not progress,
+                                           leave=False)):
+                current[0] = i
+                try:
+                    _run(model, batch, i)
+                except LowbitError as e:  # NaN/Inf met on the way: name the data when it comes from there
+                    bad = _nonfinite_input(batch, i)
+                    if bad is None:
+                        raise
+                    raise LowbitError(f"{bad}; clean the calibration data (it reached {e})") from None
+    finally:
+        for h in handles:
+            h.remove()
     outside_stats = _stats(share, accs) if outside else {}
 
-    for i, block in enumerate(tqdm(blocks, desc="calibration: blocks", disable=not progress)):
-        prefix = f"{blocks_name}.{i}" if blocks_name else str(i)
+    for prefix, block in zip(prefixes, tqdm(blocks, desc="calibration: blocks", disable=not progress)):
         summary.blocks.append(prefix)
         linears = named_linears(block, prefix)
-        accs = {}
-        outputs = []
-        with torch.no_grad(), _observing(block, linears, accs) as share:
-            for args, kwargs in stored:
-                outputs.append(_first(block(*args, **kwargs)))
-        deq = quantize_layers(linears, _stats(share, accs))
+        deq = resume(prefix, linears) if resume is not None else None
+        if deq is None:
+            accs = {}
+            outputs = []
+            with torch.no_grad(), _observing(block, linears, accs) as share:
+                for args, kwargs in stored:
+                    outputs.append(_first(block(*args, **kwargs)))
+            deq = quantize_layers(linears, _stats(share, accs))
+        elif not (sequential and deq):  # finished earlier: only the block's float outputs are needed
+            with torch.no_grad():
+                outputs = [_first(block(*a, **k)) for a, k in stored]
         if sequential and deq:
             with _quantized(block, prefix, linears, deq):
                 with torch.no_grad():
@@ -323,6 +405,6 @@ def calibrate_blocks(
         stored = new_stored
         summary.lim[prefix] = lim_sum / max(lim_n, 1)
 
-    if outside:
+    if outside and (resume is None or resume(OUTSIDE_UNIT, outside) is None):
         quantize_layers(outside, outside_stats)
     return summary

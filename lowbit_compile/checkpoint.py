@@ -9,6 +9,8 @@ float32 weight it applies to the original inputs, and `bits_per_weight()` counts
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -208,12 +210,19 @@ class Checkpoint:
     # -- persistence ---------------------------------------------------------------------------------------
 
     def save(self, path: str) -> str:
-        import hashlib
-        import json
-        import os
+        """Write `lowbit.safetensors` + `lowbit.json` into the folder `path`, crash-safe.
 
+        Both files are first written in full and fsynced as `.lowbit.safetensors.new` / `.lowbit.json.new`,
+        then renamed over the old ones, tensors first. Killed before the first rename: the old checkpoint is
+        intact. Killed between the renames: `load` finds the new tensors, whose checksum the pending
+        `.lowbit.json.new` holds, and completes the save (roll forward). The JSON carries the sha256 of the
+        tensors file and of its own content, so any truncation or edit is detected on load.
+        """
         from safetensors.torch import save
 
+        from .io import fsync_dir, write_synced
+
+        path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
         tensors = {}
         records = {}
@@ -232,42 +241,47 @@ class Checkpoint:
             "plan": self.plan,
             "calibration": self.calibration,
             "meta": {**self.meta, "versions": _versions()},
-            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+            "tensors_sha256": _sha256(blob),
         }
-        _atomic_write(os.path.join(path, TENSORS_FILE), blob)
-        _atomic_write(os.path.join(path, META_FILE), json.dumps(meta, indent=1, sort_keys=True).encode())
+        meta["meta_sha256"] = _sha256(_meta_text(meta).encode())
+        t_path, m_path = os.path.join(path, TENSORS_FILE), os.path.join(path, META_FILE)
+        write_synced(_pending(t_path), blob)
+        write_synced(_pending(m_path), _meta_text(meta).encode())
+        os.replace(_pending(t_path), t_path)
+        os.replace(_pending(m_path), m_path)
+        fsync_dir(path)
         return path
 
     @classmethod
     def load(cls, path: str) -> Checkpoint:
-        import hashlib
-        import json
-        import os
-
+        """Read a checkpoint folder; refuses (LowbitError) a missing, truncated, modified or newer one."""
         from safetensors.torch import load
 
         from .errors import LowbitError
 
+        path = os.fspath(path)
         meta_path, tensor_path = os.path.join(path, META_FILE), os.path.join(path, TENSORS_FILE)
         if not os.path.exists(meta_path) or not os.path.exists(tensor_path):
             raise LowbitError(f"{path} is not a lowbit checkpoint: expected {META_FILE} and {TENSORS_FILE} "
                               f"(written by lb.quantize(...).save(path))")
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise LowbitError(f"{meta_path} is not valid JSON ({e}); the checkpoint is damaged: re-run "
-                              f"quantization") from None
-        version = meta.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise LowbitError(f"{path}: checkpoint format version {version} is newer than this lowbit-compile "
-                              f"understands ({FORMAT_VERSION}); upgrade lowbit-compile")
+        meta = _read_meta(meta_path)
         with open(tensor_path, "rb") as f:
             blob = f.read()
-        if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
-            raise LowbitError(f"{tensor_path}: checksum mismatch: the file is truncated or was modified after "
-                              f"it was saved; re-run quantization or restore the file")
-        tensors = load(blob)
+        digest = _sha256(blob)
+        if digest != meta.get("tensors_sha256"):
+            pending = _pending_meta(meta_path, digest)
+            if pending is None:
+                raise LowbitError(f"{tensor_path}: checksum mismatch: the file is truncated or was modified after "
+                                  f"it was saved; re-run quantization or restore the file")
+            meta = pending  # a save was interrupted between its two renames: finish it
+            try:
+                os.replace(_pending(meta_path), meta_path)
+            except OSError:  # a read-only folder: the checkpoint still loads from the pending file
+                pass
+        try:
+            tensors = load(blob)
+        except Exception as e:  # a checksum-valid blob that safetensors refuses: not written by save()
+            raise LowbitError(f"{tensor_path}: not a valid safetensors file ({e})") from None
         records = {}
         for fqn, fields in meta["records"].items():
             fields = dict(fields)
@@ -277,35 +291,128 @@ class Checkpoint:
                                   f"not know (known: {sorted(RECORD_KINDS)}); upgrade lowbit-compile")
             record_cls = RECORD_KINDS[kind]
             parts = {name: tensors.get(f"{fqn}.{name}") for name in record_cls.TENSORS}
-            records[fqn] = record_cls(fqn=fqn, **fields, **parts)
+            try:
+                records[fqn] = record_cls(fqn=fqn, **fields, **parts)
+            except TypeError as e:
+                raise LowbitError(f"{path}: layer {fqn}: the record does not match the {kind!r} record layout "
+                                  f"({e}); the checkpoint was written by an incompatible lowbit-compile") from None
         return cls(records=records, recipe=meta.get("recipe", ""), seed=meta.get("seed", 0),
                    plan=meta.get("plan"), calibration=meta.get("calibration"), meta=meta.get("meta"))
 
+    # -- matching a model ----------------------------------------------------------------------------------
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: an interrupted write leaves the old file."""
-    import os
-    import tempfile
+    def differences(self, linears: Mapping[str, tuple[int, int]], whole_model: bool = True,
+                    must_match: Iterable[str] = ()) -> list[str]:
+        """How this checkpoint disagrees with a model whose linears are {fqn: (out_features, in_features)}.
 
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
+        Always: a record whose layer has another shape, and no linear of the model known to the checkpoint.
+        With `whole_model`: records naming no linear of the model, and linears the checkpoint's plan never
+        saw. For a part of a model (one graph of several after graph breaks) pass whole_model=False: then
+        only the linears in `must_match` (nn.Linear modules, which lb.quantize always plans) must be known.
+        An empty list: they match.
+        """
+        diffs = []
+        for fqn, rec in self.records.items():
+            shape = linears.get(fqn)
+            if shape is not None and tuple(shape) != (rec.out_features, rec.in_features):
+                diffs.append(f"{fqn}: the model's weight is {shape[0]}x{shape[1]}, the checkpoint's "
+                             f"{rec.out_features}x{rec.in_features}")
+            elif shape is None and whole_model:
+                diffs.append(f"{fqn}: in the checkpoint, but not a linear of this model")
+        known = {p["fqn"] for p in self.plan} | set(self.records)
+        if self.plan:
+            check = linears if whole_model else [f for f in must_match if f in linears]
+            diffs += [f"{fqn}: a linear of this model that the checkpoint does not know" for fqn in check
+                      if fqn not in known]
+        if linears and known and not known & set(linears):
+            diffs.append("no linear of this model is in the checkpoint (compile or export the module the checkpoint "
+                         "was made from, e.g. the whole model rather than model.model)")
+        return diffs
+
+    def check(self, linears: Mapping[str, tuple[int, int]], whole_model: bool = True,
+              must_match: Iterable[str] = (), where: str = "this model") -> None:
+        """Raise a LowbitError listing every difference (see `differences`) when the checkpoint does not fit."""
+        from .errors import LowbitError
+
+        diffs = self.differences(linears, whole_model, must_match)
+        if diffs:
+            shown = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
+            raise LowbitError(f"the checkpoint (recipe {self.recipe!r}) belongs to another model than {where}; "
+                              f"{len(diffs)} difference(s):\n  {shown}\nquantize this model with "
+                              f"lb.quantize(model, ...) or use the checkpoint made for it")
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse (LowbitError, every difference listed) a checkpoint made for another model."""
+        shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear)}
+        self.check(shapes, where=type(model).__name__)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _meta_text(meta: dict) -> str:
+    import json
+
+    return json.dumps(meta, indent=1, sort_keys=True)
+
+
+def _pending(path: str) -> str:
+    """The journal name of a file being saved: `.name.new` beside it."""
+    d, name = os.path.split(path)
+    return os.path.join(d, f".{name}.new")
+
+
+def _read_meta(meta_path: str) -> dict:
+    import json
+
+    from .errors import LowbitError
+
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LowbitError(f"{meta_path} is not valid JSON ({e}); the checkpoint is truncated or damaged: re-run "
+                          f"quantization or restore the file") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("records"), dict):
+        raise LowbitError(f"{meta_path} is not a lowbit checkpoint description (no 'records' table)")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise LowbitError(f"{os.path.dirname(meta_path) or '.'}: checkpoint format version {version} is newer than "
+                          f"this lowbit-compile understands ({FORMAT_VERSION}); upgrade lowbit-compile")
+    stored = meta.get("meta_sha256")  # absent in files saved before the metadata had a checksum
+    if stored is not None and version >= 2:  # version 1 files never had one: a claimed version 1 is not checked
+        body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+        if _sha256(_meta_text(body).encode()) != stored:
+            raise LowbitError(f"{meta_path}: checksum mismatch: the file was modified after it was saved; re-run "
+                              f"quantization or restore the file")
+    return meta
+
+
+def _pending_meta(meta_path: str, tensors_digest: str) -> dict | None:
+    """The metadata of an interrupted save whose new tensors file is already in place, if that is the case."""
+    from .errors import LowbitError
+
+    pending = _pending(meta_path)
+    if not os.path.exists(pending):
+        return None
+    try:
+        meta = _read_meta(pending)
+    except LowbitError:
+        return None
+    return meta if meta.get("tensors_sha256") == tensors_digest else None
 
 
 def _versions() -> dict:
+    """The versions that decide the bytes of a checkpoint: a rerun with these reproduces it exactly."""
     import importlib.metadata as md
+    import platform
 
-    out = {"torch": torch.__version__}
-    for pkg in ("lowbit-compile", "transformers"):
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("lowbit-compile", "transformers", "numpy", "safetensors"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 
 from . import hadamard, kernels  # noqa: F401  (registers the ops)
-from .checkpoint import FP4QuantizedLinear, QuantizedLinear
+from .checkpoint import Checkpoint, FP4QuantizedLinear, QuantizedLinear
 from .errors import LowbitError
 from .kernels import cpu
 
@@ -136,6 +136,8 @@ def swap_linears(model: torch.nn.Module, records: Mapping[str, QuantizedLinear |
     if make_module is not None and fast:
         raise LowbitError("swap_linears: pass either make_module or fast=True, not both")
     make_module = make_module or (lambda rec, bias: lowbit_module(rec, bias, fast=fast))
+    records = getattr(records, "records", records)  # a Checkpoint or its records
+    Checkpoint(records=dict(records)).check_model(model)  # every name/shape difference at once, before copying
     if not inplace:
         model = copy.deepcopy(model)
     for fqn, rec in records.items():

@@ -9,7 +9,7 @@ import torch
 from .calibrate import calibrate_blocks, named_linears
 from .checkpoint import Checkpoint
 from .errors import LowbitError
-from .quantize.layer import quantize_fp4_group, quantize_weight
+from .quantize.layer import check_weight, quantize_fp4_group, quantize_weight
 from .recipe import Recipe
 
 log = logging.getLogger("lowbit_compile")
@@ -53,21 +53,41 @@ def _no_tokenizer(what):
 
 
 def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer=None, overrides=None,
-             seed: int = 0, sequential: bool = True, progress: bool = True) -> Checkpoint:
+             seed: int = 0, sequential: bool = True, progress: bool = True, work_dir=None) -> Checkpoint:
     """Quantize every linear of `model` by the recipe; the model itself is not modified.
 
     calibration: a list of batches (dicts of tensors, or input_ids tensors), a list of strings or a text
     file path (with tokenizer=), or "stdlib" (standard-library docstrings, with tokenizer=). Needed by the
-    LDLQ recipes (w*-quip, w*-optq) and FP4 (fp4, w4a16-fp4); data-free recipes ignore it.
+    LDLQ recipes (w*-quip, w*-optq), FP4 (fp4, w4a16-fp4) and mixed precision ("2.5bpw": overrides pin layers,
+    the plan is in checkpoint.meta["mixed"]); data-free recipes ignore it.
 
     FP4 layers fed the very same tensor (q/k/v, gate/up) are quantized as a group sharing one vector of
     per-channel activation exponents (quantize.layer.quantize_fp4_group). With sequential calibration the
     next block sees FP4 W4A4 layers as they run (activation rounding included), other layers through their
     dequantized weights.
+
+    work_dir: a folder that keeps each finished unit (one repeated block, then the linears outside the
+    blocks) as soon as it is done. Run again with the same model, data, recipe, seed and work_dir after an
+    interruption (an error, Ctrl-C, a killed process), the finished units are skipped and the checkpoint is
+    byte-identical to that of an uninterrupted run. A work_dir holding another run's units is refused.
+
+    The same model, data, recipe and seed give a byte-identical checkpoint; its JSON records the recipe
+    (meta["recipe_spec"]), the seed of every rotated layer, a fingerprint of the calibration data
+    (meta["calibration_sha256"]) and the versions of the tools.
     """
-    from .nn import LowbitFP4Linear
+    from .calibrate import units_of
+    from .io import fingerprint
 
     rec = Recipe.parse(recipe, overrides, seed)
+    if rec.target_bpw is not None:  # "2.5bpw": measure every candidate, solve, then quantize with the plan
+        if work_dir is not None:
+            raise LowbitError(f"work_dir (resuming) is not supported for the mixed-precision recipe {rec.name!r} "
+                              f"yet; leave it out")
+        from .mixed import quantize_mixed
+
+        return quantize_mixed(model, calibration, rec.target_bpw, rec.candidates, rec.unit,
+                              pins=dict(rec.overrides) or None, tokenizer=tokenizer, seed=rec.seed,
+                              progress=progress)
     records, plan = {}, []
 
     def quantize_layers(linears, stats):
@@ -90,9 +110,12 @@ def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer
             if spec.method == "fp4":
                 fp4_groups.setdefault(st.owner or fqn, {})[fqn] = (lin.weight, spec)
                 continue
-            r = quantize_weight(fqn, lin.weight, spec, rec.seed, hessian=None if st is None else st.hessian)
+            try:
+                r = quantize_weight(fqn, lin.weight, spec, rec.seed, hessian=None if st is None else st.hessian)
+            except LowbitError as e:
+                raise e if f"layer {fqn}" in str(e) else LowbitError(f"layer {fqn}: {e}") from None
             records[fqn] = r
-            deq[fqn] = r.dequantized_weight()
+            deq[fqn] = _replacement(r, lin)
         for group in fp4_groups.values():
             st = stats[next(iter(group))]  # one LayerStats object, shared by the whole group
             for fqn, r in quantize_fp4_group(group, st.sample, st.absmax, rec.seed).items():
@@ -101,18 +124,135 @@ def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer
                     next(p for p in plan if p["fqn"] == fqn)["notes"] = list(r.notes)
                     for note in r.notes:
                         log.warning("lowbit: %s", note)
-                bias = linears[fqn].bias
-                deq[fqn] = r.dequantized_weight() if r.a_format is None else LowbitFP4Linear(r, bias)
+                deq[fqn] = _replacement(r, linears[fqn])
         return deq
 
-    summary = {}
+    for fqn, lin in named_linears(model).items():  # fail before hours of calibration, not after
+        if rec.spec_for(fqn)[0] is not None:
+            check_weight(fqn, lin.weight)
+    batches = _resolve_calibration(calibration, tokenizer) if rec.needs_calibration else None
+    units = units_of(model)
+    store = None
+    if work_dir is not None:
+        store = WorkDir(work_dir, _run_identity(model, rec, batches, sequential))
+    unit_of = {fqn: unit for unit, linears in units.items() for fqn in linears}
+
+    def quantize_unit(linears, stats):
+        n_plan, before = len(plan), set(records)
+        deq = quantize_layers(linears, stats)
+        if store is not None and linears:
+            store.save(unit_of[next(iter(linears))], {f: r for f, r in records.items() if f not in before},
+                       plan[n_plan:])
+        return deq
+
+    def resume(unit, linears):
+        done = store.load(unit) if store is not None else None
+        if done is None:
+            return None
+        unit_records, unit_plan = done
+        records.update(unit_records)
+        plan.extend(unit_plan)
+        log.info("lowbit: %s was finished by an earlier run (%s); skipped", unit, store.path)
+        return {f: _replacement(r, linears[f]) for f, r in unit_records.items()}
+
+    summary, meta = {}, {"recipe_spec": _recipe_spec(rec)}
     if rec.needs_calibration:
-        batches = _resolve_calibration(calibration, tokenizer)
-        summary = calibrate_blocks(model, batches, quantize_layers, sequential, progress).as_dict()
+        summary = calibrate_blocks(model, batches, quantize_unit, sequential, progress,
+                                   resume=resume if store is not None else None).as_dict()
+        meta["calibration_sha256"] = fingerprint(batches)
     else:
-        quantize_layers(named_linears(model), {})
+        for unit, linears in units.items():
+            if resume(unit, linears) is None:
+                quantize_unit(linears, {})
     if not plan:
         log.warning("lowbit: the model has no nn.Linear layers; nothing was quantized")
     order = {n: i for i, n in enumerate(named_linears(model))}
     plan.sort(key=lambda p: order.get(p["fqn"], len(order)))
-    return Checkpoint(records=records, recipe=rec.name, seed=rec.seed, plan=plan, calibration=summary)
+    records = {f: records[f] for f in sorted(records, key=lambda f: order.get(f, len(order)))}
+    return Checkpoint(records=records, recipe=rec.name, seed=rec.seed, plan=plan, calibration=summary, meta=meta)
+
+
+def _replacement(r, lin: torch.nn.Linear):
+    """What the rest of the model sees for a quantized linear while calibrating sequentially: the dequantized
+    weight, or for FP4 W4A4 (activations rounded too) the run-time module."""
+    from .checkpoint import FP4QuantizedLinear
+    from .nn import LowbitFP4Linear
+
+    if isinstance(r, FP4QuantizedLinear) and r.a_format is not None:
+        return LowbitFP4Linear(r, lin.bias)
+    return r.dequantized_weight()
+
+
+def _recipe_spec(rec: Recipe) -> dict:
+    """The recipe in full (default spec, overrides, seed), JSON-ready."""
+    import dataclasses
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(rec)))
+
+
+def _run_identity(model: torch.nn.Module, rec: Recipe, batches, sequential: bool) -> dict:
+    """What decides a run's results: a resumed run must match the run that wrote the work_dir in all of it."""
+    from .checkpoint import FORMAT_VERSION, _versions
+    from .io import fingerprint, model_fingerprint
+
+    versions = _versions()
+    return {"recipe": _recipe_spec(rec), "sequential": bool(sequential) if batches is not None else None,
+            "calibration_sha256": None if batches is None else fingerprint(batches),
+            "model_sha256": model_fingerprint(model), "format_version": FORMAT_VERSION,
+            "versions": {k: versions.get(k) for k in ("torch", "lowbit-compile")}}
+
+
+class WorkDir:
+    """The finished units of one lb.quantize run: `run.json` (what the run depends on) and `units/<unit>/`
+    (a small checkpoint per unit: its records and plan entries), each written atomically when the unit
+    finishes. A unit whose files are missing or damaged is simply quantized again."""
+
+    RUN_FILE = "run.json"
+
+    def __init__(self, path, identity: dict):
+        import json
+        import os
+
+        from .io import atomic_write_bytes
+
+        self.path = os.fspath(path)
+        os.makedirs(self.path, exist_ok=True)
+        run_path = os.path.join(self.path, self.RUN_FILE)
+        if os.path.exists(run_path):
+            try:
+                with open(run_path) as f:
+                    old = json.load(f)
+            except (OSError, ValueError):
+                old = {}
+            if old != identity:
+                differ = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+                raise LowbitError(f"work_dir {self.path} holds the finished blocks of a different run (it differs in: "
+                                  f"{', '.join(differ)}); use another or an empty work_dir, or delete {self.path} "
+                                  f"to start over")
+        else:
+            atomic_write_bytes(run_path, json.dumps(identity, indent=1, sort_keys=True).encode())
+
+    def _unit_dir(self, unit: str) -> str:
+        import os
+
+        return os.path.join(self.path, "units", unit)
+
+    def load(self, unit: str):
+        """(records, plan entries) of a finished unit, or None."""
+        import os
+
+        from .checkpoint import META_FILE
+
+        d = self._unit_dir(unit)
+        if not os.path.exists(os.path.join(d, META_FILE)):
+            return None
+        try:
+            ck = Checkpoint.load(d)
+        except LowbitError as e:
+            log.warning("lowbit: the stored unit %s in %s is damaged (%s); quantizing it again", unit, self.path, e)
+            return None
+        return ck.records, ck.plan
+
+    def save(self, unit: str, records: dict, plan: list) -> None:
+        Checkpoint(records=records, plan=list(plan)).save(self._unit_dir(unit))

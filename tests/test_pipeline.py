@@ -48,9 +48,12 @@ def test_save_load_rewrite_reproduces_outputs_bit_for_bit(llama_ckpt, tmp_path):
     with torch.no_grad():
         direct = lb.swap_linears(model, ck.records)(ids).logits
         from_disk = lb.swap_linears(model, loaded.records)(ids).logits
-        compiled = torch.compile(model, backend="lowbit", options={"checkpoint": str(tmp_path / "ck"),
-                                                                    "compiler": "eager"})(ids).logits
-    assert torch.equal(direct, from_disk) and torch.equal(direct, compiled)
+        options = {"checkpoint": str(tmp_path / "ck"), "compiler": "eager"}
+        compiled = torch.compile(model, backend="lowbit", options={**options, "kernels": "reference"})(ids).logits
+        # the backend's CPU default (the int4pack fast path) reproduces the fast modules bit for bit
+        fast = torch.compile(model, backend="lowbit", options=options)(ids).logits
+        fast_modules = lb.swap_linears(model, loaded.records, fast=True)(ids).logits
+    assert torch.equal(direct, from_disk) and torch.equal(direct, compiled) and torch.equal(fast, fast_modules)
     reasons = {r.fqn: r.reason for r in lb.last_report().kept_float}
     assert reasons["lm_head"].startswith("float in the checkpoint: output head kept in float")
 
