@@ -6,6 +6,7 @@ exporters are imported lazily: ExecuTorch and ONNX are optional dependencies.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
 
@@ -36,7 +37,23 @@ def export(model, records_or_checkpoint, example_inputs, path, **kw):
     if func is None:
         raise LowbitError(f"lowbit_compile/export/{module_name}.py has no {func_name}(); the {suffix} exporter is "
                           f"not available yet")
-    return func(model, records_or_checkpoint, example_inputs, path, **kw)
+    with _no_kv_cache(model):
+        return func(model, records_or_checkpoint, example_inputs, path, **kw)
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model):
+    """Hugging Face causal LMs return a KV-cache object by default, which neither torch.export's output
+    flattening nor the runtimes take: export the stateless forward (use_cache=False), then restore the flag."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 __all__ = ["EXPORTERS", "export"]

@@ -1,48 +1,49 @@
-"""Export quantized models to ONNX that onnxruntime runs with its low-bit kernels.
+"""Export quantized models to ONNX files that onnxruntime runs with its low-bit kernels.
 
-`export_onnx(model, records, example_inputs, path)` swaps every quantized nn.Linear for an `OnnxLowbitLinear`
-and exports with `torch.onnx.export(dynamo=True)` (dynamic batch and sequence axes). Per layer:
+`export_onnx(model, records, example_inputs, path)` swaps every quantized nn.Linear for an `OnnxLowbitLinear` /
+`OnnxFP4Linear` and exports with `torch.onnx.export(dynamo=True)` (dynamic batch and sequence axes, opset 21–26).
+Each module is a few `lowbit_onnx::` nodes (onnx_ops.py) whose translation functions write the ONNX subgraph:
 
-- Integer 2/4/8-bit weights → `com.microsoft::MatMulNBits` (onnxruntime's CPU low-bit kernel). The packed
-  bytes are used as stored (packing along K, element 0 in the low bits is MatMulNBits' layout), only
-  reshaped to (N, blocks, block bytes); when no block size in 128/64/32/16 divides K, K is padded up with
-  the zero-point code (contributes 0). Block size = the largest of 128..16 dividing both K and the scale
-  group.
-  Scales are stored in the file as the record's float16 (N, groups) and widened/repeated to float32 blocks
-  by Cast/Expand nodes that onnxruntime constant-folds at session creation, so the file holds ~16 bits per
-  group, not 32 per block.
-  4 and 8 bits use MatMulNBits' default zero point 2^(bits-1), which is our grid's. 2 bits use the midrise
-  zero point 1.5: MatMulNBits runs with its default zero point 2, and the missing +0.5·scale·Σx per group
-  is added by a small (groups × N) MatMul of group sums, built from the same float16 scales.
-- 3-bit weights (no MatMulNBits kernel), and every width with `standard_ops=True`: the codes are unpacked in
-  the graph with integer ops only (Reshape, Mul/Add to an int32 word, Div/Mod — never BitShift) and
-  dequantized, then a plain MatMul. The file still holds the packed bytes; onnxruntime folds the float
-  weight in memory at load time.
-- The randomized Hadamard transforms (`su`, `sv`), n = Kf·P1·P2: the input reshaped to (..., Kf, P1, P2)
-  and one small MatMul per axis (Sylvester H_P1, H_P2 and the Kf×Kf factor, stored as int8 ±1 and scaled in
-  the graph): no dense n×n matrix, ~3 nodes per transform instead of 7 per butterfly stage (the butterfly
-  version made the graph itself ~1.8 bits per weight on a hidden-384 model), and fewer, larger kernels for
-  onnxruntime. Sign vectors are stored as float16 when that is exact (±1), else float32.
-- FP4 (LLM-FP4 W4A16) weights: codes split with % 16 / // 16 and decoded through a 16-entry Gather table
-  (`OnnxFP4Linear`); FP4 activations (W4A4) raise LowbitError for now.
+- Integer weights, default routes (the fastest on onnxruntime's CPU kernels that keep the file at the recipe's
+  size; `bench/onnx_latency.py` has the numbers): 4 bits go to `com.microsoft::MatMulNBits` (exact float32
+  activations without accuracy_level) on the record's packed bytes (packing along K, element 0 in the low bits
+  is MatMulNBits' layout; K padded to whole blocks with the zero code; our zero point 2^(bits−1) is its
+  default). 2 and 3 bits keep their packed bytes in the file; the graph unpacks them with BitShift/BitwiseAnd
+  and widens every code exactly to a 4-bit code at half the scale (midrise grids: (c − (2^b − 1)/2)·s =
+  (2c + 1 − 2^b)·s/2), which onnxruntime constant-folds into a 4-bit MatMulNBits weight when the session is
+  created: the 4-bit kernel's speed, 4 bits per weight in memory, 2/3 in the file. 8 bits are dequantized by
+  nodes onnxruntime folds into a float weight at load (its 8-bit kernel is ~30× slower than float at batch 1).
+  `native_nbits=True` uses MatMulNBits' own 2- and 8-bit kernels instead (memory 2/8 bits, much slower).
+- `standard_ops=True`: only standard ONNX ops (no com.microsoft domain), for runtimes without contrib ops:
+  blocked DequantizeLinear on an INT4 initializer (4 bits; int8 for 8 bits; 2/3 bits unpacked and widened in
+  the graph, then Cast to INT4) + MatMul. onnxruntime fuses this QDQ pattern into MatMulNBits itself.
+- FP4 (LLM-FP4): codes decoded through a 16-entry Gather table (onnxruntime has no FP4 DequantizeLinear on CPU),
+  folded at load to a float weight. W4A4 records quantize the activations per tensor to the FP4 grid in the
+  graph (after the per-channel 2**k shift, bit-exact with `formats.fp4.quantize`); W4A16 records fold 2**k into
+  the weight's columns.
+- Randomized Hadamard transforms (`su`, `sv`, fp4-rot's `su`): one small MatMul per axis of the input reshaped to
+  (..., Kf, P1, P2) (Sylvester H_P1, H_P2 built in the graph, the Kf×Kf factor stored once per size as int8 ±1),
+  sign vectors one bit each.
 
-The file is written with `optimize=False` so that the exporter cannot constant-fold packed weights back to
-float (the test suite checks the file size).
+Scales stay float16 in the file (widened and expanded to blocks by nodes onnxruntime folds), so the file holds
+the checkpoint's bits per weight plus the graph. It is written with `optimize=False` (the exporter's optimizer
+could constant-fold packed weights back to float); per-node debug metadata is stripped.
 
-Running the result: onnxruntime's graph optimizer may fuse DequantizeLinear→MatMul into MatMulNBits with
-int8-quantized activations (accuracy_level 4). To keep MatMulNBits exact (float32 activations), set the
-session option documented in `exact_session_options()`:
+Running the result: for the standard-ops file, onnxruntime's fusion of DequantizeLinear→MatMul into MatMulNBits
+quantizes the activations to int8 (accuracy_level 4) unless the session says otherwise. To run exactly (float32
+activations), set the session option that `exact_session_options()` sets:
 
     so = onnxruntime.SessionOptions()
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
 
-`verify=True` (the default) runs onnxruntime (CPUExecutionProvider, that option set) on the example inputs
-and raises LowbitError when the outputs differ from the PyTorch quantized model beyond float32 rounding.
+`verify=True` (the default) runs onnxruntime (CPUExecutionProvider, that option set) on the example inputs and
+raises LowbitError when the outputs differ from the PyTorch quantized model (`nn.swap_linears`) beyond float32
+rounding. The file (and its external data) is written atomically (`io.atomic_outputs`), and not at all when the
+export or the verification fails.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,81 +53,24 @@ import torch
 from .. import formats, hadamard
 from ..checkpoint import FP4QuantizedLinear, QuantizedLinear
 from ..errors import LowbitError
+from ..io import atomic_outputs
+from . import onnx_ops
+from .onnx_ops import compact_factor, pack_signs, pad_codes
 
-MATMULNBITS_BITS = (2, 4, 8)
 BLOCK_SIZES = (128, 64, 32, 16)
 OPSET = 21
+OPSETS = range(21, 27)
 # Verification tolerance: |onnx − torch| ≤ RTOL·max|torch| + ATOL. Both sides compute in float32 with
-# different summation orders (MatMulNBits blocks, butterfly vs. reference Hadamard); a wrong code, scale,
+# different summation orders (MatMulNBits blocks, Kronecker vs. butterfly Hadamard); a wrong code, scale,
 # zero point or transform gives errors of the order of the outputs themselves.
 RTOL = 2e-3
 ATOL = 1e-4
-
-
-# ----------------------------------------------------------------------------- MatMulNBits schema + op
-
-
-def register_matmulnbits_schema() -> None:
-    """Register com.microsoft::MatMulNBits with onnx so the exporter and onnx.checker accept it."""
-    import onnx
-    from onnx.defs import OpSchema
-
-    try:
-        onnx.defs.get_schema("MatMulNBits", 1, "com.microsoft")
-        return
-    except onnx.defs.SchemaError:
-        pass
-    P = OpSchema.FormalParameter
-    opt = OpSchema.FormalParameterOption.Optional
-    A = OpSchema.AttrType
-    schema = OpSchema(
-        "MatMulNBits", "com.microsoft", 1,
-        doc="onnxruntime contrib op: MatMul with block-quantized N-bit weights (B packed along K).",
-        inputs=[P("A", "T1"), P("B", "T2"), P("scales", "T1"), P("zero_points", "T3", param_option=opt),
-                P("g_idx", "T4", param_option=opt), P("bias", "T1", param_option=opt)],
-        outputs=[P("Y", "T1")],
-        type_constraints=[("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
-                          ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float16)", "tensor(float)",
-                                  "tensor(bfloat16)"], ""),
-                          ("T4", ["tensor(int32)"], "")],
-        attributes=[OpSchema.Attribute("K", A.INT, "", required=True),
-                    OpSchema.Attribute("N", A.INT, "", required=True),
-                    OpSchema.Attribute("bits", A.INT, "", required=True),
-                    OpSchema.Attribute("block_size", A.INT, "", required=True),
-                    OpSchema.Attribute("accuracy_level", A.INT, "", required=False)],
-    )
-    onnx.defs.register_schema(schema)
-
-
-@torch.library.custom_op("lowbit_onnx::matmul_nbits", mutates_args=())
-def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, k: int, n: int, bits: int,
-                 block: int) -> torch.Tensor:
-    """What MatMulNBits computes (default zero point 2^(bits-1)): x (..., k) · dequant(b)ᵀ → (..., n)."""
-    kp = b.shape[1] * block
-    codes = formats.unpack(b.reshape(n, -1), bits, kp)[:, :k]
-    s = scales.reshape(n, -1).to(torch.float32).repeat_interleave(block, dim=1)[:, :k]
-    w = (codes.to(torch.float32) - float(1 << (bits - 1))) * s
-    return torch.nn.functional.linear(x.to(torch.float32), w).to(x.dtype)
-
-
-@matmul_nbits.register_fake
-def _(x, b, scales, k, n, bits, block):
-    return x.new_empty((*x.shape[:-1], n))
-
-
-def _matmul_nbits_onnx(x, b, scales, k: int, n: int, bits: int, block: int):
-    from onnxscript.values import Opset
-
-    msft = Opset("com.microsoft", 1)
-    return msft.MatMulNBits(x, b, scales, K=k, N=n, bits=bits, block_size=block)
-
-
-# ----------------------------------------------------------------------------- the module
+ROUTE_NAMES = {"nbits": "MatMulNBits", "nbits2": "MatMulNBits 2-bit + zero-point correction",
+               "fold": "int8 dequantized at load + MatMul", "dq": "DequantizeLinear+MatMul"}
 
 
 def choose_block(k: int, group_size: int) -> int:
-    """MatMulNBits block: must divide the scale group; prefer no padding of K, then the larger block."""
+    """Quantization block: must divide the scale group; prefer no padding of K, then the larger block."""
     g = k if group_size == 0 else group_size
     cands = [b for b in BLOCK_SIZES if g % b == 0]
     if not cands:  # a group that no block divides (only possible for per-row scales, g = K)
@@ -137,190 +81,127 @@ def choose_block(k: int, group_size: int) -> int:
     return min(cands, key=lambda b: (-(-k // b) * b, -b))
 
 
-def _small_float(t: torch.Tensor) -> torch.Tensor:
-    """float16 when exact (±1 signs), else float32."""
-    t = t.detach().to(torch.float32)
-    h = t.to(torch.float16)
-    return h if torch.equal(h.to(torch.float32), t) else t.clone()
+class _Factors(dict):
+    """Compact Hadamard factors by (size, transposed): one tensor, hence one initializer, per size."""
 
-
-def _compact_factor(f: torch.Tensor | None) -> torch.Tensor | None:
-    """A Hadamard factor H/√K stored as int8 ±1 (scaled back in the graph); a random orthogonal one as is."""
-    if f is None:
-        return None
-    h = torch.round(f * math.sqrt(f.shape[0]))
-    if torch.equal(h.abs(), torch.ones_like(h)) and torch.allclose(h / math.sqrt(f.shape[0]), f, atol=1e-6):
-        return h.to(torch.int8)
-    return f
+    def get_factor(self, n: int, transposed: bool = False) -> torch.Tensor | None:
+        if (n, transposed) not in self:
+            f = hadamard.factor(n)
+            self[n, transposed] = compact_factor(None if f is None else (f.t().contiguous() if transposed else f))
+        return self[n, transposed]
 
 
 class OnnxLowbitLinear(torch.nn.Module):
-    """One quantized linear in an ONNX-friendly form (see the module docstring)."""
+    """One integer quantized linear in its ONNX form: rotate → int_matmul → rotate back (+ bias)."""
 
-    def __init__(self, rec: QuantizedLinear, bias: torch.Tensor | None, standard_ops: bool = False):
+    def __init__(self, rec: QuantizedLinear, bias: torch.Tensor | None, route: str = "nbits",
+                 factors: _Factors | None = None):
         super().__init__()
-        self.fqn, self.bits = rec.fqn, rec.bits
+        factors = _Factors() if factors is None else factors
+        if route not in onnx_ops.ROUTES or (route == "nbits2" and rec.bits != 2) or (route == "fold" and rec.bits != 8):
+            raise LowbitError(f"layer {rec.fqn}: route {route!r} does not apply to int{rec.bits}; valid: "
+                              f"nbits, dq, nbits2 (2-bit only), fold (8-bit only)")
+        self.fqn, self.bits, self.route = rec.fqn, rec.bits, route
         self.k, self.n, self.group_size = rec.in_features, rec.out_features, rec.group_size
-        self.groups = formats.num_groups(self.k, self.group_size)
-        self.nbits = rec.bits in MATMULNBITS_BITS and not standard_ops
-        self.register_buffer("scales", rec.scales.detach().to(torch.float16).clone())
-        if self.nbits:
-            self.block = choose_block(self.k, self.group_size)
+        self.block = choose_block(self.k, self.group_size)
+        codes = formats.unpack(rec.qweight, rec.bits, self.k)
+        if route == "dq" and rec.bits == 4:  # int4 (code − 8) in (K, N) order: retyped INT4 after export
+            qw = formats.pack((codes ^ 8).t().reshape(1, -1).contiguous(), 4).reshape(-1)
+        elif route == "dq" and rec.bits == 8:
+            qw = (codes ^ 0x80).t().contiguous().view(torch.int8)
+        elif route == "fold":  # int8 code − 128, (N, K)
+            qw = (codes ^ 0x80).view(torch.int8)
+        elif rec.bits in (4, 8) or route == "nbits2":  # MatMulNBits' B: (N, blocks, block bytes)
             kp = -(-self.k // self.block) * self.block
-            codes = formats.unpack(rec.qweight, rec.bits, self.k)
-            if kp != self.k:  # pad with the zero-point code: contributes nothing
-                pad = torch.full((self.n, kp - self.k), 1 << (rec.bits - 1), dtype=torch.uint8)
-                qw = formats.pack(torch.cat((codes, pad), dim=1), rec.bits)
-            else:
-                qw = rec.qweight.detach()
-            self.register_buffer("qweight", qw.reshape(self.n, kp // self.block, -1).contiguous().clone())
-        else:
-            self.register_buffer("qweight", rec.qweight.detach().clone())
-            per_group, n_bytes = formats.packing.group_shape(rec.bits)
-            self.per_group, self.n_bytes = per_group, n_bytes
-        self.register_buffer("su", None if rec.su is None else _small_float(rec.su))
-        self.register_buffer("sv", None if rec.sv is None else _small_float(rec.sv))
-        f_in = hadamard.factor(self.k) if rec.su is not None else None
-        f_out = hadamard.factor(self.n) if rec.sv is not None else None
-        self.register_buffer("had_in", _compact_factor(f_in))
-        self.register_buffer("had_out", None if f_out is None else _compact_factor(f_out.t().contiguous()))
+            zero = 1 << (rec.bits - 1)
+            qw = formats.pack(pad_codes(codes, kp, zero), rec.bits).reshape(self.n, kp // self.block, -1)
+        else:  # 2/3 bits: the record's bytes, unpacked and widened in the graph
+            qw = rec.qweight.detach().reshape(onnx_ops.unpack_shape(rec.bits, self.n, self.k))
+        self.register_buffer("qweight", qw.contiguous().clone())
+        self.register_buffer("scales", rec.scales.detach().to(torch.float16).clone())
+        self.register_buffer("su", None if rec.su is None else pack_signs(rec.su))
+        self.register_buffer("sv", None if rec.sv is None else pack_signs(rec.sv))
+        self.register_buffer("had_in", factors.get_factor(self.k) if rec.su is not None else None)
+        self.register_buffer("had_out", factors.get_factor(self.n, transposed=True) if rec.sv is not None else None)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
-        self._h = {}  # P -> (H_P1, H_P2) int8 Sylvester factors (buffers), for P = K / Kf of each transform
-        for name, n, f in (("in", self.k, f_in if rec.su is not None else None),
-                           ("out", self.n, f_out if rec.sv is not None else None)):
-            if (name == "in" and rec.su is None) or (name == "out" and rec.sv is None):
-                continue
-            p = n // (1 if f is None else f.shape[0])
-            if p in self._h or p == 1:
-                continue
-            e = p.bit_length() - 1
-            q1 = 1 << (e // 2)
-            mats = []
-            for i, q in enumerate((q1, p // q1)):
-                if q == 1:
-                    mats.append(None)
-                    continue
-                self.register_buffer(f"h{p}_{i}", torch.from_numpy(hadamard._sylvester(q).astype("int8")))
-                mats.append(q)
-            self._h[p] = tuple(None if q is None else f"h{p}_{i}" for i, q in enumerate(mats))
 
-    def _buf(self, name):
-        return None if name is None else getattr(self, name)
-
-    # Hadamard: (F ⊗ H_P1 ⊗ H_P2)/√P on the last dimension, P = P1·P2: one small MatMul per axis of the input
-    # reshaped to (..., Kf, P1, P2) (F given already transposed for the inverse). Fewer nodes and faster in
-    # onnxruntime than log2(P) butterfly stages; stores only Kf² + P1² + P2² int8 entries.
-    def _rotate(self, x: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
-        n = x.shape[-1]
-        kf = 1 if f is None else f.shape[0]
-        p = n // kf
-        lead = x.shape[:-1]
-        y = x
-        h1, h2 = self._pow2_factors(p)
-        if h2 is not None:
-            y = torch.matmul(y.reshape(*lead, n // h2.shape[0], h2.shape[0]), h2.to(torch.float32))
-        if h1 is not None:
-            q1 = h1.shape[0]
-            q2 = 1 if h2 is None else h2.shape[0]
-            y = torch.matmul(h1.to(torch.float32), y.reshape(*lead, kf, q1, q2))
-        if f is not None:
-            f = f.to(torch.float32) * (1.0 / math.sqrt(kf)) if f.dtype == torch.int8 else f
-            y = torch.matmul(f, y.reshape(*lead, kf, p))
-        return y.reshape(*lead, n) * (1.0 / math.sqrt(p))
-
-    def _pow2_factors(self, p: int):
-        names = self._h.get(p, (None, None))
-        return self._buf(names[0]), self._buf(names[1])
-
-    def _weight_std(self) -> torch.Tensor:
-        """Integer-op unpack (no BitShift) + dequantize → float32 (N, K)."""
-        b = self.qweight.reshape(self.n, -1, self.n_bytes).to(torch.int32)
-        word = b[..., 0]
-        for i in range(1, self.n_bytes):
-            word = word + b[..., i] * (1 << (8 * i))
-        levels = 1 << self.bits
-        div = torch.tensor([levels ** j for j in range(self.per_group)], dtype=torch.int32)
-        codes = torch.remainder(torch.floor_divide(word.unsqueeze(-1), div), levels)
-        codes = codes.reshape(self.n, -1)[:, :self.k]
-        zero = formats.int_format(self.bits).zero
-        s = self.scales.to(torch.float32)
-        if self.groups > 1:
-            s = s.repeat_interleave(self.k // self.groups, dim=1)
-        return (codes.to(torch.float32) - zero) * s
+    @property
+    def route_name(self) -> str:
+        if self.route == "nbits" and self.bits in (2, 3):
+            return f"MatMulNBits (int{self.bits} widened to 4 bits in the graph)"
+        return ROUTE_NAMES[self.route]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.to(torch.float32)
         if self.su is not None:
-            h = self._rotate(h * self.su.to(torch.float32), self.had_in)
-        if self.nbits:
-            reps = (self.k if self.group_size == 0 else self.group_size) // self.block
-            s = self.scales.to(torch.float32)
-            kb = self.qweight.shape[1]
-            if reps > 1 or s.shape[1] != kb:  # per-row scales or groups larger than a block
-                s = s.unsqueeze(-1).expand(self.n, self.groups, reps).reshape(self.n, self.groups * reps)
-                if s.shape[1] < kb:  # padded blocks (per-row scales only)
-                    s = torch.cat((s, s[:, :1].expand(self.n, kb - s.shape[1])), dim=1)
-            y = torch.ops.lowbit_onnx.matmul_nbits(h, self.qweight, s.reshape(-1), self.k, self.n, self.bits,
-                                                   self.block)
-            if self.bits == 2:  # midrise zero 1.5 = MatMulNBits' 2 − 0.5: add 0.5·Σ_group(x)·scale
-                if self.groups == 1:
-                    y = y + h.sum(dim=-1, keepdim=True) * (0.5 * self.scales[:, 0].to(torch.float32))
-                else:
-                    sums = h.reshape(*h.shape[:-1], self.groups, self.k // self.groups).sum(dim=-1)
-                    y = y + torch.matmul(sums, 0.5 * self.scales.to(torch.float32).t())
-        else:
-            y = torch.nn.functional.linear(h, self._weight_std())
+            h = torch.ops.lowbit_onnx.rotate(h, self.su, self.had_in, None)
+        y = torch.ops.lowbit_onnx.int_matmul(h, self.qweight, self.scales, self.bits, self.k, self.n,
+                                             self.group_size, self.block, self.route)
         if self.sv is not None:
-            y = self._rotate(y, self.had_out) * self.sv.to(torch.float32)
+            y = torch.ops.lowbit_onnx.rotate(y, None, self.had_out, self.sv)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
 
 
 class OnnxFP4Linear(torch.nn.Module):
-    """An LLM-FP4 W4A16 linear: the packed codes are split with % 16 and // 16 (no BitShift), decoded through a
-    16-entry Gather table (onnxruntime has no FP4 DequantizeLinear on CPU), times the per-row scales and the
-    per-channel 2**k (Pow of the stored uint8 exponents), then MatMul. onnxruntime folds the float weight in
-    memory at load time; the file keeps 4-bit codes. W4A4 (FP4 activations) is not exported yet."""
+    """One LLM-FP4 linear in its ONNX form: (rotate →) fp4_matmul (+ bias). W4A16 folds the activation
+    exponents into the weight's columns; W4A4 shifts and quantizes the activations in the graph."""
 
-    def __init__(self, rec: FP4QuantizedLinear, bias: torch.Tensor | None):
+    def __init__(self, rec: FP4QuantizedLinear, bias: torch.Tensor | None, factors: _Factors | None = None):
         super().__init__()
-        from ..formats import fp4 as f4
-
-        if rec.a_format is not None:
-            raise LowbitError(f"layer {rec.fqn}: FP4 activations (W4A4, a_format={rec.a_format!r}) are not "
-                              f"exported to ONNX yet; use a W4A16 FP4 recipe (w4a16-fp4) or an integer recipe")
+        factors = _Factors() if factors is None else factors
         self.fqn, self.k, self.n = rec.fqn, rec.in_features, rec.out_features
-        self.register_buffer("qweight", rec.qweight.detach().clone())
-        self.register_buffer("table", f4.fp4_format(rec.w_format).grid(0.0).to(torch.float32).clone())
+        self.w_format, self.a_format = rec.w_format, rec.a_format
+        a4 = rec.a_format is not None
+        if a4 and rec.act_scale is None:
+            raise LowbitError(f"layer {rec.fqn}: FP4 activations ({rec.a_format}) without an act_scale; the record "
+                              f"is incomplete (re-quantize it)")
+        shift = None if rec.act_exponents is None else rec.act_exponents.detach().to(torch.uint8).clone()
+        self.register_buffer("qweight", rec.qweight.detach().reshape(onnx_ops.unpack_shape(4, self.n, self.k)).clone())
         self.register_buffer("w_scales", rec.w_scales.detach().to(torch.float16).reshape(-1, 1).clone())
-        self.register_buffer("act_shift", None if rec.act_exponents is None else rec.act_exponents.clone())
+        self.register_buffer("w_shift", None if a4 else shift)
+        self.register_buffer("act_shift", shift if a4 else None)
+        self.register_buffer("act_scale", rec.act_scale.detach().to(torch.float16).reshape(1).clone() if a4 else None)
+        self.register_buffer("su", None if rec.su is None else pack_signs(rec.su))
+        self.register_buffer("had_in", factors.get_factor(self.k) if rec.su is not None else None)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
 
-    def weight(self) -> torch.Tensor:
-        b = self.qweight.to(torch.int32)
-        codes = torch.stack((torch.remainder(b, 16), torch.floor_divide(b, 16)), dim=-1)
-        codes = codes.reshape(self.n, -1)[:, :self.k]
-        w = torch.index_select(self.table, 0, codes.reshape(-1).to(torch.int64)).reshape(self.n, self.k)
-        w = w * self.w_scales.to(torch.float32)
-        if self.act_shift is not None:
-            w = w * torch.pow(2.0, self.act_shift.to(torch.float32))
-        return w
+    @property
+    def route_name(self) -> str:
+        return "FP4 table+MatMul" + (f", {self.a_format} activations" if self.a_format else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.linear(x.to(torch.float32), self.weight())
+        h = x.to(torch.float32)
+        if self.su is not None:
+            h = torch.ops.lowbit_onnx.rotate(h, self.su, self.had_in, None)
+        y = torch.ops.lowbit_onnx.fp4_matmul(h, self.qweight, self.w_scales, self.w_shift, self.act_shift,
+                                             self.act_scale, self.k, self.n, self.w_format, self.a_format)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
 
 
-def swap_for_onnx(model: torch.nn.Module, records: Mapping, standard_ops: bool = False) -> torch.nn.Module:
+def int_route(bits: int, standard_ops: bool = False, native_nbits: bool = False) -> str:
+    """The route of an integer layer (onnx_ops' docstring): the fastest on onnxruntime's CPU kernels by default."""
+    if standard_ops:
+        return "dq"
+    if bits == 2 and native_nbits:
+        return "nbits2"
+    return "fold" if bits == 8 and not native_nbits else "nbits"
+
+
+def swap_for_onnx(model: torch.nn.Module, records: Mapping, standard_ops: bool = False,
+                  native_nbits: bool = False) -> torch.nn.Module:
+    """A copy of `model` with each linear of `records` replaced by its ONNX form."""
     from ..nn import swap_linears
+
+    factors = _Factors()
 
     def make(rec, bias):
         if isinstance(rec, FP4QuantizedLinear):
-            return OnnxFP4Linear(rec, bias)
-        return OnnxLowbitLinear(rec, bias, standard_ops)
+            return OnnxFP4Linear(rec, bias, factors)
+        return OnnxLowbitLinear(rec, bias, int_route(rec.bits, standard_ops, native_nbits), factors)
 
     return swap_linears(model, records, make_module=make)
 
@@ -392,18 +273,45 @@ def _dynamic_shapes(args, kwargs, dynamic: bool):
     return tuple(spec(a) for a in args)
 
 
-def strip_metadata(path) -> None:
-    """Drop the exporter's per-node debug metadata (stack traces, FX nodes): it can outweigh the weights."""
+def finalize(path) -> None:
+    """Post-process the saved file: retype the INT4 markers' uint8 initializers to INT4 (same bytes: ONNX packs
+    int4 two per byte, element 0 in the low nibble), then drop the exporter's per-node debug metadata (stack
+    traces, FX nodes), which can outweigh the weights. Works on external data too (only types and dims change)."""
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    for i, n in enumerate(m.graph.node):
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    rename, keep = {}, []
+    for node in g.node:
+        if (node.domain, node.op_type) != onnx_ops.INT4_MARKER:
+            keep.append(node)
+            continue
+        t = inits.get(node.input[0])
+        shape = list(next(a.ints for a in node.attribute if a.name == "shape"))
+        if t is None or t.data_type != onnx.TensorProto.UINT8:
+            raise LowbitError(f"ONNX export: the INT4 weight {node.input[0]!r} is not a uint8 initializer; the "
+                              f"exporter changed how it stores buffers")
+        t.data_type = onnx.TensorProto.INT4
+        del t.dims[:]
+        t.dims.extend(shape)
+        rename[node.output[0]] = node.input[0]
+    del g.node[:]
+    g.node.extend(keep)
+    for n in g.node:
+        for j, name in enumerate(n.input):
+            if name in rename:
+                n.input[j] = rename[name]
         del n.metadata_props[:]
         n.doc_string = ""
-        n.name = f"n{i}"  # node names are optional and unique here; the exporter's are long
-    for v in (*m.graph.value_info, *m.graph.input, *m.graph.output, *m.graph.initializer):
+        n.name = ""  # node names are optional; the exporter's are long
+    for v in (*g.value_info, *g.input, *g.output, *g.initializer):
         del v.metadata_props[:]
-    del m.graph.value_info[:]
+    del g.value_info[:]
+    used = {n.domain for n in g.node}
+    keep_ops = [o for o in m.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    del m.opset_import[:]
+    m.opset_import.extend(keep_ops)
     onnx.save(m, str(path))
 
 
@@ -419,23 +327,31 @@ def onnx_file_bytes(path) -> int:
 
 
 def export_onnx(model: torch.nn.Module, records, example_inputs, path, dynamic: bool = True, verify: bool = True,
-                standard_ops: bool = False, opset_version: int = OPSET, external_data: bool | None = None):
-    """Export `model` with the quantized linears of `records` to the ONNX file `path`.
+                standard_ops: bool = False, opset_version: int = OPSET, external_data: bool | None = None,
+                native_nbits: bool = False) -> dict:
+    """Export `model` with the quantized linears of `records` (a Checkpoint or {fqn: record}) to the ONNX file
+    `path` (see the module docstring for the routes).
 
-    Returns a dict: path, bytes, routes ({fqn: "MatMulNBits" | "unpack+MatMul"}), max_abs_error (when
-    verified). Raises LowbitError on unsupported records or a verification mismatch.
+    example_inputs: a tensor, a tuple of positional tensors or a dict of keyword tensors (HF models); dynamic
+    makes every input's dimensions 0 and 1 (batch, sequence) dynamic. standard_ops: standard ONNX ops only (no
+    com.microsoft MatMulNBits). native_nbits: 2- and 8-bit layers use MatMulNBits' own 2-/8-bit kernels (both much
+    slower than widening 2-bit codes to 4 bits / dequantizing 8-bit weights at load, on CPU; memory 2/8 bits).
+    external_data: weights in a side file `<name>.data` (default: when they exceed 1.5 GB).
+
+    Returns a dict: path, bytes (file plus external data), routes ({fqn: route description}), max_abs_error
+    (verify=True). Raises LowbitError on an unsupported record, a failed export or a verification mismatch.
     """
     import onnx
 
-    if not 21 <= opset_version <= 23:
-        raise LowbitError(f"opset {opset_version}: use 21..23 (onnxruntime 1.31 and the exporter agree there)")
-    register_matmulnbits_schema()
+    if opset_version not in OPSETS:
+        raise LowbitError(f"opset {opset_version}: use {OPSETS.start}..{OPSETS.stop - 1} (blocked and INT4 "
+                          f"DequantizeLinear need opset 21)")
+    onnx_ops.register_schemas()
     recs = _records(records)
-    swapped = swap_for_onnx(model, recs, standard_ops).eval()
+    swapped = swap_for_onnx(model, recs, standard_ops, native_nbits).eval()
     args, kwargs = _as_tuple(example_inputs)
     t_args, t_kwargs = (_batch2(args), _batch2(kwargs)) if dynamic else (args, kwargs)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         n_bytes = sum(b.numel() * b.element_size() for b in swapped.state_dict().values())
         external_data = n_bytes > 1_500_000_000
@@ -444,22 +360,25 @@ def export_onnx(model: torch.nn.Module, records, example_inputs, path, dynamic: 
             prog = torch.onnx.export(
                 swapped, t_args, kwargs=t_kwargs or None, dynamo=True, opset_version=opset_version,
                 dynamic_shapes=_dynamic_shapes(t_args, t_kwargs, dynamic), optimize=False,
-                custom_translation_table={torch.ops.lowbit_onnx.matmul_nbits.default: _matmul_nbits_onnx},
-                external_data=external_data, report=False)
+                custom_translation_table=onnx_ops.TRANSLATIONS, external_data=external_data, report=False,
+                verbose=False)
         except Exception as e:  # the exporter raises many types; say where it failed
             raise LowbitError(f"torch.onnx.export failed for {type(model).__name__}: {type(e).__name__}: "
                               f"{str(e)[:2000]}") from e
-    prog.save(str(path), external_data=external_data)
-    strip_metadata(path)
-    onnx.checker.check_model(str(path))
-    routes = {fqn: ("MatMulNBits" if m.nbits else "unpack+MatMul") if isinstance(m, OnnxLowbitLinear)
-              else "fp4 Gather table+MatMul"
-              for fqn, m in swapped.named_modules() if isinstance(m, (OnnxLowbitLinear, OnnxFP4Linear))}
-    result = {"path": str(path), "bytes": onnx_file_bytes(path), "routes": routes}
-    if verify:
-        from ..nn import swap_linears
+    with atomic_outputs(path) as tmp:  # written beside `path` only once checked (and verified)
+        prog.save(tmp, external_data=external_data)
+        finalize(tmp)
+        onnx.checker.check_model(tmp)
+        routes = {fqn: m.route_name for fqn, m in swapped.named_modules()
+                  if isinstance(m, (OnnxLowbitLinear, OnnxFP4Linear))}
+        result = {"path": str(path), "bytes": onnx_file_bytes(tmp), "routes": routes}
+        if verify:
+            from ..nn import swap_linears
 
-        result["max_abs_error"] = verify_onnx(swap_linears(model, recs).eval(), path, args, kwargs)
+            try:
+                result["max_abs_error"] = verify_onnx(swap_linears(model, recs).eval(), tmp, args, kwargs)
+            except LowbitError as e:
+                raise LowbitError(f"{e}; nothing was written (verify=False writes the file anyway)") from None
     return result
 
 
@@ -504,5 +423,5 @@ def verify_onnx(torch_model, path, args, kwargs) -> float:
     return err
 
 
-__all__ = ["export_onnx", "exact_session_options", "onnx_file_bytes", "register_matmulnbits_schema",
-           "swap_for_onnx", "OnnxLowbitLinear", "OnnxFP4Linear", "run_onnx", "verify_onnx"]
+__all__ = ["export_onnx", "exact_session_options", "finalize", "onnx_file_bytes", "swap_for_onnx", "OnnxLowbitLinear",
+           "OnnxFP4Linear", "run_onnx", "verify_onnx"]
