@@ -15,8 +15,10 @@ PIP := .venv/bin/pip
 demo: .venv/.installed
 	.venv/bin/lowbit demo
 
+# Two pytest workers with one thread each: on 2 cores, OpenMP threads beyond the core count spin against each
+# other and slow every op by 10x or more, so workers x threads must not exceed the cores.
 test: .venv/.installed
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: .venv/.installed
 	$(PY) -m bench

@@ -2,8 +2,9 @@
 
 from . import kernels  # noqa: F401  (registers the lowbit:: ops)
 from .backend import REPORTS, BackendSettings, reset
-from .checkpoint import Checkpoint, QuantizedLinear
+from .checkpoint import Checkpoint, FP4QuantizedLinear, QuantizedLinear
 from .errors import LowbitError
+from .export import export
 from .nn import LowbitLinear, swap_linears
 from .pipeline import quantize
 from .recipe import LayerSpec, Recipe
@@ -16,5 +17,5 @@ def last_report():
     return REPORTS[-1] if REPORTS else None
 
 
-__all__ = ["BackendSettings", "Checkpoint", "LayerSpec", "LowbitError", "LowbitLinear", "QuantizedLinear",
-           "Recipe", "last_report", "quantize", "reset", "swap_linears", "__version__"]
+__all__ = ["BackendSettings", "Checkpoint", "FP4QuantizedLinear", "LayerSpec", "LowbitError", "LowbitLinear",
+           "QuantizedLinear", "Recipe", "export", "last_report", "quantize", "reset", "swap_linears", "__version__"]

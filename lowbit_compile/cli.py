@@ -1,32 +1,250 @@
-"""The `lowbit` command."""
+"""The `lowbit` command.
+
+    lowbit quantize MODEL_DIR --recipe R [--calibration FILE] -o OUT   quantize a save_pretrained folder
+    lowbit inspect OUT [--plot FILE]                                   the plan: format, bits, losses, importance
+    lowbit export OUT --to pte|onnx [-o FILE]                          ExecuTorch / ONNX file, verified in its runtime
+    lowbit eval OUT [--text FILE]                                      quality against the float model
+    lowbit demo                                                        the real all-MiniLM-L6-v2, end to end
+
+Exit codes: 0 done, 1 failed (one line on stderr saying what to do; --debug shows the traceback), 2 bad
+arguments (argparse's usage message).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or tables, only errors")
+    common.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
+    p = argparse.ArgumentParser(prog="lowbit", description="2/3/4-bit and FP4 quantization for PyTorch 2 models",
+                                parents=[common])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quantize", parents=[common], help="quantize a transformers model folder")
+    q.add_argument("model_dir", help="a folder written by save_pretrained (model and tokenizer)")
+    q.add_argument("--recipe", "-r", required=True,
+                   help="w2|w3|w4|w8[-rtn|-quip|-optq][-gN], fp4, fp4-rot, w4a16-fp4, or a budget like 2.5bpw")
+    q.add_argument("--calibration", "-c", default=None,
+                   help="text file, one sample per line (default: standard-library docstrings)")
+    q.add_argument("--override", action="append", default=[], metavar="LAYER=RECIPE",
+                   help="per-layer format: exact name or re:pattern; RECIPE 'float' keeps it in float (repeatable)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("-o", "--out", required=True, help="checkpoint folder to write")
+
+    i = sub.add_parser("inspect", parents=[common], help="print a checkpoint's per-layer plan")
+    i.add_argument("checkpoint")
+    i.add_argument("--plot", default=None, help="PNG path (default: plan.png in the checkpoint folder)")
+    i.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    e = sub.add_parser("export", parents=[common], help="write an ExecuTorch .pte or ONNX file")
+    e.add_argument("checkpoint")
+    e.add_argument("--to", required=True, choices=["pte", "onnx"])
+    e.add_argument("-o", "--out", default=None, help="file to write (default: model.pte / model.onnx in the "
+                                                     "checkpoint folder)")
+    e.add_argument("--standard-ops", action="store_true",
+                   help="onnx: only standard ONNX ops (no com.microsoft MatMulNBits)")
+    e.add_argument("--no-verify", action="store_true", help="skip running the file in its runtime")
+
+    v = sub.add_parser("eval", parents=[common], help="quality of the quantized model against float")
+    v.add_argument("checkpoint")
+    v.add_argument("--text", default=None, help="text file, one sample per line (default: held-out "
+                                                "standard-library sentences)")
+    v.add_argument("--limit", type=int, default=64, help="at most this many samples")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    d = sub.add_parser("demo", parents=[common], help="the real all-MiniLM-L6-v2: quantize, compile, export, "
+                                                      "compare")
+    d.add_argument("--recipe", default="2.5bpw", help="the recipe to demonstrate (default 2.5bpw)")
+    d.add_argument("--out", default="demo-out")
+    d.add_argument("--compiler", default="inductor", choices=["inductor", "eager"])
+    d.add_argument("--skip-export", action="store_true", help="skip the .pte and .onnx files")
+    return p
+
+
+def _overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        name, sep, recipe = item.partition("=")
+        if not sep or not name:
+            from .errors import LowbitError
+
+            raise LowbitError(f"--override {item!r}: write LAYER=RECIPE, e.g. --override 're:.*down_proj=w4-quip' "
+                              f"or --override lm_head=float")
+        out[name] = None if recipe.strip().lower() in ("float", "none") else recipe
+    return out
+
+
+def cmd_quantize(args, say) -> None:
+    import lowbit_compile as lb
+
+    from .hf import load_pretrained
+
+    loaded = load_pretrained(args.model_dir)
+    calibration = args.calibration if args.calibration is not None else "stdlib"
+    if args.calibration is not None and not os.path.isfile(args.calibration):
+        from .errors import LowbitError
+
+        raise LowbitError(f"--calibration {args.calibration}: no such file; give a text file with one sample per "
+                          f"line, or leave it out to use standard-library docstrings")
+    say(f"quantizing {loaded.path} with recipe {args.recipe} ...")
+    ckpt = lb.quantize(loaded.model, args.recipe, calibration, tokenizer=loaded.tokenizer,
+                       overrides=_overrides(args.override) or None, seed=args.seed, progress=not args.quiet)
+    ckpt.meta["source"] = loaded.source
+    ckpt.save(args.out)
+    say(ckpt.table())
+    say(f"{len(ckpt.records)} linear(s) quantized, {ckpt.bits_per_weight():.3f} bits/weight over linear weights; "
+        f"checkpoint written to {args.out}")
+
+
+def inspect_rows(ckpt) -> list[dict]:
+    """Per linear: format, stored bits, weight error, proxy loss, and its block's importance (LIM, ZD)."""
+    mixed = (ckpt.meta or {}).get("mixed") or {}
+    lim = dict((ckpt.calibration or {}).get("lim") or {}) | dict(mixed.get("lim") or {})
+    zd = dict(mixed.get("zd") or {})
+    rows = []
+    for p in ckpt.plan:
+        rec = ckpt.records.get(p["fqn"])
+        block = next((b for b in sorted(set(lim) | set(zd), key=len, reverse=True) if p["fqn"].startswith(b + ".")),
+                     "")
+        rows.append({"layer": p["fqn"], "shape": "x".join(map(str, p["shape"])),
+                     "format": p.get("spec", "float") if rec is not None else "float",
+                     "bits": rec.bits_per_weight() if rec is not None else 32.0,
+                     "weight_error": getattr(rec, "weight_error", None),
+                     "proxy_loss": getattr(rec, "proxy_loss", None),
+                     "lim": lim.get(block), "zd": zd.get(block),
+                     "note": "" if rec is not None else p.get("reason", "")})
+    return rows
+
+
+def _fmt(v, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def format_inspect(rows: list[dict]) -> str:
+    head = ("layer", "shape", "format", "bits/w", "rel.err", "proxy loss", "LIM", "ZD", "note")
+    table = [head] + [(r["layer"], r["shape"], r["format"], f"{r['bits']:.3f}", _fmt(r["weight_error"], ".4f"),
+                       _fmt(r["proxy_loss"], ".4g"), _fmt(r["lim"], ".4f"), _fmt(r["zd"], ".4f"), r["note"])
+                      for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_inspect(args, say) -> None:
+    from .checkpoint import Checkpoint
+    from .plot import plot_checkpoint
+
+    ckpt = Checkpoint.load(args.checkpoint)
+    rows = inspect_rows(ckpt)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        say(f"recipe {ckpt.recipe}, seed {ckpt.seed}, {ckpt.bits_per_weight():.3f} bits/weight over linear weights")
+        say(format_inspect(rows))
+    path = plot_checkpoint(ckpt, args.plot or os.path.join(args.checkpoint, "plan.png"))
+    say(f"plot written to {path}")
+
+
+def cmd_export(args, say) -> None:
+    import lowbit_compile as lb
+
+    from .hf import example_inputs, load_source
+
+    kw = {"verify": not args.no_verify}
+    if args.standard_ops:
+        if args.to != "onnx":
+            from .errors import LowbitError
+
+            raise LowbitError("--standard-ops applies to --to onnx only")
+        kw["standard_ops"] = True
+    ckpt = lb.Checkpoint.load(args.checkpoint)
+    loaded = load_source(ckpt)
+    path = args.out or os.path.join(args.checkpoint, f"model.{args.to}")
+    say(f"exporting {loaded.path} with {len(ckpt.records)} quantized linear(s) to {path} ...")
+    result = lb.export(loaded.model, ckpt, example_inputs(loaded), path, **kw)
+    if isinstance(result, dict):  # ONNX: bytes include external data
+        size, err = result.get("bytes") or os.path.getsize(path), result.get("max_abs_error")
+    else:
+        size, err = result.nbytes, result.error
+    say(f"wrote {path}: {size / 1e6:.2f} MB" + ("" if err is None else f", verified in the runtime (error {err:.3g})"))
+
+
+def cmd_eval(args, say) -> None:
+    import lowbit_compile as lb
+
+    from .hf import compare, load_source, read_texts
+
+    ckpt = lb.Checkpoint.load(args.checkpoint)
+    loaded = load_source(ckpt)
+    texts = read_texts(args.text, args.limit)
+    quant = lb.swap_linears(loaded.model, ckpt.records)
+    result = compare(loaded.model, quant, loaded.tokenizer, texts, loaded.causal)
+    result["bits_per_weight"] = ckpt.bits_per_weight()
+    if args.json:
+        print(json.dumps(result))
+        return
+    if args.quiet:
+        return
+    for k, v in result.items():
+        print(f"{k:>22}: {v:.6f}" if isinstance(v, float) else f"{k:>22}: {v}")
+
+
+def cmd_demo(args, say) -> None:
+    from .demo import run_demo
+
+    run_demo(recipe=args.recipe, out=args.out, compiler=args.compiler, export=not args.skip_export,
+             quiet=args.quiet)
+
+
+def _silence_libraries() -> None:
+    """--quiet: no progress bars from transformers either (loading weights, writing shards)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+COMMANDS = {"quantize": cmd_quantize, "inspect": cmd_inspect, "export": cmd_export, "eval": cmd_eval,
+            "demo": cmd_demo}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lowbit", description="low-bit quantization for PyTorch 2 models")
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="quantize the real all-MiniLM-L6-v2, compile it and compare with float")
-    d.add_argument("--recipes", default="w4,w3,w2", help="comma-separated recipes to compare")
-    d.add_argument("--out", default="demo-out")
-    d.add_argument("--compiler", default="inductor", choices=["inductor", "eager"])
-    args = parser.parse_args(argv)
     try:
-        if args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(recipes=tuple(args.recipes.split(",")), out=args.out, compiler=args.compiler)
-    except Exception as e:  # one line for the user; the traceback is for --debug runs
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0)
+    say = (lambda *a: None) if args.quiet else print
+    if args.quiet:
+        _silence_libraries()
+    try:
+        COMMANDS[args.command](args, say)
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as e:
         from .errors import LowbitError
 
-        if isinstance(e, LowbitError):
+        if args.debug:
+            raise
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, LowbitError):  # our own messages: what was wrong and what to do
             print(f"lowbit: error: {e}", file=sys.stderr)
-            return 1
-        raise
-    return 0
+        else:
+            print(f"lowbit: error: {type(e).__name__}: {what} (run again with --debug for the traceback)",
+                  file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -83,6 +83,43 @@ def plot_plan(report, path: str) -> str:
     return _save(fig, path)
 
 
+def plot_checkpoint(ckpt, path: str) -> str:
+    """A checkpoint's plan: the mixed-precision plot when it has one (meta["mixed"]), otherwise bits per linear
+    and, when calibration recorded it, LIM per block. Returns the path."""
+    mixed = (ckpt.meta or {}).get("mixed")
+    if mixed:
+        from .mixed import PlanReport
+
+        fields = {k: mixed[k] for k in PlanReport.__dataclass_fields__}
+        return plot_plan(PlanReport(**fields), path)
+    plan = list(ckpt.plan)
+    if not plan:
+        raise LowbitError("the checkpoint has no layers to plot")
+    plt = _pyplot()
+    lim = (ckpt.calibration or {}).get("lim") or {}
+    fig, axes = plt.subplots(2 if lim else 1, 1, figsize=(max(8, 0.28 * len(plan) + 3), 7 if lim else 4.5),
+                             layout="constrained", squeeze=False)
+    ax = axes[0][0]
+    bits = [ckpt.records[p["fqn"]].bits_per_weight() if p["fqn"] in ckpt.records else 32.0 for p in plan]
+    colors = ["tab:blue" if p["fqn"] in ckpt.records else "tab:grey" for p in plan]
+    ax.bar(range(len(plan)), bits, color=colors)
+    ax.set_ylabel("bits / weight (stored; float = 32, grey)")
+    ax.set_title(f"recipe {ckpt.recipe}: {ckpt.bits_per_weight():.3f} bits/weight over linear weights")
+    names = [p["fqn"] for p in plan]
+    prefix = _common_prefix(names)
+    ax.set_xticks(range(len(plan)))
+    ax.set_xticklabels([_short(n.removeprefix(prefix)) for n in names], rotation=90, fontsize=7)
+    if lim:
+        bx = axes[1][0]
+        blocks = list(lim)
+        bx.plot(range(len(blocks)), [lim[b] for b in blocks], "o-", label="LIM (1 − cos in/out)")
+        bx.set_xticks(range(len(blocks)))
+        bx.set_xticklabels(blocks, fontsize=8)
+        bx.set_ylabel("LIM")
+        bx.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_curves(curves: dict, path: str, xlabel: str, ylabel: str, title: str) -> str:
     """Line plot of {label: (xs, ys)}; returns the path."""
     plt = _pyplot()
