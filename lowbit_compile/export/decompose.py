@@ -1,0 +1,385 @@
+"""Decompose lowbit linears into ops the ExecuTorch runtime has, before torch.export.
+
+`lowbit::rotated_linear` and `lowbit::fp4_linear` are Python ops: the ExecuTorch runtime has no kernel for them.
+Each `LowbitLinear` is replaced by a module of plain ATen ops that computes the same y = sv ⊙ Tₘᵀ(Ŵ' · Tₙ(su ⊙ x)) + b,
+each `LowbitFP4Linear` by one that computes the same y = Q_a(Tₙ(su ⊙ x) ⊙ 2**k) · Ŵ'ᵀ + b:
+
+- `Int4DynamicLinear` (route "xnnpack-int4"): the 4-bit codes (minus 8: signed int4) and scales become a torchao
+  `IntxUnpackedToInt8Tensor` weight with int8 per-token dynamic activation quantization. XNNPACK recognizes the
+  pattern and runs its qd8-f32-qb4w kernel (blocks of 32·k inputs; per channel = one block of in_features),
+  storing the codes as 4 bits and the scales as bfloat16.
+- `PackedLinear` (route "packed", any of 2/3/4/8 bits): the codes stay packed as in the record (uint8 buffers);
+  the graph unpacks them with shifts and masks, applies the float16 scales and runs a float matmul. XNNPACK would
+  widen 2/3-bit codes to 8 bits in the file; unpacking in the graph keeps the file at the recipe's size.
+- `FP4TableLinear` (route "fp4-a16" for W4A16, "fp4-a4" for W4A4): FP4 codes stay packed two per byte; the
+  graph unpacks the nibbles, decodes them through the format's 16-entry value table times the float16 row
+  scales and runs a float matmul. W4A4 layers also round their activations to the FP4 grid in the graph, bit
+  for bit as `kernels.fp4_ops.quantize_fp4_activations` does; fp4-rot layers rotate their input first.
+
+The rotations Tₙ = F_K ⊗ H_P/√P are applied as a Kronecker product of small orthonormal blocks (`KronTransform`):
+the dense factor F_K and Sylvester blocks H_p/√p with p ≤ MAX_BLOCK, one `linear` per block on a reshaped view
+and a permute between blocks. XNNPACK delegates these ops with dynamic batch and sequence sizes (it does not
+delegate slices of dynamic tensors, which narrow + cat butterflies need), and the blocks are small: at most
+MAX_BLOCK² floats per Sylvester block and K²/8 bytes of sign bits for a large Paley factor, each stored once
+per file (ExecuTorch deduplicates equal constants), where a dense n×n transform would outweigh the weights.
+Matmuls with a weight computed in the graph are batch-1 bmm, which XNNPACK runs (`matmul_computed_weight`).
+
+Why a module swap rather than a graph decomposition of the op: the XNNPACK pattern needs the int8 codes and
+scales as constant parameters of the exported program, which a decomposition inside the graph cannot add.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import formats, hadamard
+from ..errors import LowbitError
+from ..formats import fp4 as f4
+from ..nn import LowbitFP4Linear, LowbitLinear
+
+MAX_BLOCK = 64  # largest Sylvester block; a 64×64 float32 block is 16 KiB, stored once per size in the file
+
+ROUTES = ("xnnpack-int4", "packed", "fp4-a16", "fp4-a4")
+
+
+def kron_blocks(n: int, factor: torch.Tensor | None) -> list[torch.Tensor]:
+    """Small orthonormal float32 blocks whose Kronecker product (first block = slowest index) is F ⊗ H_P/√P,
+    the transform `hadamard.apply` computes on a last dimension of n."""
+    if n <= MAX_BLOCK:  # one dense block is as small as any split
+        return [hadamard.dense(n).to(torch.float32)]
+    k = 1 if factor is None else factor.shape[0]
+    p = n // k
+    blocks = [] if factor is None else [factor.to(torch.float32)]
+    log_p = p.bit_length() - 1
+    n_chunks = -(-log_p // int(math.log2(MAX_BLOCK)))
+    for i in range(n_chunks):  # split 2^log_p into near-equal powers of two
+        e = log_p // n_chunks + (1 if i < log_p % n_chunks else 0)
+        if e:
+            blocks.append(hadamard.dense(1 << e).to(torch.float32))
+    return blocks
+
+
+def matmul_computed_weight(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ wᵀ for a weight computed in the graph (unpacked codes, a rebuilt sign matrix), as one bmm of batch 1.
+
+    XNNPACK delegates linears and mm with constant weights only, but bmm with any operands: as a bmm the matmul
+    runs in XNNPACK and joins the partition of the activations around it (an mm would run in the runtime's
+    portable kernel and split the partitions at every layer: more partitions make lowering slower and the
+    program slower). Left to torch's decomposition of `linear`, an N-d input with a computed weight becomes
+    expand(weight to every token) + bmm when the input is not contiguous, or a view whose strides to_edge may
+    re-derive differently. An explicit contiguous copy of the activations (cheap next to the matmul) makes the
+    flattening a valid view everywhere."""
+    x3 = x.clone(memory_format=torch.contiguous_format).view(1, -1, x.shape[-1])
+    return torch.bmm(x3, w.t().unsqueeze(0)).view(*x.shape[:-1], w.shape[0])
+
+
+def _sign_bits(block: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """(packed signs, magnitude) when every entry of the block is ±c (Hadamard factors), else None.
+
+    The signs are packed 8 per byte along the last dimension, element 0 in the low bit."""
+    c = block.abs().flatten()[0]
+    if not bool((block.abs() == c).all()):
+        return None
+    bits = (block > 0).to(torch.uint8)
+    pad = -bits.shape[1] % 8
+    bits = nn.functional.pad(bits, (0, pad)).reshape(bits.shape[0], -1, 8)
+    packed = (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return packed, float(c)
+
+
+class KronTransform(nn.Module):
+    """x ↦ (A₁ ⊗ … ⊗ A_k) x on the last dimension, or its transpose (`transpose=True`, the inverse).
+
+    On the view (…, d₁, …, d_k) each step applies one block to the last axis (a `linear`) and rotates the axes
+    right by one (a `permute`); after k steps every axis has had its block and the order is restored.
+    Blocks up to MAX_BLOCK are float32 constants (the linear is delegated to XNNPACK). A larger block (a Paley
+    factor F_K, K up to 1024) is ±1/√K: it is stored as packed sign bits, K²/8 bytes instead of 4K², and
+    rebuilt in the graph; a float F_344 and its transpose would outweigh a 4-layer model's 2-bit MLP codes. The
+    inverse stores the signs of F_K too and rebuilds Fᵀ as a transposed view, so a model that applies both stores
+    the bits once (ExecuTorch keeps one copy of equal constants).
+    """
+
+    def __init__(self, blocks: list[torch.Tensor], transpose: bool = False):
+        super().__init__()
+        self.dims = [b.shape[0] for b in blocks]
+        self.n = math.prod(self.dims)
+        self.transpose = transpose
+        self.magnitudes: list[float | None] = []
+        for i, b in enumerate(blocks):
+            signs = _sign_bits(b) if b.shape[0] > MAX_BLOCK else None
+            if signs is None:
+                # linear(y, W) = y Wᵀ applies W to the last axis: W = A for the transform, Aᵀ for the inverse.
+                self.register_buffer(f"block{i}", (b.t() if transpose else b).contiguous())
+                self.magnitudes.append(None)
+            else:
+                self.register_buffer(f"block{i}_signs", signs[0])
+                self.register_buffer(f"bit_shifts{i}", torch.arange(8, dtype=torch.uint8))
+                self.magnitudes.append(signs[1])
+
+    def block(self, i: int) -> torch.Tensor:
+        c = self.magnitudes[i]
+        if c is None:
+            return getattr(self, f"block{i}")
+        packed = getattr(self, f"block{i}_signs")
+        bits = torch.bitwise_right_shift(packed.unsqueeze(-1), getattr(self, f"bit_shifts{i}")) & 1
+        bits = bits.reshape(packed.shape[0], -1).narrow(1, 0, self.dims[i])
+        a = bits.to(torch.float32) * (2 * c) - c  # exactly ±c
+        return a.t() if self.transpose else a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = len(self.dims)
+        if k == 1:
+            return self._apply(0, x)
+        shape = x.shape
+        lead = x.dim() - 1
+        # Split only the last dimension (a view for any strides), never merge the leading ones.
+        y = x.reshape(*shape[:-1], *self.dims)
+        rotate = list(range(lead)) + [lead + k - 1] + list(range(lead, lead + k - 1))
+        for i in reversed(range(k)):
+            y = self._apply(i, y).permute(rotate)
+        return y.reshape(shape)
+
+    def _apply(self, i: int, y: torch.Tensor) -> torch.Tensor:
+        """Block i on the last axis: a delegated linear for a constant block, an mm for a rebuilt one."""
+        if self.magnitudes[i] is None:
+            return nn.functional.linear(y, getattr(self, f"block{i}"))
+        return matmul_computed_weight(y, self.block(i))
+
+
+def _compact_signs(v: torch.Tensor | None) -> torch.Tensor | None:
+    """A ±1 sign vector as int8 (a quarter of the bytes; cast back in the graph), any other vector as float32."""
+    if v is None:
+        return None
+    return v.to(torch.int8) if bool((v.abs() == 1).all()) else v.to(torch.float32).clone()
+
+
+class _RotatedBase(nn.Module):
+    """Shared rotation plumbing: su ⊙ x → Tₙ on the way in, Tₘᵀ → sv ⊙ on the way out."""
+
+    def __init__(self, lin: LowbitLinear):
+        super().__init__()
+        self.fqn = lin.fqn
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.bits, self.group_size = lin.bits, lin.group_size
+        self.register_buffer("su", _compact_signs(lin.su))
+        self.register_buffer("sv", _compact_signs(lin.sv))
+        self.rot_in = None if lin.su is None else KronTransform(kron_blocks(lin.in_features, lin.had_in))
+        self.rot_out = (None if lin.sv is None
+                        else KronTransform(kron_blocks(lin.out_features, lin.had_out), transpose=True))
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().to(torch.float32).clone())
+
+    def _linear(self, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.rot_in is not None:
+            h = self.rot_in(h * self.su.to(torch.float32))
+        if self.rot_out is None:  # the bias can ride along in the matmul
+            return self._linear(h, self.bias)
+        y = self.rot_out(self._linear(h, None)) * self.sv.to(torch.float32)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4DynamicLinear(_RotatedBase):
+    """4-bit codes as a torchao IntxUnpackedToInt8Tensor with int8 dynamic activations: XNNPACK's 4-bit kernel."""
+
+    route = "xnnpack-int4"
+
+    def __init__(self, lin: LowbitLinear):
+        super().__init__(lin)
+        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+            IntxUnpackedToInt8Tensor,
+            IntxUnpackedToInt8TensorActivationQuantization,
+        )
+
+        fmt = formats.int_format(4)
+        codes = formats.unpack(lin.qweight, 4, lin.in_features).to(torch.int16) - int(fmt.zero)
+        # XNNPACK stores 4-bit block scales as bfloat16 (relative rounding <= 2^-9); round here too, so that this
+        # module's eager forward is a faithful simulation of the kernel (int8 activations, bf16 scales).
+        scales = lin.scales.to(torch.bfloat16).to(torch.float32)
+        block = lin.in_features if lin.group_size == 0 else lin.group_size
+        weight = IntxUnpackedToInt8Tensor(
+            codes.to(torch.int8), scales, torch.zeros(scales.shape, dtype=torch.int8), torch.int4,
+            (1, block), torch.float32, IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def _linear(self, h, bias):
+        return nn.functional.linear(h, self.weight, bias)
+
+
+class PackedLinear(_RotatedBase):
+    """Codes stay packed in uint8 buffers; the graph unpacks them and runs a float matmul.
+
+    Unpacking uses torch.bitwise_right_shift and masks: `>>` would trace to aten.__rshift__, which the runtime
+    lacks."""
+
+    route = "packed"
+
+    def __init__(self, lin: LowbitLinear):
+        super().__init__(lin)
+        self.register_buffer("qweight", lin.qweight.clone())
+        self.register_buffer("scales", lin.scales.clone())  # float16 in the file, float32 in the graph
+        per_group, n_bytes = formats.packing.group_shape(lin.bits)
+        self.per_group, self.n_bytes = per_group, n_bytes
+        shift_dtype = torch.uint8 if n_bytes == 1 else torch.int32
+        self.register_buffer("shifts", torch.arange(per_group, dtype=shift_dtype) * lin.bits)
+        self.zero = formats.int_format(lin.bits).zero
+
+    def codes(self) -> torch.Tensor:
+        """(out, in) integer codes, the exact inverse of formats.pack, in ops the runtime has."""
+        q = self.qweight
+        rows = q.shape[0]
+        if self.bits == 8:
+            return q
+        mask = (1 << self.bits) - 1
+        if self.n_bytes == 1:  # 2 and 4 bits: whole codes inside one byte
+            c = torch.bitwise_right_shift(q.unsqueeze(-1), self.shifts) & mask
+        else:  # 3 bits: 8 codes in a little-endian 24-bit word
+            b = q.reshape(rows, -1, self.n_bytes).to(torch.int32)
+            word = b.narrow(-1, 0, 1) + b.narrow(-1, 1, 1) * 256 + b.narrow(-1, 2, 1) * 65536
+            c = torch.bitwise_right_shift(word, self.shifts) & mask
+        c = c.reshape(rows, -1)
+        return c if c.shape[1] == self.in_features else c.narrow(1, 0, self.in_features)
+
+    def dequantized(self) -> torch.Tensor:
+        w = self.codes().to(torch.float32) - self.zero
+        s = self.scales.to(torch.float32)
+        if self.group_size == 0:
+            return w * s
+        rows = w.shape[0]
+        return (w.reshape(rows, -1, self.group_size) * s.unsqueeze(-1)).reshape(rows, self.in_features)
+
+    def _linear(self, h, bias):
+        y = matmul_computed_weight(h, self.dequantized())
+        return y if bias is None else y + bias
+
+
+def fp4_rounding_steps(fmt: f4.FP4Format) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Round-to-nearest on the bias-0 magnitudes g₀ < … < g₇ of `fmt` as a count of midpoints passed.
+
+    q rounds to Σᵢ (gᵢ₊₁ − gᵢ)·[q passes mᵢ], mᵢ = (gᵢ + gᵢ₊₁)/2, where q passes mᵢ when q > mᵢ if a tie goes
+    down (gᵢ₊₁ has an odd code) and when q ≥ mᵢ if it goes up (even code): ties to the even code, saturating
+    at g₇, as `formats.fp4.encode`. With σᵢ = +1 (down) or −1 (up), [q > mᵢ] = ceil(clamp(q − mᵢ, 0, 1)) and
+    [q ≥ mᵢ] = 1 − ceil(clamp(mᵢ − q, 0, 1)): exact, since the sign of a float difference is always right.
+
+    Returns (σ, σ·m, w, base) with the magnitude = base + Σᵢ wᵢ·ceil(clamp(σᵢ·q − σᵢ·mᵢ, 0, 1)), wᵢ = σᵢ·stepᵢ,
+    base = Σ steps of the tie-up midpoints. Every term is a short binary fraction: the sum is exact in any order.
+    """
+    g = fmt.magnitudes().to(torch.float64)
+    mids, steps = (g[:-1] + g[1:]) / 2, g[1:] - g[:-1]
+    sigma = torch.where(torch.arange(1, len(g)) % 2 == 0, -1.0, 1.0).to(torch.float64)  # even upper code: -1
+    f32 = torch.float32
+    return sigma.to(f32), (sigma * mids).to(f32), (sigma * steps).to(f32), float(steps[sigma < 0].sum())
+
+
+class FP4TableLinear(nn.Module):
+    """An FP4 linear (`lowbit::fp4_linear`, after `lowbit::hadamard` for fp4-rot) in ops the runtime has.
+
+    Weights: the uint8 bytes of the record stay in the file (two codes per byte, element 0 in the low nibble);
+    the graph splits them with a shift and a mask, looks the 16 codes up in the format's value table at bias 0
+    (`FP4Format.grid`, 64 bytes, shared by every layer of a format) and multiplies by the float16 row scales:
+    `formats.fp4.decode`, exact. Then a float matmul.
+
+    Activations (W4A4): as `kernels.fp4_ops.quantize_fp4_activations`: x·2**k (k the uint8 per-channel
+    exponents, through a power-of-two table: exact), q = |x| / s with the per-tensor scale s, q to the nearest
+    bias-0 magnitude (ties to the even code, saturating), the value ±magnitude·s. The reference finds the
+    magnitude from float bit fields; the runtime has no bit views of floats, so this counts the midpoints q
+    passes (`fp4_rounding_steps`) with sub, clamp, ceil and a 1×7 linear: ops XNNPACK takes, so the rounding
+    joins the partition around it (comparisons and sums would run in portable kernels and split it). Given the
+    same x both give the same value bit for bit.
+
+    Rotation (fp4-rot): the input is su ⊙ x through the Kronecker blocks of the integer route (`KronTransform`).
+    """
+
+    def __init__(self, lin: LowbitFP4Linear):
+        super().__init__()
+        self.fqn = lin.fqn
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.w_format, self.a_format = lin.w_format, lin.a_format
+        self.route = "fp4-a16" if lin.a_format is None else "fp4-a4"
+        self.register_buffer("qweight", lin.qweight.clone())
+        self.register_buffer("w_scales", lin.w_scales.clone())  # float16 in the file, float32 in the graph
+        self.register_buffer("table", f4.fp4_format(lin.w_format).grid(0.0))
+        self.register_buffer("nibble_shifts", torch.tensor([0, 4], dtype=torch.uint8))
+        self.register_buffer("act_shift", None if lin.act_shift is None else lin.act_shift.clone())
+        self.register_buffer("pow2", None if lin.act_shift is None else torch.exp2(torch.arange(16.0)))
+        if lin.a_format is not None:
+            if lin.act_scale is None:
+                raise LowbitError(f"layer {lin.fqn}: activation format {lin.a_format!r} without an act_scale; "
+                                  f"the record is damaged: re-run quantization")
+            fmt = f4.fp4_format(lin.a_format)
+            sigma, sigma_mids, steps, self.base = fp4_rounding_steps(fmt)
+            self.register_buffer("act_scale", lin.act_scale.clone())
+            self.register_buffer("sigma", sigma)
+            self.register_buffer("sigma_mids", sigma_mids)
+            self.register_buffer("steps", steps.reshape(1, -1))
+            # |x|·sign_gain >= 1 wherever the magnitude is not 0 (q > m₀): clamp(x·sign_gain, -1, 1) is x's sign
+            first_mid = float(fmt.magnitudes()[1]) / 2
+            self.sign_gain = 2.0 / (first_mid * float(lin.act_scale.float().reshape(())))
+        rotated = lin.su is not None
+        self.register_buffer("su", _compact_signs(lin.su))
+        self.rot_in = KronTransform(kron_blocks(lin.in_features, lin.had_in)) if rotated else None
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().to(torch.float32).clone())
+
+    def codes(self) -> torch.Tensor:
+        """(out, in) uint8 FP4 codes, the exact inverse of formats.fp4.pack_codes."""
+        q = self.qweight
+        c = (torch.bitwise_right_shift(q.unsqueeze(-1), self.nibble_shifts) & 15).reshape(q.shape[0], -1)
+        return c if c.shape[1] == self.in_features else c.narrow(1, 0, self.in_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """Ŵ' float32 (out, in): table[code] · row scale."""
+        codes = self.codes()
+        values = self.table.index_select(0, codes.reshape(-1).to(torch.int64)).view(codes.shape)
+        return values * self.w_scales.to(torch.float32)
+
+    def quantize_activations(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_shift is not None:
+            x = x * self.pow2.index_select(0, self.act_shift.to(torch.int64))
+        if self.a_format is None:
+            return x
+        s = self.act_scale.to(torch.float32)
+        q = x.abs() / s
+        passed = torch.ceil(torch.clamp(q.unsqueeze(-1) * self.sigma - self.sigma_mids, 0.0, 1.0))
+        mag = nn.functional.linear(passed, self.steps).view(q.shape) + self.base
+        return mag * torch.clamp(x * self.sign_gain, -1.0, 1.0) * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.rot_in is not None:
+            h = self.rot_in(h * self.su.to(torch.float32))
+        y = matmul_computed_weight(self.quantize_activations(h), self.dequantized())
+        return y if self.bias is None else y + self.bias
+
+
+def route_for(lin: LowbitLinear, int4: str = "xnnpack") -> str:
+    """Which runtime form a layer gets: XNNPACK's int4 kernel where it applies, else packed codes + unpack."""
+    if int4 not in ("xnnpack", "packed"):
+        raise LowbitError(f"int4={int4!r}: valid choices are 'xnnpack' (XNNPACK's dynamic-int8 × int4 kernel) "
+                          f"and 'packed' (unpack in the graph, float matmul)")
+    # XNNPACK maps int4 per-channel to its blockwise kernel with block = in_features; blocks must be 32·k.
+    xnnpack_ok = lin.bits == 4 and (lin.group_size or lin.in_features) % 32 == 0
+    return "xnnpack-int4" if int4 == "xnnpack" and xnnpack_ok else "packed"
+
+
+def decompose_lowbit_linears(model: nn.Module, int4: str = "xnnpack") -> dict[str, str]:
+    """Replace every LowbitLinear and LowbitFP4Linear of `model` (in place) by its runtime form; returns
+    {fqn: route}."""
+    routes = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LowbitFP4Linear):
+            new = FP4TableLinear(mod)
+            route = new.route
+        elif isinstance(mod, LowbitLinear):
+            route = route_for(mod, int4)
+            new = Int4DynamicLinear(mod) if route == "xnnpack-int4" else PackedLinear(mod)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        routes[name] = route
+    return routes

@@ -1,0 +1,563 @@
+"""ExecuTorch export: .pte files that hold the packed low-bit weights and run in executorch.runtime.
+
+Exports are slow (ExecuTorch lowers op by op in Python, ~1 s per XNNPACK partition), so this file budgets
+them: every export is a module-scoped fixture or one test, and its several checks share it. The HF models are
+kept small: a 1-layer tiny Llama (hidden 192 and MLP 344: Paley rotations, sign-bit blocks), the real MiniLM
+with its first encoder layer, and the real full MiniLM once; bench/export_size.py exports and checks the full
+models at every bit width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+pytest.importorskip("torchao")
+
+from tinymodels import minilm, tiny_llama  # noqa: E402
+
+import lowbit_compile as lb  # noqa: E402
+from lowbit_compile import hadamard  # noqa: E402
+from lowbit_compile.errors import LowbitError  # noqa: E402
+from lowbit_compile.export import export  # noqa: E402
+from lowbit_compile.export.decompose import (  # noqa: E402
+    FP4TableLinear,
+    Int4DynamicLinear,
+    KronTransform,
+    PackedLinear,
+    decompose_lowbit_linears,
+    kron_blocks,
+    route_for,
+)
+from lowbit_compile.export.executorch import (  # noqa: E402
+    ROUTE_RTOL,
+    RTOL_FLOAT,
+    RTOL_INT8_ACTIVATIONS,
+    export_pte,
+    max_rel_error,
+    run_pte,
+)
+from lowbit_compile.export.fp4_flips import explain_by_flips  # noqa: E402
+from lowbit_compile.formats import fp4 as f4  # noqa: E402
+from lowbit_compile.kernels.fp4_ops import quantize_fp4_activations  # noqa: E402
+from lowbit_compile.nn import LowbitFP4Linear, LowbitLinear, swap_linears  # noqa: E402
+from lowbit_compile.quantize import fp4 as fp4_search  # noqa: E402
+from lowbit_compile.quantize.layer import quantize_fp4_group, quantize_weight  # noqa: E402
+from lowbit_compile.recipe import parse_spec  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHIFT_OP = "aten::bitwise_right_shift.Tensor_out"
+TABLE_OP = "aten::index_select.out"
+
+# Mixed plans: a recipe per layer pattern (first match wins). They cover XNNPACK int4 per channel and in
+# groups, and the packed route at 2, 3 and 4 bits.
+LLAMA_MIXED = [(r".*\.(q|k|v)_proj", "w4"), (r".*\.o_proj", "w4-g64"), (r".*\.(gate|up)_proj", "w2"),
+               (r".*\.down_proj", "w3")]
+MINILM_MIXED = [(r".*\.attention\.self\.(query|key|value)", "w4-g32"), (r".*\.attention\.output\.dense", "w3"),
+                (r".*\.intermediate\.dense", "w2"), (r".*\.output\.dense", "w4")]
+# One FP4 checkpoint with every FP4 recipe: fp4 (W4A4 + exponents) on attention, fp4-rot on gate/up (one rotation
+# for both), w4a16-fp4 on down.
+LLAMA_FP4_OVERRIDES = {r"re:.*\.mlp\.(gate|up)_proj": "fp4-rot", r"re:.*\.mlp\.down_proj": "w4a16-fp4"}
+
+
+def quantize_all(model, plan, skip=r"(^|.*\.)(lm_head|pooler\..*)$", seed=0):
+    """Records for every nn.Linear not matching `skip`; `plan` is a recipe or [(pattern, recipe), ...]."""
+    records = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or re.fullmatch(skip, name):
+            continue
+        recipe = plan if isinstance(plan, str) else next(r for p, r in plan if re.fullmatch(p, name))
+        records[name] = quantize_weight(name, mod.weight, parse_spec(recipe), seed=seed)
+    return records
+
+
+@contextlib.contextmanager
+def short_fp4_search():
+    """The FP4 search on a 3-point clipping grid, one round (as tests/test_fp4_pipeline.py): the same code."""
+    saved = fp4_search.CLIP_GRID, fp4_search.SEARCH_ROUNDS
+    fp4_search.CLIP_GRID, fp4_search.SEARCH_ROUNDS = (0.6, 0.8, 1.0), 1
+    try:
+        yield
+    finally:
+        fp4_search.CLIP_GRID, fp4_search.SEARCH_ROUNDS = saved
+
+
+def token_batches(n=2, vocab=320):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (2, 16), generator=g) for _ in range(n)]
+
+
+def quantized_model(model, records):
+    """The PyTorch quantized model (the lowbit ops): the reference."""
+    q = swap_linears(model, records).eval()
+    if hasattr(getattr(q, "config", None), "use_cache"):
+        q.config.use_cache = False
+    return q
+
+
+def outputs(model, inputs):
+    with torch.no_grad():
+        out = model(*inputs)
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def reference_outputs(model, records, inputs):
+    return outputs(quantized_model(model, records), inputs)
+
+
+def matches(ys, model, records, inputs, rtol):
+    """The program's outputs `ys` are the quantized model's on `inputs` within rtol, or are explained by a few W4A4
+    activations that rounded the other way at an FP4 rounding midpoint (fp4_flips.py: the inputs of W4A4 layers
+    come from float ops the program computes in another order)."""
+    q = quantized_model(model, records)
+    if max_rel_error(ys, outputs(q, inputs)) <= rtol:
+        return True
+    return explain_by_flips(q, lambda: outputs(q, inputs), ys, lambda a, b: max_rel_error(a, b) / rtol, 1.0) is not None
+
+
+def check_file(result, model, records, inputs):
+    """Independently of export_pte's own check: the written file runs and matches the quantized model at the
+    tolerance of its routes."""
+    ys = run_pte(result.path, inputs)
+    assert matches(ys, model, records, inputs, max(ROUTE_RTOL[r] for r in result.routes.values()))
+    return ys
+
+
+def expected_route(rec):
+    if rec.kind == "fp4":
+        return "fp4-a16" if rec.a_format is None else "fp4-a4"
+    return "xnnpack-int4" if rec.bits == 4 and (rec.group_size or rec.in_features) % 32 == 0 else "packed"
+
+
+def mlp(dims=(512, 1376, 512)):
+    """Linears with GELUs between them; by default the linears dominate the file: 2 × 512·1376 weights (1.4 M),
+    Llama-MLP-sized. Linears at even indices ("0", "2", ...)."""
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
+    return torch.nn.Sequential(*layers[:-1]).eval()
+
+
+# ----------------------------------------------------------------------------- decomposition (eager, fast)
+
+
+@pytest.mark.parametrize("n", [12, 64, 96, 192, 344, 1376, 4096])
+def test_kron_transform_is_the_hadamard_transform(n):
+    blocks = kron_blocks(n, hadamard.factor(n))
+    assert all(b.shape[0] <= max(64, hadamard.plan(n).factor_size) for b in blocks)
+    x = torch.randn(2, 3, n)
+    ref = hadamard.apply(x, None, hadamard.factor(n))
+    assert torch.allclose(KronTransform(blocks)(x), ref, atol=1e-5)
+    assert torch.allclose(KronTransform(blocks, transpose=True)(ref), x, atol=1e-5)
+
+
+def test_large_hadamard_factor_is_stored_as_sign_bits():
+    kt = KronTransform(kron_blocks(1376, hadamard.factor(1376)))  # F_344 (Paley) ⊗ H_4
+    buffers = dict(kt.named_buffers())
+    assert buffers["block0_signs"].dtype == torch.uint8 and buffers["block0_signs"].numel() == 344 * 43
+    assert torch.equal(kt.block(0), hadamard.factor(1376))  # rebuilt exactly
+
+
+@pytest.mark.parametrize("recipe", ["w2", "w3", "w4", "w8", "w4-rtn", "w2-g32", "w3-rtn-g32", "w4-g64"])
+@pytest.mark.parametrize("shape", [(96, 192), (344, 128), (40, 64)])
+def test_runtime_modules_match_the_op(recipe, shape):
+    torch.manual_seed(0)
+    rec = quantize_weight("l", torch.randn(*shape), parse_spec(recipe), seed=1)
+    lin = LowbitLinear(rec, torch.randn(shape[0]))
+    x = torch.randn(2, 3, shape[1])
+    with torch.no_grad():
+        ref = lin(x)
+        packed = PackedLinear(lin)
+        assert torch.equal(packed.codes(), _unpacked(rec))
+        assert torch.allclose(packed(x), ref, atol=1e-4, rtol=1e-5)  # exact up to float rounding
+        if route_for(lin) == "xnnpack-int4":  # int8 activations: a fraction of a percent
+            assert max_rel_error([Int4DynamicLinear(lin)(x)], [ref]) < 0.02
+
+
+def _unpacked(rec):
+    from lowbit_compile import formats
+
+    return formats.unpack(rec.qweight, rec.bits, rec.in_features)
+
+
+def test_routes():
+    recs = {r: quantize_weight("l", torch.randn(64, k), parse_spec(r)) for r, k in
+            [("w4", 192), ("w4-g32", 192), ("w2", 192), ("w3-g64", 192)]}
+    recs["w4-odd"] = quantize_weight("l", torch.randn(64, 344), parse_spec("w4"))  # 344 is no multiple of 32
+    routes = {k: route_for(LowbitLinear(r)) for k, r in recs.items()}
+    assert routes == {"w4": "xnnpack-int4", "w4-g32": "xnnpack-int4", "w2": "packed", "w3-g64": "packed",
+                      "w4-odd": "packed"}
+    assert route_for(LowbitLinear(recs["w4"]), int4="packed") == "packed"
+    with pytest.raises(LowbitError, match="valid choices"):
+        route_for(LowbitLinear(recs["w4"]), int4="int4")
+
+
+def _fp4_layer(recipe, out_features=24, in_features=45, seed=0):
+    """An FP4 record of `recipe` from the real search (short grid), on a weight and input sample with outlier
+    channels. 45 inputs: an odd packed length and, for fp4-rot, a random orthogonal rotation factor."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g)
+    x = torch.randn(64, in_features, generator=g)
+    x[:, 3] *= 20
+    with short_fp4_search():
+        rec = quantize_fp4_group({"l": (w, parse_spec(recipe))}, x, seed=seed)["l"]
+    return rec, x
+
+
+@pytest.mark.parametrize("a_format", ["e2m1", "e1m2", "e3m0"])
+def test_fp4_activation_rounding_is_the_reference_bit_for_bit(a_format):
+    """The graph's rounding (midpoints counted with sub/clamp/ceil) against the reference (float bit fields):
+    grid points, midpoints (ties to the even code), their float neighbours, saturation, Inf, zeros, random
+    values, with per-channel exponents; at a tiny, a middling and a large scale."""
+    rec, _ = _fp4_layer("fp4")
+    fmt = f4.fp4_format(a_format)
+    g = fmt.magnitudes()
+    mids = (g[:-1] + g[1:]) / 2
+    special = torch.cat([g, mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(99.0)),
+                         torch.linspace(0, 2 * float(g[-1]), 4001), torch.tensor([1e30, float("inf"), 0.0])])
+    for scale in (2.0**-20, 0.37109375, 1000.0):
+        rec.a_format, rec.act_scale = a_format, torch.tensor([scale], dtype=torch.float16)
+        rec.act_exponents = torch.randint(0, fmt.max_exponent_shift + 1, (45,), dtype=torch.uint8)
+        lin = LowbitFP4Linear(rec)
+        s = float(rec.act_scale)
+        x = torch.cat([special, -special, torch.randn(9000) * float(g[-1])]) * s
+        x = torch.cat([x, torch.zeros(-x.numel() % 45)]).view(-1, 45) / f4.exponent_multipliers(rec.act_exponents)
+        ours = FP4TableLinear(lin).quantize_activations(x)
+        ref = quantize_fp4_activations(x, lin.act_shift, lin.act_scale, a_format)
+        assert torch.equal(ours, ref), (scale, (ours != ref).sum())
+
+
+@pytest.mark.parametrize("recipe", ["fp4", "fp4-rot", "w4a16-fp4"])
+def test_fp4_runtime_module_matches_the_op(recipe):
+    rec, x = _fp4_layer(recipe)
+    assert (rec.a_format is None) == (recipe == "w4a16-fp4") and (rec.su is not None) == (recipe == "fp4-rot")
+    lin = LowbitFP4Linear(rec, torch.randn(24))
+    mod = FP4TableLinear(lin)
+    assert mod.route == ("fp4-a16" if recipe == "w4a16-fp4" else "fp4-a4")
+    assert torch.equal(mod.codes(), f4.unpack_codes(rec.qweight, 45))
+    assert torch.equal(mod.dequantized(), rec.shifted_weight())  # the 16-entry table decodes exactly
+    with torch.no_grad():
+        assert torch.allclose(mod(x[:6].view(2, 3, 45)), lin(x[:6].view(2, 3, 45)), atol=1e-5, rtol=1e-5)
+
+
+def test_explain_by_flips_finds_an_activation_rounded_the_other_way():
+    """A program whose W4A4 input landed 1 ulp across a rounding midpoint is the reference with that one
+    activation flipped; a program that is off everywhere is not explained by a few flips."""
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 16)).eval()
+    with short_fp4_search():
+        ck = lb.quantize(model, "fp4", [torch.randn(64, 24)], progress=False)
+    qmodel = swap_linears(model, ck.records).eval()
+    rec = ck.records["0"]
+    s = float(rec.act_scale)
+    k = torch.ones(24) if rec.act_exponents is None else f4.exponent_multipliers(rec.act_exponents)
+    mid = float(f4.fp4_format(rec.a_format).magnitudes()[4:6].mean())  # a tie goes down, to the even code 4
+    x = torch.randn(3, 24) * 0.1
+    x[1, 7] = mid * s / k[7]  # exactly on a midpoint: the reference rounds the tie to the even code
+    nudged = x.clone()
+    nudged[1, 7] = torch.nextafter(x[1, 7], torch.tensor(1e9))  # the program's input, 1 ulp above: rounds up
+
+    def error(ys, refs):
+        return max_rel_error(ys, refs) / RTOL_FLOAT
+
+    with torch.no_grad():
+        ref, ys = qmodel(x), qmodel(nudged)
+    assert error([ys], [ref]) > 100  # one flip is far beyond the float tolerance
+    flips = explain_by_flips(qmodel, lambda: [qmodel(x)], [ys], error, 1.0)
+    assert [(f.layer, f.call, f.index) for f in flips] == [("0", 0, 1 * 24 + 7)]
+    assert "layer 0: input channel 7 of token 1" in flips[0].describe()
+    assert explain_by_flips(qmodel, lambda: [qmodel(x)], [ref], error, 1.0) == []
+    assert explain_by_flips(qmodel, lambda: [qmodel(x)], [ys * 1.01], error, 1.0) is None
+
+
+@pytest.fixture(scope="module")
+def llama_fp4_checkpoint():
+    model = tiny_llama(layers=1)
+    with short_fp4_search():
+        ck = lb.quantize(model, "fp4", token_batches(), overrides=LLAMA_FP4_OVERRIDES, progress=False)
+    return model, ck
+
+
+def test_decompose_swaps_every_lowbit_linear(llama_fp4_checkpoint):
+    model, ck = llama_fp4_checkpoint
+    int_plan = [(r".*\.(q|k)_proj", "w4"), (r".*\.(v|o)_proj", "w2"), (r".*", "w3")]
+    records = {**quantize_all(model, int_plan), **{k: r for k, r in ck.records.items() if ".mlp." in k}}
+    q = swap_linears(model, records)
+    routes = decompose_lowbit_linears(q)
+    assert routes == {k: expected_route(r) for k, r in records.items()}
+    assert set(routes.values()) == {"xnnpack-int4", "packed", "fp4-a4", "fp4-a16"}
+    assert not any(isinstance(m, (LowbitLinear, LowbitFP4Linear)) for m in q.modules())
+
+
+# ----------------------------------------------------------------------------- HF models end to end
+
+
+@pytest.mark.parametrize("plan", ["w2", "w3", "w4"])
+def test_llama_pte_runs_and_matches(plan, tmp_path):
+    model = tiny_llama(layers=1)
+    records = quantize_all(model, plan)
+    inputs = (torch.randint(0, 320, (2, 12)),)
+    res = export_pte(model, records, inputs, tmp_path / "llama.pte", dynamic_shapes=None)
+    assert res.path.stat().st_size == res.nbytes
+    assert res.routes == {k: expected_route(r) for k, r in records.items()}
+    assert not any(op.startswith("lowbit") for op in res.portable_ops)
+    assert res.error <= res.rtol
+    if plan == "w4":  # XNNPACK's int4 kernel, except down_proj: 344 inputs are no multiple of 32
+        assert set(res.routes.values()) == {"xnnpack-int4", "packed"} and res.error_vs_simulated < 0.02
+    else:  # packed codes are unpacked in the graph; float rounding only
+        assert res.portable_ops.get(SHIFT_OP, 0) > 0 and res.error < 1e-5
+    check_file(res, model, records, inputs)
+
+
+@pytest.fixture(scope="module")
+def llama_mixed(tmp_path_factory):
+    """The mixed plan (int4 on XNNPACK per channel and in groups, packed 2 and 3 bits), with dynamic batch and
+    sequence (max_batch 4, max_seq 32)."""
+    model = tiny_llama(layers=1)
+    records = quantize_all(model, LLAMA_MIXED)
+    inputs = (torch.randint(0, 320, (2, 12)),)
+    res = export_pte(model, records, inputs, tmp_path_factory.mktemp("mixed") / "llama.pte", max_batch=4,
+                     max_seq=32)
+    return model, records, inputs, res
+
+
+def test_llama_mixed_pte_matches(llama_mixed):
+    model, records, inputs, res = llama_mixed
+    assert res.routes == {k: expected_route(r) for k, r in records.items()}
+    assert set(res.routes.values()) == {"xnnpack-int4", "packed"}
+    assert {r.bits for r in records.values()} == {2, 3, 4}
+    assert res.portable_ops.get(SHIFT_OP, 0) > 0 and not any(op.startswith("lowbit") for op in res.portable_ops)
+    assert res.error <= res.rtol and res.error_vs_simulated < 0.02
+    check_file(res, model, records, inputs)
+
+
+def test_dynamic_batch_and_sequence(llama_mixed):
+    model, records, _, res = llama_mixed
+    assert any(d.startswith("input_ids.0") for d in res.dynamic_dims)
+    assert any(d.startswith("input_ids.1") for d in res.dynamic_dims)
+    for shape in [(3, 7), (4, 32), (1, 5)]:  # size 1 runs too, though torch.export reports ranges from 2
+        ids = torch.randint(0, 320, shape)
+        ys = run_pte(res.path, (ids,))
+        assert ys[0].shape == (*shape, 320)
+        assert max_rel_error(ys, reference_outputs(model, records, (ids,))) <= RTOL_INT8_ACTIVATIONS
+
+
+@pytest.fixture(scope="module")
+def llama_fp4(llama_fp4_checkpoint, tmp_path_factory):
+    model, ck = llama_fp4_checkpoint
+    inputs = (torch.randint(0, 320, (2, 12)),)
+    return model, ck, inputs, export_pte(model, ck, inputs, tmp_path_factory.mktemp("fp4") / "llama.pte",
+                                         dynamic_shapes=None)
+
+
+def test_llama_fp4_pte_runs_and_matches(llama_fp4):
+    """fp4 (W4A4 + per-channel exponents), fp4-rot and w4a16-fp4 layers from lb.quantize, in one program: codes
+    unpacked with shifts, decoded by table lookup, activations rounded in the graph; float rounding only."""
+    model, ck, inputs, res = llama_fp4
+    recs = ck.records
+    assert res.routes == {k: expected_route(r) for k, r in recs.items()}
+    assert set(res.routes.values()) == {"fp4-a4", "fp4-a16"}
+    assert any(r.act_exponents is not None for r in recs.values()) and any(r.su is not None for r in recs.values())
+    assert res.portable_ops.get(SHIFT_OP, 0) > 0 and res.portable_ops.get(TABLE_OP, 0) > 0
+    assert not any(op.startswith("lowbit") for op in res.portable_ops)
+    assert res.rtol == RTOL_FLOAT and (res.error <= res.rtol or res.rounding_flips)
+    check_file(res, model, recs, inputs)
+
+
+@pytest.fixture(scope="module")
+def minilm_inputs():
+    model, tok = minilm()
+    enc = tok(["Low-bit weights run in the ExecuTorch runtime.", "a second, shorter sentence"],
+              padding=True, return_tensors="pt")
+    return model, (enc["input_ids"], enc["attention_mask"])
+
+
+def test_minilm_first_layer_mixed_pte_matches(minilm_inputs, tmp_path):
+    """The real MiniLM with its first encoder layer, every route of the integer exporter: XNNPACK int4 in
+    groups of 32 and per channel, packed 3 and 2 bits."""
+    model, inputs = minilm_inputs
+    model = copy.deepcopy(model)
+    model.encoder.layer = model.encoder.layer[:1]
+    records = quantize_all(model, MINILM_MIXED)
+    res = export_pte(model, records, inputs, tmp_path / "minilm.pte", dynamic_shapes=None)
+    assert set(res.routes.values()) == {"xnnpack-int4", "packed"} and {r.bits for r in records.values()} == {2, 3, 4}
+    assert {(r.bits, r.group_size) for r in records.values()} == {(4, 32), (3, 0), (2, 0), (4, 0)}
+    ys = check_file(res, model, records, inputs)
+    assert len(ys) == 2 and ys[0].shape == (2, inputs[0].shape[1], 384)  # last hidden state, pooled output
+
+
+def test_full_minilm_pte_runs_and_matches(minilm_inputs, tmp_path):
+    """All six layers of the real MiniLM, every linear at 2 bits (plain RTN: the packed route without rotations,
+    the cheapest full-model export to lower; rotations are covered above): float rounding only, 6 layers deep."""
+    model, inputs = minilm_inputs
+    records = quantize_all(model, "w2-rtn")
+    assert len(records) == 36
+    res = export_pte(model, records, inputs, tmp_path / "minilm.pte", dynamic_shapes=None)
+    assert set(res.routes.values()) == {"packed"} and res.error < 1e-5
+    check_file(res, model, records, inputs)
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+
+    def forward(self, x, y=None, scale=None):
+        return self.a(x) * scale + self.b(y)
+
+
+def test_keyword_inputs_with_automatic_dynamic_shapes(tmp_path):
+    model = _TwoInputs()
+    records = {"a": quantize_weight("a", model.a.weight, parse_spec("w3")),
+               "b": quantize_weight("b", model.b.weight, parse_spec("w4"))}
+    example = {"scale": torch.randn(2, 5, 1), "y": torch.randn(2, 5, 64), "x": torch.randn(2, 5, 64)}
+    res = export_pte(model, records, example, tmp_path / "kw.pte")  # default: dynamic_shapes="auto"
+    assert res.routes == {"a": "packed", "b": "xnnpack-int4"}
+    assert {d.split(" ")[0] for d in res.dynamic_dims} == {"scale.0", "scale.1", "y.0", "y.1", "x.0", "x.1"}
+    new = {"scale": torch.randn(3, 9, 1), "y": torch.randn(3, 9, 64), "x": torch.randn(3, 9, 64)}
+    ys = run_pte(res.path, [new["scale"], new["y"], new["x"]])  # the program takes them in recorded order
+    with torch.no_grad():
+        ref = swap_linears(model, records)(**new)
+    assert max_rel_error(ys, [ref]) <= RTOL_INT8_ACTIVATIONS
+
+
+# ----------------------------------------------------------------------------- size
+
+
+@pytest.fixture(scope="module")
+def mlp_fp32_bytes(tmp_path_factory):
+    model = mlp()
+    res = export_pte(model, {}, (torch.randn(2, 4, 512),), tmp_path_factory.mktemp("fp32") / "mlp.pte",
+                     dynamic_shapes=None)
+    n = sum(m.weight.numel() for m in model if isinstance(m, torch.nn.Linear))
+    assert res.nbytes > 4 * n  # the float weights are all in the file
+    return res.nbytes
+
+
+@pytest.mark.parametrize("recipe,bits", [("w2", 2), ("w3", 3), ("w4", 4), ("fp4", 4)])
+def test_pte_bits_per_quantized_weight(recipe, bits, mlp_fp32_bytes, tmp_path):
+    """File cost per quantized weight, measured against the fp32 file of the same model:
+    bits = 32 − 8·(fp32 bytes − quantized bytes) / quantized weights. Everything the quantized file adds
+    (codes, scales, sign vectors, Hadamard blocks, FP4 tables, the unpack instructions) is charged to the
+    weights. fp4 (W4A4, from lb.quantize) goes through lb.export with its Checkpoint and dynamic shapes, and runs
+    at another batch and sequence length too."""
+    model = mlp()
+    x = (torch.randn(2, 4, 512),)
+    if recipe == "fp4":
+        with short_fp4_search():
+            ck = lb.quantize(model, recipe, [x[0]], progress=False)
+        records, res = ck.records, export(model, ck, x, tmp_path / "mlp.pte")  # dynamic_shapes="auto"
+        assert set(res.routes.values()) == {"fp4-a4"} and len(res.dynamic_dims) == 2
+        x2 = torch.randn(3, 7, 512)
+        assert matches(run_pte(res.path, (x2,)), model, records, (x2,), RTOL_FLOAT)
+    else:
+        records = quantize_all(model, recipe)
+        res = export_pte(model, records, x, tmp_path / "mlp.pte", dynamic_shapes=None)
+    n = sum(r.in_features * r.out_features for r in records.values())
+    file_bits = 32 - 8 * (mlp_fp32_bytes - res.nbytes) / n
+    stored_bits = sum(r.bits_per_weight() * r.in_features * r.out_features for r in records.values()) / n
+    assert bits <= stored_bits < file_bits < bits + 0.3, (file_bits, stored_bits)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class _CallsHadamard(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.mix = _Mixer()
+
+    def forward(self, x):
+        return self.mix(self.proj(x))
+
+
+class _Mixer(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.lowbit.hadamard(x, None, None, False)
+
+
+def test_unlowerable_lowbit_op_names_node_and_layer(tmp_path):
+    with pytest.raises(LowbitError, match=r"node hadamard.*lowbit\.hadamard.*in layer mix\b"):
+        export_pte(_CallsHadamard(), {}, (torch.randn(2, 16),), tmp_path / "m.pte", dynamic_shapes=None)
+    assert not (tmp_path / "m.pte").exists()
+
+
+class _Sorts(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = _SortHead()
+
+    def forward(self, x):
+        return self.head(x)
+
+
+class _SortHead(torch.nn.Module):
+    def forward(self, x):
+        return torch.sort(x, dim=-1).values  # core ATen, but this runtime has no sort kernel
+
+
+def test_op_without_runtime_kernel_names_node_and_layer(tmp_path):
+    with pytest.raises(LowbitError, match=r"node .*sort.*in layer head\b.*no kernel"):
+        export_pte(_Sorts(), {}, (torch.randn(2, 8),), tmp_path / "m.pte", dynamic_shapes=None)
+
+
+class _Branches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.proj(x)
+        return -x
+
+
+def test_data_dependent_control_flow_says_what_to_try(tmp_path):
+    with pytest.raises(LowbitError) as err:
+        export_pte(_Branches(), {}, (torch.randn(2, 8),), tmp_path / "m.pte", dynamic_shapes=None)
+    msg = str(err.value)
+    assert "torch.export could not capture _Branches" in msg and "What to try" in msg
+    assert "data-dependent" in msg and "torch.cond" in msg and "strict=True" in msg
+    assert isinstance(err.value.__cause__, Exception)  # torch.export's own error, chained
+
+
+def test_mismatch_beyond_tolerance_raises_and_writes_nothing(tmp_path):
+    """An int4 layer on XNNPACK and a W4A4 FP4 layer, checked at zero tolerance through lb.export: the error
+    says which routes, that no rounding flips explain it, and nothing is written."""
+    model = mlp(dims=(64, 96, 64))
+    with short_fp4_search():
+        ck = lb.quantize(model, "fp4", [torch.randn(16, 64)], overrides={"0": "w4"}, progress=False)
+    assert {r.kind for r in ck.records.values()} == {"int", "fp4"}
+    path = tmp_path / "m.pte"
+    with pytest.raises(LowbitError, match=r"differs from the PyTorch quantized model.*nothing was written.*no 4 or "
+                                          r"fewer W4A4 activations"):
+        export(model, ck, (torch.randn(2, 64),), path, dynamic_shapes=None, rtol=0.0, atol=0.0)
+    assert not path.exists()
+
+
+def test_unknown_suffix(tmp_path):
+    with pytest.raises(LowbitError, match="unknown suffix '.bin'"):
+        export(mlp(dims=(8, 8)), {}, (torch.randn(1, 8),), tmp_path / "m.bin")
+
+
+def test_onnx_suffix_without_exporter_is_a_clear_error(tmp_path, monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def no_onnx(name, *a, **k):
+        if name == "lowbit_compile.export.onnx":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", no_onnx)
+    with pytest.raises(LowbitError, match="exporter is not available yet"):
+        export(mlp(dims=(8, 8)), {}, (torch.randn(1, 8),), tmp_path / "m.onnx")
