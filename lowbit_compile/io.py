@@ -45,6 +45,12 @@ def write_synced(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path` (same suffix); on a clean exit it is fsynced and renamed to
@@ -63,6 +69,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as f:  # the writer may have closed it without syncing
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode a plain open() gives
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

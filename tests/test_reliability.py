@@ -600,3 +600,16 @@ def test_logging_does_not_leak_into_results(tmp_path, caplog):
         a = read(lb.quantize(net, "w3-quip", batches, progress=True).save(tmp_path / "a"))
     b = read(lb.quantize(net, "w3-quip", batches, progress=False).save(tmp_path / "b"))
     assert a == b
+
+
+def test_atomic_writes_give_files_the_usual_permissions(tmp_path):
+    from lowbit_compile.io import atomic_write_bytes
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "m.pte", b"x")
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m.pte").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644
