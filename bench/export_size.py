@@ -9,7 +9,9 @@ and MiniLM's pooler, which stay float32 in every variant. Our weights: data-free
 (w2/w3/w4 per output channel), and the `fp4` recipe (LLM-FP4 search, W4A4 with per-channel exponents) through
 lb.quantize, calibrated on a few batches; the numbers are sizes, not quality. "recipe bits" is what the records
 store (codes, scales, signs, exponents) per quantized weight. "error" is the exporter's own check: max
-|pte − PyTorch quantized model| / max |reference| on the example inputs.
+|pte − PyTorch quantized model| / max |reference| on the example inputs. A W4A4 row with "n rounding flips" matched
+the reference at float tolerance once n activations that sit on an FP4 rounding midpoint were rounded the other
+way (lowbit_compile/export/fp4_flips.py); its "error" is against the reference without them.
 
     python -m bench.export_size [--quick]
 """
@@ -116,7 +118,8 @@ def measure(label: str, model, inputs, calibration, out_dir: Path) -> list[list]
         t = time.perf_counter()
         res = export_pte(model, records, inputs, out_dir / f"{label}-{recipe}.pte", dynamic_shapes=None)
         routes = "/".join(sorted(set(res.routes.values())))
-        flips = f", {len(res.rounding_flips)} rounding flips" if res.rounding_flips else ""
+        n_flips = len(res.rounding_flips)
+        flips = f", {n_flips} rounding flip{'s' if n_flips > 1 else ''}" if n_flips else ""
         row(f"ours {recipe} ({routes}{flips})", res.path, seconds + time.perf_counter() - t, res.error, fp32,
             recipe_bits(records, n))
 

@@ -247,9 +247,12 @@ def test_fp4_runtime_module_matches_the_op(recipe):
         assert torch.allclose(mod(x[:6].view(2, 3, 45)), lin(x[:6].view(2, 3, 45)), atol=1e-5, rtol=1e-5)
 
 
-def test_explain_by_flips_finds_an_activation_rounded_the_other_way():
+@pytest.mark.parametrize("outward", [True, False])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_explain_by_flips_finds_an_activation_rounded_the_other_way(sign, outward):
     """A program whose W4A4 input landed 1 ulp across a rounding midpoint is the reference with that one
-    activation flipped; a program that is off everywhere is not explained by a few flips."""
+    activation flipped (positive or negative, to the larger or the smaller magnitude); a program that is off
+    everywhere is not explained by a few flips."""
     model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 16)).eval()
     with short_fp4_search():
         ck = lb.quantize(model, "fp4", [torch.randn(64, 24)], progress=False)
@@ -259,9 +262,11 @@ def test_explain_by_flips_finds_an_activation_rounded_the_other_way():
     k = torch.ones(24) if rec.act_exponents is None else f4.exponent_multipliers(rec.act_exponents)
     mid = float(f4.fp4_format(rec.a_format).magnitudes()[4:6].mean())  # a tie goes down, to the even code 4
     x = torch.randn(3, 24) * 0.1
-    x[1, 7] = mid * s / k[7]  # exactly on a midpoint: the reference rounds the tie to the even code
+    x[1, 7] = sign * mid * s / k[7]  # exactly on a midpoint: rounds the tie to the even code (the smaller one)
     nudged = x.clone()
-    nudged[1, 7] = torch.nextafter(x[1, 7], torch.tensor(1e9))  # the program's input, 1 ulp above: rounds up
+    nudged[1, 7] = torch.nextafter(x[1, 7], torch.tensor(sign * 1e9))  # 1 ulp further out: rounds up
+    if not outward:  # the reference's input is the one 1 ulp out, the program's the tie
+        x, nudged = nudged, x
 
     def error(ys, refs):
         return max_rel_error(ys, refs) / RTOL_FLOAT
@@ -532,14 +537,14 @@ def test_data_dependent_control_flow_says_what_to_try(tmp_path):
 
 def test_mismatch_beyond_tolerance_raises_and_writes_nothing(tmp_path):
     """An int4 layer on XNNPACK and a W4A4 FP4 layer, checked at zero tolerance through lb.export: the error
-    says which routes, that no rounding flips explain it, and nothing is written."""
+    says which routes, that rounding flips do not explain it, and nothing is written."""
     model = mlp(dims=(64, 96, 64))
     with short_fp4_search():
         ck = lb.quantize(model, "fp4", [torch.randn(16, 64)], overrides={"0": "w4"}, progress=False)
     assert {r.kind for r in ck.records.values()} == {"int", "fp4"}
     path = tmp_path / "m.pte"
-    with pytest.raises(LowbitError, match=r"differs from the PyTorch quantized model.*nothing was written.*no 4 or "
-                                          r"fewer W4A4 activations"):
+    with pytest.raises(LowbitError, match=r"differs from the PyTorch quantized model.*nothing was written.*W4A4 "
+                                          r"layers: rounding up to 4 of the activations nearest"):
         export(model, ck, (torch.randn(2, 64),), path, dynamic_shapes=None, rtol=0.0, atol=0.0)
     assert not path.exists()
 
