@@ -9,3 +9,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fresh_compiler():
+    """Dynamo's caches and the lowbit backend's weight cache and reports, empty before and after a test."""
+    import lowbit_compile as lb
+
+    torch._dynamo.reset()
+    lb.reset()
+    yield
+    torch._dynamo.reset()
+    lb.reset()

@@ -19,14 +19,7 @@ from tinymodels import minilm, tiny_llama, tiny_opt, tiny_qwen2, with_weights
 import lowbit_compile as lb
 from lowbit_compile.backend import CACHE
 
-
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    lb.reset()
-    yield
-    torch._dynamo.reset()
-    lb.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compiler")  # conftest: empty compile and weight caches
 
 
 def block_linears(model, skip=("lm_head",)):

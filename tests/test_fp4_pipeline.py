@@ -16,14 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
+def _fresh(monkeypatch, fresh_compiler):
     monkeypatch.setattr(q, "CLIP_GRID", (0.6, 0.8, 1.0))
     monkeypatch.setattr(q, "SEARCH_ROUNDS", 1)
-    torch._dynamo.reset()
-    lb.reset()
-    yield
-    torch._dynamo.reset()
-    lb.reset()
 
 
 def _batches(n=2):

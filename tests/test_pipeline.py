@@ -10,13 +10,7 @@ from tinymodels import tiny_llama
 import lowbit_compile as lb
 from lowbit_compile.errors import LowbitError
 
-
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    lb.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compiler")  # conftest: empty compile and weight caches
 
 
 def _batches():

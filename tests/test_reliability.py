@@ -24,7 +24,7 @@ from lowbit_compile.errors import LowbitError
 from lowbit_compile.io import atomic_outputs, atomic_write, atomic_write_bytes
 from lowbit_compile.quantize.layer import quantize_fp4_group, quantize_weight
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_compiler")  # conftest fixtures
 
 D, H = 24, 40
 
@@ -79,13 +79,6 @@ def linears(model):
     return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    lb.reset()
-    yield
-    torch._dynamo.reset()
-    lb.reset()
 
 
 def compiled(model, options, x):
