@@ -122,7 +122,9 @@ def find_blocks(model: torch.nn.Module) -> tuple[str, list[torch.nn.Module]]:
 
 
 def named_linears(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.nn.Linear]:
-    return {(f"{prefix}.{n}" if prefix else n): m for n, m in module.named_modules()
+    """{fqn: linear} under `module`, named as in the model when `module` sits at `prefix`; `module` itself is
+    named `prefix` when it is a linear (a block of a ModuleList of nn.Linear)."""
+    return {".".join(p for p in (prefix, n) if p): m for n, m in module.named_modules()
             if isinstance(m, torch.nn.Linear)}
 
 
@@ -293,20 +295,24 @@ def _lim(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
 
 @contextlib.contextmanager
 def _quantized(block: torch.nn.Module, prefix: str, linears: Mapping[str, torch.nn.Linear], deq: Mapping):
-    """Temporarily give the block's linears their quantized weights, or replace them by modules."""
+    """Temporarily give the block's linears their quantized weights, or replace them by modules. Yields the
+    module to run in place of `block`: `block` itself, or the replacement of a block that is itself a linear
+    (a ModuleList of nn.Linear), which has no parent inside the block to swap it in."""
     saved_w = {f: linears[f].weight.data for f, v in deq.items() if isinstance(v, torch.Tensor)}
     swapped = []
+    run = block
     try:
         for f, v in deq.items():
             if isinstance(v, torch.Tensor):
                 linears[f].weight.data = v.to(saved_w[f].dtype)
+            elif f == prefix:  # the block is the linear (named_linears lists it under the block's own name)
+                run = v
             else:
-                rel = f[len(prefix) + 1:] if prefix else f
-                parent_name, _, child = rel.rpartition(".")
+                parent_name, _, child = f[len(prefix) + 1:].rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
                 swapped.append((parent, child, getattr(parent, child)))
                 setattr(parent, child, v)
-        yield
+        yield run
     finally:
         for f, w in saved_w.items():
             linears[f].weight.data = w
@@ -393,9 +399,8 @@ def calibrate_blocks(
             with torch.no_grad():
                 outputs = [_first(block(*a, **k)) for a, k in stored]
         if sequential and deq:
-            with _quantized(block, prefix, linears, deq):
-                with torch.no_grad():
-                    outputs = [_first(block(*a, **k)) for a, k in stored]
+            with _quantized(block, prefix, linears, deq) as run, torch.no_grad():
+                outputs = [_first(run(*a, **k)) for a, k in stored]
         lim_sum, lim_n = 0.0, 0
         new_stored = []
         for (args, kwargs), out in zip(stored, outputs):

@@ -9,7 +9,7 @@ import torch
 from .calibrate import calibrate_blocks, named_linears
 from .checkpoint import Checkpoint
 from .errors import LowbitError
-from .quantize.layer import check_weight, quantize_fp4_group, quantize_weight
+from .quantize.layer import check_group_size, check_weight, quantize_fp4_group, quantize_weight
 from .recipe import Recipe
 
 log = logging.getLogger("lowbit_compile")
@@ -128,8 +128,10 @@ def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer
         return deq
 
     for fqn, lin in named_linears(model).items():  # fail before hours of calibration, not after
-        if rec.spec_for(fqn)[0] is not None:
+        spec = rec.spec_for(fqn)[0]
+        if spec is not None:
             check_weight(fqn, lin.weight)
+            check_group_size(fqn, lin.in_features, spec)
     batches = _resolve_calibration(calibration, tokenizer) if rec.needs_calibration else None
     units = units_of(model)
     store = None
