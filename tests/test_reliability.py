@@ -217,6 +217,21 @@ def test_a_group_size_that_does_not_divide_the_layer_is_refused_naming_it():
         lb.quantize(Net(blocks=1, d=7, h=12), "w4-quip-g4", data(1, d=7), progress=False)
 
 
+@pytest.mark.parametrize("recipe,fix", [("w4-rtn-g128", "w4-rtn-g24"), ("w2-g20", "w2-g12"),
+                                        ("w3-optq-g16", "w3-optq-g12")])
+def test_the_compile_path_names_the_layer_a_group_size_does_not_divide_and_the_override_that_fixes_it(recipe, fix):
+    net, x = Net(blocks=1), data(1)[0]  # in_features: 24 (layers.0.up, head) and 40 (layers.0.down)
+    per_channel = recipe.rsplit("-g", 1)[0]
+    with pytest.raises(Exception, match=rf"layer layers\.0\.up: group size \d+ does not divide in_features=24; .*"
+                                        rf"overrides=\{{'layers\.0\.up': '{fix}'\}}.*group_size=0\): "
+                                        rf"overrides=\{{'layers\.0\.up': '{per_channel}'\}}"):
+        compiled(net, {"recipe": recipe}, x)
+    # the suggested overrides compile
+    compiled(net, {"recipe": recipe, "overrides": {"layers.0.up": fix, "head": fix, "layers.0.down": per_channel}}, x)
+    specs = {layer.fqn: layer.spec for layer in lb.last_report().layers}
+    assert specs["layers.0.up"].endswith(f"group {fix.rsplit('-g', 1)[1]}") and "group" not in specs["layers.0.down"]
+
+
 @pytest.mark.parametrize("recipe", ["w4", "w4-quip", "fp4"])
 def test_a_model_without_linears_gives_an_empty_checkpoint_with_a_warning(recipe, caplog, tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv1d(2, 2, 3), torch.nn.ReLU())

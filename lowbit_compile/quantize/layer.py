@@ -8,6 +8,7 @@ producer (a norm's weight) serves all of them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -16,7 +17,7 @@ from .. import formats
 from ..checkpoint import FP4QuantizedLinear, QuantizedLinear
 from ..errors import LowbitError
 from ..formats import fp4 as f4
-from ..recipe import LayerSpec
+from ..recipe import LayerSpec, parse_spec
 from .incoherence import Transform, layer_seed
 from .rtn import quantize_rtn
 
@@ -34,12 +35,43 @@ def check_weight(fqn: str, w: torch.Tensor) -> None:
         )
 
 
+def check_group_size(fqn: str, in_features: int, spec: LayerSpec) -> None:
+    """Refuse a group size that does not divide the layer's in_features, naming the layer and the fixes: a
+    per-layer override with a group size that divides it (the largest one up to the asked size), or one scale
+    per output channel."""
+    g = spec.group_size
+    if spec.method == "fp4" or g == 0 or in_features % g == 0:
+        return
+    per_channel = dataclasses.replace(spec, group_size=0)
+    fixes = [f"one scale per output channel (group_size=0): overrides={{{fqn!r}: {_recipe_text(per_channel)}}}"]
+    d = next(d for d in range(min(g, in_features), 0, -1) if in_features % d == 0)
+    if d > 1:
+        fixes.insert(0, f"a group size that divides it: overrides={{{fqn!r}: "
+                        f"{_recipe_text(dataclasses.replace(spec, group_size=d))}}}")
+    raise LowbitError(f"layer {fqn}: group size {g} does not divide in_features={in_features}; give this layer "
+                      f"{', or '.join(fixes)} (lb.quantize(..., overrides=...) or the torch.compile option "
+                      f"'overrides'), or use a recipe whose group size divides every layer's in_features")
+
+
+def _recipe_text(spec: LayerSpec) -> str:
+    """The recipe string of `spec` when one parses back to it exactly, else the LayerSpec itself."""
+    name = f"w{spec.bits}" + ("" if spec.method == "rtn" and spec.rotate else
+                              "-rtn" if spec.method == "rtn" else f"-{spec.method}")
+    name += f"-g{spec.group_size}" if spec.group_size else ""
+    try:
+        same = parse_spec(name) == spec
+    except LowbitError:
+        same = False
+    return repr(name) if same else repr(spec)
+
+
 def quantize_weight(fqn: str, w: torch.Tensor, spec: LayerSpec, seed: int = 0,
                     hessian: torch.Tensor | None = None, sample: torch.Tensor | None = None,
                     absmax: torch.Tensor | None = None) -> QuantizedLinear | FP4QuantizedLinear:
     """Quantize one linear weight (out_features, in_features); LDLQ methods need its input Hessian, FP4 a
     sample of its inputs (and optionally the per-channel max |x| over all calibration tokens)."""
     check_weight(fqn, w)
+    check_group_size(fqn, w.shape[1], spec)
     if spec.method == "fp4":
         return quantize_fp4_group({fqn: (w, spec)}, sample, absmax, seed)[fqn]
     if spec.needs_calibration:
@@ -52,7 +84,6 @@ def quantize_weight(fqn: str, w: torch.Tensor, spec: LayerSpec, seed: int = 0,
     w = w.detach().to(torch.float32)
     out_f, in_f = w.shape
     fmt = formats.int_format(spec.bits)
-    formats.num_groups(in_f, spec.group_size)  # validates the group size against this layer
     transform, s = None, None
     if spec.rotate:
         s = layer_seed(seed, fqn)
