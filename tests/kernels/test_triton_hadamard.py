@@ -4,15 +4,11 @@ The checks run in one subprocess (TRITON_INTERPRET must be set before triton is 
 the script, see `lowbit_compile.kernels.triton.interpret`.
 """
 
-import pytest
 import torch
 
-CHECKS = {}
+from lowbit_compile.kernels.triton import interpret
 
-
-def check(fn):
-    CHECKS[fn.__name__] = fn
-    return fn
+CHECKS = interpret.Checks()
 
 
 def _compare(n, dtype, inverse, rows=3, with_signs=True, seed=0, bias=False):
@@ -39,7 +35,7 @@ def _compare(n, dtype, inverse, rows=3, with_signs=True, seed=0, bias=False):
                                    msg=lambda m: f"n={n} {dtype} inverse={inverse}: {m}")
 
 
-@check
+@CHECKS.add
 def powers_of_two_every_tile_shape():
     # 1..128: one (rows, P) tile, P < 16 without tl.dot; from 256: H_R·X·H_C, R, C >= 16 (2048: two column chunks)
     for n in (1, 2, 8, 16, 64, 128, 256, 512, 2048):
@@ -47,7 +43,7 @@ def powers_of_two_every_tile_shape():
             _compare(n, torch.float32, inverse)
 
 
-@check
+@CHECKS.add
 def sixteen_bit_inputs_keep_their_dtype():
     for dtype in (torch.bfloat16, torch.float16):
         for n in (8, 64, 256):
@@ -55,7 +51,7 @@ def sixteen_bit_inputs_keep_their_dtype():
                 _compare(n, dtype, inverse)
 
 
-@check
+@CHECKS.add
 def without_signs_sylvester_is_an_involution():
     from lowbit_compile.kernels.triton import launch
 
@@ -65,7 +61,7 @@ def without_signs_sylvester_is_an_involution():
     _compare(64, torch.float32, False, with_signs=False)
 
 
-@check
+@CHECKS.add
 def k_times_power_of_two_with_the_dense_factor():
     # Paley factors 12, 20, 28 (448 = 28·16), 344 (688 = 344·2); random orthogonal 7 (P = 1) and 3 (6 = 3·2)
     for n in (12, 20, 96, 448, 688, 7, 6):
@@ -75,7 +71,7 @@ def k_times_power_of_two_with_the_dense_factor():
     _compare(96, torch.float16, True)
 
 
-@check
+@CHECKS.add
 def inverse_undoes_forward():
     from lowbit_compile import hadamard as H
     from lowbit_compile.kernels.triton import launch
@@ -87,14 +83,14 @@ def inverse_undoes_forward():
         torch.testing.assert_close(y, x, rtol=1e-5, atol=2e-6)
 
 
-@check
+@CHECKS.add
 def bias_is_fused_into_the_inverse():
     for n in (64, 96):
         _compare(n, torch.float32, True, bias=True)
     _compare(96, torch.bfloat16, True, bias=True)
 
 
-@check
+@CHECKS.add
 def two_pass_transform_above_the_fused_limit():
     from lowbit_compile.kernels.triton import launch
 
@@ -112,7 +108,7 @@ def two_pass_transform_above_the_fused_limit():
         launch.MAX_FUSED_POW2, launch.STRIDED_PIECE, launch.MAX_POW2 = saved
 
 
-@check
+@CHECKS.add
 def leading_dimensions_and_non_contiguous_input():
     from lowbit_compile import hadamard as H
     from lowbit_compile.kernels import reference
@@ -126,21 +122,8 @@ def leading_dimensions_and_non_contiguous_input():
 # ----------------------------------------------------------------------------- pytest side
 
 
-@pytest.fixture(scope="module")
-def interpreted():
-    pytest.importorskip("triton")
-    from lowbit_compile.kernels.triton import interpret
-
-    return interpret.run(__file__)
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_interpreted(interpreted, name):
-    result = interpreted["results"][name]
-    assert result == "ok", result
+interpreted, test_interpreted = CHECKS.pytest_side(__file__)
 
 
 if __name__ == "__main__":
-    from lowbit_compile.kernels.triton import interpret
-
     interpret.main(CHECKS)

@@ -5,21 +5,17 @@ Decoding is compared bit for bit (packed codes, FP4 values, FP4 activation round
 runs every check: this file is also the script, see `lowbit_compile.kernels.triton.interpret`.
 """
 
-import pytest
 import torch
 
-CHECKS = {}
+from lowbit_compile.kernels.triton import interpret
 
-
-def check(fn):
-    CHECKS[fn.__name__] = fn
-    return fn
+CHECKS = interpret.Checks()
 
 
 # ----------------------------------------------------------------------------- decoding, bit for bit
 
 
-@check
+@CHECKS.add
 def packed_codes_decode_exactly():
     from lowbit_compile import formats
 
@@ -36,7 +32,7 @@ def packed_codes_decode_exactly():
             assert torch.equal(out[:, :n], codes.to(torch.int32)), (bits, n)
 
 
-@check
+@CHECKS.add
 def fp4_codes_decode_exactly():
     from lowbit_compile.formats import fp4 as f4
 
@@ -49,7 +45,7 @@ def fp4_codes_decode_exactly():
         assert torch.equal(torch.signbit(out), torch.signbit(grid)), fmt.name  # code 8 is -0.0
 
 
-@check
+@CHECKS.add
 def fp4_activation_rounding_is_bit_exact():
     from lowbit_compile.formats import fp4 as f4
 
@@ -103,7 +99,7 @@ def _rotated(recipe, shape, m, dtype, bias=True):
     _assert_close(launch.rotated_linear(*args), reference.rotated_linear_ref(*args), f"{recipe} {shape} M={m} {dtype}")
 
 
-@check
+@CHECKS.add
 def rotated_linear_every_width_gemv_and_gemm():
     # M = 1, 3: GEMV (broadcast-reduce); 8: GEMV with tl.dot; 20: GEMM. Hadamard on both sides (QuIP).
     for recipe in ("w2", "w3", "w4", "w8"):
@@ -111,7 +107,7 @@ def rotated_linear_every_width_gemv_and_gemm():
             _rotated(recipe, (40, 64), m, torch.float32)
 
 
-@check
+@CHECKS.add
 def rotated_linear_sixteen_bit_activations():
     for dtype in (torch.bfloat16, torch.float16):
         for m in (1, 20):
@@ -120,7 +116,7 @@ def rotated_linear_sixteen_bit_activations():
     _rotated("w2", (40, 64), 8, torch.bfloat16)  # GEMV with tl.dot in bfloat16
 
 
-@check
+@CHECKS.add
 def rotated_linear_group_scales_and_dense_factors():
     # 96 = 12·8, 192 = 12·16: Paley factors in both transforms. g32: a scale per 32 columns, applied per K tile
     # (K tiles of 32: GEMV, 4-bit GEMM) or per element (2/3-bit GEMM, whose K tiles are wider than a group)
@@ -130,14 +126,14 @@ def rotated_linear_group_scales_and_dense_factors():
     _rotated("w2-g32", (96, 192), 20, torch.bfloat16)
 
 
-@check
+@CHECKS.add
 def plain_low_bit_linear_without_transforms():
     for recipe in ("w4-rtn", "w2-rtn", "w3-rtn"):
         for m in (1, 20):
             _rotated(recipe, (24, 40), m, torch.float32)  # in_features 40: a partial K tile
 
 
-@check
+@CHECKS.add
 def leading_dimensions_are_kept():
     from lowbit_compile.kernels import reference
     from lowbit_compile.kernels.triton import launch
@@ -164,7 +160,7 @@ FP4_CASES = [("e2m1", None, False), ("e1m2", None, True), ("e2m1", "e2m1", True)
              ("e1m2", "e3m0", True)]
 
 
-@check
+@CHECKS.add
 def fp4_linear_w4a16_and_w4a4():
     from lowbit_compile.kernels.fp4_ops import fp4_linear_ref
     from lowbit_compile.kernels.triton import launch
@@ -179,7 +175,7 @@ def fp4_linear_w4a16_and_w4a4():
                 _assert_close(launch.fp4_linear(*args), fp4_linear_ref(*args), f"{w_fmt}/{a_fmt} M={m} {dtype}")
 
 
-@check
+@CHECKS.add
 def fp4_linear_w4a4_products_are_exact():
     """W4A4 multiplies unscaled FP4 values (exact in bfloat16): only the float32 accumulation order differs."""
     from lowbit_compile.kernels.fp4_ops import dequantize_fp4_weight, fp4_linear_ref, quantize_fp4_activations
@@ -196,7 +192,7 @@ def fp4_linear_w4a4_products_are_exact():
     torch.testing.assert_close(y.double(), exact, rtol=1e-6, atol=1e-6 * exact.abs().max().item())
 
 
-@check
+@CHECKS.add
 def opaque_custom_op_runs_the_kernels_under_torch_compile():
     """The route the tests use on CPU: the launch inside an opaque custom op, compiled by Inductor."""
     from lowbit_compile.kernels import reference
@@ -225,18 +221,7 @@ def opaque_custom_op_runs_the_kernels_under_torch_compile():
 # ----------------------------------------------------------------------------- pytest side
 
 
-@pytest.fixture(scope="module")
-def interpreted():
-    pytest.importorskip("triton")
-    from lowbit_compile.kernels.triton import interpret
-
-    return interpret.run(__file__)
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_interpreted(interpreted, name):
-    result = interpreted["results"][name]
-    assert result == "ok", result
+interpreted, test_interpreted = CHECKS.pytest_side(__file__)
 
 
 if __name__ == "__main__":
@@ -244,7 +229,6 @@ if __name__ == "__main__":
     import triton
     import triton.language as tl
 
-    from lowbit_compile.kernels.triton import interpret
     from lowbit_compile.kernels.triton.decode import code_at, fp4_round, fp4_value, load_code_bytes
 
     @triton.jit

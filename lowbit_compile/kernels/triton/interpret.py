@@ -5,6 +5,18 @@ TRITON_INTERPRET must be set before `triton` is imported, and a test session has
 variable set; the script ends with `main(CHECKS)`, which runs every check, catches failures and prints one
 line of JSON results that `run` returns. Kernels launched by the checks are the very kernels the ops launch on
 CUDA, here on CPU tensors (the interpreter runs each program in numpy: keep shapes small).
+
+A test file is its own script (tests/kernels/test_triton_*.py):
+
+    CHECKS = interpret.Checks()
+
+    @CHECKS.add
+    def some_kernel_matches_its_reference(): ...
+
+    interpreted, test_interpreted = CHECKS.pytest_side(__file__)  # one subprocess, a test per check
+
+    if __name__ == "__main__":
+        interpret.main(CHECKS)
 """
 
 from __future__ import annotations
@@ -18,6 +30,33 @@ import traceback
 from collections.abc import Callable
 
 RESULT_MARK = "LOWBIT_INTERPRET_RESULTS "
+
+
+class Checks(dict):
+    """{name: check} of one script; a check is a function that raises on failure."""
+
+    def add(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Decorator: register `fn` under its name."""
+        self[fn.__name__] = fn
+        return fn
+
+    def pytest_side(self, path: str):
+        """(fixture, test) to bind in the test module as `interpreted, test_interpreted`: the module-scoped
+        fixture runs the script `path` once (skipped without Triton), the test is parametrized by check name;
+        call it after the last check is added."""
+        import pytest  # only the test session needs it, not the interpreted process
+
+        @pytest.fixture(scope="module")
+        def interpreted():
+            pytest.importorskip("triton")
+            return run(path)
+
+        @pytest.mark.parametrize("name", list(self))
+        def test_interpreted(interpreted, name):
+            result = interpreted["results"][name]
+            assert result == "ok", result
+
+        return interpreted, test_interpreted
 
 
 def run(path: str, timeout: float = 300) -> dict:
