@@ -5,9 +5,11 @@ w2/w3/w4: rotated, per-row scales, the shape of a QuIP layer) and run through `l
 fast path the backend picks (codes widened to the int4 kernel's layout, bfloat16 activations inside the op); one
 row runs without the rotation to show what the Hadamard transforms cost. For contrast: the reference op
 `lowbit::rotated_linear` (decodes the weight on every call) and FP4 W4A16 through `lowbit::fp4_linear` (its
-reference implementation on CPU). Every op is called eagerly, with the caches flushed before each call (as in a
-model larger than the cache, where every layer's weights come from memory); the candidates take turns round by
-round and each figure is the median, so the ratios hold on a loaded machine even where the absolute times do not.
+reference implementation on CPU). FP4 runs through `lowbit::fp4pack_linear` (kernels/cpu_fp4.py: E1M2 codes as
+one int4 digit, E2M1/E3M0 as two), W4A16 in each format and W4A4 in E2M1. Every op is called eagerly, with the
+caches flushed before each call (as in a model larger than the cache, where every layer's weights come from
+memory); the candidates take turns round by round and each figure is the median, so the ratios hold on a loaded
+machine even where the absolute times do not.
 
     python -m bench.ops [--quick] [--threads N] [--no-doc]
 """
@@ -50,7 +52,7 @@ def _records(w: torch.Tensor) -> dict:
 def variants(w: torch.Tensor, quick: bool) -> dict:
     """name -> (make_call(x) -> zero-argument callable, weight bytes, rows it runs at)."""
     from lowbit_compile import hadamard
-    from lowbit_compile.kernels import cpu
+    from lowbit_compile.kernels import cpu, cpu_fp4
 
     recs = _records(w)
     wb = w.to(torch.bfloat16)
@@ -75,6 +77,15 @@ def variants(w: torch.Tensor, quick: bool) -> dict:
         lambda x: lambda: torch.ops.lowbit.rotated_linear(x, *ref_args),
         rec.qweight.numel() + rec.scales.numel() * 2, ref_rows)
     f = recs["fp4"]
+    for fmt in ("e2m1", "e1m2", "e3m0"):  # the same codes read in each format: the speed depends on the format only
+        pk = cpu_fp4.pack_fp4(f.qweight, f.w_scales, fmt, f.in_features)
+        a16 = cpu_fp4.op_args(pk, None, None, None, None, None)
+        out[f"FP4 {fmt} W4A16, fp4pack"] = ((lambda a: lambda x: lambda: torch.ops.lowbit.fp4pack_linear(x, *a))(a16),
+                                            pk.nbytes(), ROWS)
+        if fmt == "e2m1":
+            a4 = cpu_fp4.op_args(pk, None, None, torch.tensor([0.05], dtype=torch.float16), "e2m1", None)
+            out["FP4 e2m1 W4A4, fp4pack"] = ((lambda a: lambda x: lambda: torch.ops.lowbit.fp4pack_linear(x, *a))(a4),
+                                             pk.nbytes(), ROWS)
     fp4_args = (f.qweight, f.w_scales, None, None, f.w_format, None, None, f.in_features)
     out["FP4 W4A16, fp4_linear (reference)"] = (lambda x: lambda: torch.ops.lowbit.fp4_linear(x, *fp4_args),
                                                  f.qweight.numel() + f.w_scales.numel() * 2, ref_rows)
@@ -131,9 +142,10 @@ def main(argv=None) -> str:
     verdict = []
     for shape, ms in goal_rows.items():
         f32 = ms["float32 F.linear"][1]
-        r = {k: ms[k][1] / f32 for k in ms if k.startswith("lowbit int") and "int4pack" in k}
-        worst = max(r.values())
-        verdict.append(f"{shape[0]}×{shape[1]}: slowest int4pack op at M = 1 is {worst:.2f}× float32 (goal ≤ 1); "
+        r = {k: ms[k][1] / f32 for k in ms if k.endswith("fp4pack") or ("int4pack" in k and k.startswith("lowbit int"))}
+        worst = max(r, key=r.get)
+        verdict.append(f"{shape[0]}×{shape[1]}: slowest quantized op at M = 1 is {worst} at {r[worst]:.2f}× float32 "
+                       f"(goal ≤ 1); "
                        f"int4 {r['lowbit int4, int4pack']:.2f}×, int2 {r['lowbit int2, int4pack (widened)']:.2f}× "
                        f"(goal ≤ 0.5)")
     text.append("\n" + "\n".join(f"- {v}" for v in verdict))

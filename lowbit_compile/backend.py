@@ -30,6 +30,7 @@ from .errors import LowbitError
 from .passes import (
     FindLinears,
     FoldActScales,
+    FP4FastPath,
     InsertObservers,
     RewriteLinears,
     count_quantized,
@@ -242,6 +243,11 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
         fold = FoldActScales()
         fold(gm)
         report.notes.extend(fold.notes)
+        if settings.kernels == "auto":  # FP4 linears in their final (folded) form onto the CPU int4 kernel
+            fast = FP4FastPath()
+            fast(gm)
+            for layer in report.layers:
+                layer.runtime = fast.runtimes.get(layer.fqn, layer.runtime)
     for rec in records.values():
         report.notes.extend(getattr(rec, "notes", ()))
     report.records = records

@@ -5,9 +5,10 @@
 buffers are the packed record. Tied weights stay with the module that still uses them (an embedding keeps
 its float weight when a tied lm_head is swapped).
 
-These modules run the reference ops: the exporters build on them. `swap_linears(..., fast=True)` puts an
-Int4PackLinear (CPU int4 kernel, `lowbit::int4pack_linear`, bfloat16 activations inside the op) in place of
-each integer record the kernel can take (kernels/cpu.py); the others keep their reference module.
+These modules run the reference ops: the exporters build on them. `swap_linears(..., fast=True)` puts the CPU
+fast forms in their place: an Int4PackLinear (CPU int4 kernel, `lowbit::int4pack_linear`, bfloat16 activations
+inside the op) for each integer record the kernel can take (kernels/cpu.py), an FP4PackLinear
+(`lowbit::fp4pack_linear`, the same kernel, kernels/cpu_fp4.py) for each FP4 record on the CPU.
 
 An FP4 W4A4 module applies its per-channel activation exponents at run time (`act_shift`); folding them
 into the producer of its input is a graph transformation (passes/fold_act_scales.py), applied by the
@@ -25,7 +26,7 @@ import torch
 from . import hadamard, kernels  # noqa: F401  (registers the ops)
 from .checkpoint import Checkpoint, FP4QuantizedLinear, QuantizedLinear
 from .errors import LowbitError
-from .kernels import cpu
+from .kernels import cpu, cpu_fp4
 
 
 class LowbitLinear(torch.nn.Module):
@@ -116,10 +117,48 @@ class Int4PackLinear(torch.nn.Module):
                 f"{self.runtime}, rotated={self.su is not None}")
 
 
+class FP4PackLinear(torch.nn.Module):
+    """The CPU fast form of an FP4 record: codes as int4 digits (kernels/cpu_fp4.py), one
+    `lowbit::fp4pack_linear` call that also applies the fp4-rot rotation and the activation exponents. Results
+    match LowbitFP4Linear to bfloat16 precision."""
+
+    def __init__(self, rec: FP4QuantizedLinear, bias: torch.Tensor | None = None):
+        super().__init__()
+        w = cpu_fp4.pack_record(rec)
+        self.fqn = rec.fqn
+        self.in_features, self.out_features = rec.in_features, rec.out_features
+        self.w_format, self.a_format = rec.w_format, rec.a_format
+        self.group_size, self.parts = w.group_size, w.parts
+        self.runtime = w.describe()
+        self.register_buffer("packed", w.packed)
+        self.register_buffer("scales_zeros", w.scales_zeros)
+        self.register_buffer("row_scale", w.row_scale)
+        self.register_buffer("su", None if rec.su is None else rec.su.clone())
+        self.register_buffer("act_shift", None if rec.act_exponents is None else rec.act_exponents.clone())
+        self.register_buffer("act_scale", None if rec.act_scale is None else rec.act_scale.clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        blocks = cpu.rotation_blocks(rec.in_features) if rec.su is not None else ()
+        self.n_rot_in = len(blocks)
+        for i, b in enumerate(blocks):
+            self.register_buffer(f"rot_in_{i}", b, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rot_in = [getattr(self, f"rot_in_{i}") for i in range(self.n_rot_in)]
+        return torch.ops.lowbit.fp4pack_linear(x, self.packed, self.scales_zeros, self.row_scale, self.su, rot_in,
+                                               self.act_shift, self.act_scale, self.a_format, self.bias,
+                                               self.in_features, self.out_features, self.group_size, self.parts)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fp4 w:{self.w_format} "
+                f"a:{self.a_format or 'float'} as {self.runtime}, rotated={self.su is not None}")
+
+
 def lowbit_module(rec, bias: torch.Tensor | None = None, fast: bool = False) -> torch.nn.Module:
     """The run-time module of one record: the reference module, or with fast=True the CPU fast form where the
     record has one."""
     if isinstance(rec, FP4QuantizedLinear):
+        if fast and cpu_fp4.unsupported_reason(rec) is None:
+            return FP4PackLinear(rec, bias)
         return LowbitFP4Linear(rec, bias)
     if isinstance(rec, QuantizedLinear):
         if fast and cpu.unsupported_reason(rec) is None:
@@ -132,7 +171,7 @@ def swap_linears(model: torch.nn.Module, records: Mapping[str, QuantizedLinear |
                  inplace: bool = False, make_module=None, fast: bool = False):
     """Replace each nn.Linear named in `records` by its LowbitLinear / LowbitFP4Linear (on a deep copy
     unless inplace). `make_module(record, bias)` builds another module kind (the exporters' forms); fast=True
-    uses the CPU fast form (Int4PackLinear) for every integer record that has one."""
+    uses the CPU fast forms (Int4PackLinear, FP4PackLinear) for every record that has one."""
     if make_module is not None and fast:
         raise LowbitError("swap_linears: pass either make_module or fast=True, not both")
     make_module = make_module or (lambda rec, bias: lowbit_module(rec, bias, fast=fast))

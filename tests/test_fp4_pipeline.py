@@ -14,6 +14,11 @@ from lowbit_compile.quantize import fp4 as q
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# Bit-exact comparisons with the swapped modules run the reference ops (kernels="reference"); the CPU fast paths are
+# compared with their own tolerance in tests/kernels/test_cpu_fp4.py.
+REF = {"kernels": "reference"}
+EAGER_REF = {"compiler": "eager", **REF}
+
 
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch, fresh_compiler):
@@ -61,7 +66,7 @@ def test_fp4_checkpoint_compiles_to_the_same_outputs_as_swapped_modules(llama_fp
     with torch.no_grad():
         swapped = lb.swap_linears(model, loaded.records)(ids).logits
         compiled = torch.compile(model, backend="lowbit", options={"checkpoint": str(tmp_path / "ck"),
-                                                                    "compiler": "eager"})(ids).logits
+                                                                    **EAGER_REF})(ids).logits
         float_out = model(ids).logits
     assert torch.equal(compiled, swapped)  # folding (in the compiled graph) changes nothing
     report = lb.last_report()
@@ -80,7 +85,7 @@ def test_fp4_checkpoint_through_inductor():
     ids = torch.randint(0, 320, (2, 9))
     with torch.no_grad():
         swapped = lb.swap_linears(model, ck.records)(ids).logits
-        compiled = torch.compile(model, backend="lowbit", options={"checkpoint": ck})(ids).logits
+        compiled = torch.compile(model, backend="lowbit", options={"checkpoint": ck, **REF})(ids).logits
     assert lb.last_report().rewritten == 7
     assert any("folded into" in n for n in lb.last_report().notes)
     # activation rounding can flip on a last-bit difference, so compare in aggregate
@@ -108,7 +113,7 @@ def test_w4a16_fp4_on_real_minilm_compiles_like_the_swapped_model():
     enc = dict(tok(["hello world", "quantized sentence embeddings"], padding=True, return_tensors="pt"))
     with torch.no_grad():
         swapped = lb.swap_linears(model, ck.records)(**enc).last_hidden_state
-        compiled = torch.compile(model, backend="lowbit", options={"checkpoint": ck, "compiler": "eager"})(
+        compiled = torch.compile(model, backend="lowbit", options={"checkpoint": ck, **EAGER_REF})(
             **enc).last_hidden_state
         ref = model(**enc).last_hidden_state
     assert torch.equal(compiled, swapped)
@@ -121,7 +126,7 @@ def test_fp4_recipe_without_checkpoint_calibrates_on_the_first_call(caplog):
     model = tiny_llama(layers=1)
     ids = torch.randint(0, 320, (2, 16))
     with torch.no_grad(), caplog.at_level("WARNING", logger="lowbit_compile"):
-        compiled = torch.compile(model, backend="lowbit", options={"recipe": "fp4", "compiler": "eager"})
+        compiled = torch.compile(model, backend="lowbit", options={"recipe": "fp4", **EAGER_REF})
         y = compiled(ids).logits
         compiled(torch.randint(0, 320, (1, 5)))  # a recompile: no second calibration or search
     assert sum("calibrating on the first call's inputs (32 tokens)" in r.message for r in caplog.records) == 1
@@ -146,7 +151,7 @@ def test_fp4_rot_shares_one_rotation_per_input_and_compiles_like_the_swapped_mod
     ids = torch.randint(0, 320, (2, 9))
     with torch.no_grad():
         swapped = lb.swap_linears(model, recs)(ids).logits
-        compiled = torch.compile(model, backend="lowbit", options={"checkpoint": ck, "compiler": "eager"})(ids).logits
+        compiled = torch.compile(model, backend="lowbit", options={"checkpoint": ck, **EAGER_REF})(ids).logits
     assert torch.equal(compiled, swapped)
     assert lb.last_report().rewritten == 7
 
@@ -194,7 +199,7 @@ def test_norm_without_affine_weight_keeps_a_runtime_shift_and_the_report_says_so
     x = torch.randn(2, 16, 24, generator=g)
     x[..., 3] *= 30  # an outlier channel through the norm: fc1 gets exponents
     with torch.no_grad():
-        y = torch.compile(model, backend="lowbit", options={"recipe": "fp4", "compiler": "eager"})(x)
+        y = torch.compile(model, backend="lowbit", options={"recipe": "fp4", **EAGER_REF})(x)
         report = lb.last_report()
         assert report.records["fc1"].act_exponents is not None
         assert torch.equal(y, lb.swap_linears(model, report.records)(x))

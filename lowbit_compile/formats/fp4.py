@@ -191,6 +191,14 @@ def quantize(x: torch.Tensor, fmt: FP4Format, scale) -> torch.Tensor:
     return torch.copysign(r * _pow2(e - fmt.m_bits) * s, x)
 
 
+def quantize_unscaled(x: torch.Tensor, fmt: FP4Format, scale) -> torch.Tensor:
+    """`quantize(x, fmt, scale) / scale` without the two roundings: the bias-0 grid value (at most 4 significant
+    bits, exact in bfloat16) that x rounds to at scale, float32; NaN stays NaN."""
+    x = x.to(torch.float32)
+    r, e = _round_magnitude(x, fmt, scale)
+    return torch.copysign(r * _pow2(e - fmt.m_bits), x)
+
+
 def exponent_multipliers(k: torch.Tensor) -> torch.Tensor:
     """2**k as float32 for integer exponents k >= 0 (per-channel activation shifts), exact."""
     return (torch.ones_like(k, dtype=torch.int64) << k.to(torch.int64)).to(torch.float32)

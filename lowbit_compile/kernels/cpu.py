@@ -272,24 +272,22 @@ def _(x, packed, scales_zeros, su, sv, rot_in, rot_out, bias, in_features, out_f
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _decompose_for_compile(mode, op, types, args, kwargs):
-    """Inside AOTAutograd (torch.compile) trace the op's body, so Inductor sees and fuses its ATen ops; like
-    torch.library.triton_op, keep the op whole when torch.export asks for it."""
+def decompose_under_compile(op, impl) -> None:
+    """Inside AOTAutograd (torch.compile) trace `impl`, the op's body, so Inductor sees and fuses its ATen ops
+    around the extern kernel; like torch.library.triton_op, keep the op whole when torch.export asks for it."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
     from torch.export._trace import custom_triton_ops_decomposition_disabled
 
-    if custom_triton_ops_decomposition_disabled():
-        return mode.__torch_dispatch__(op, types, args, kwargs)
-    with mode:
-        return int4pack_linear_impl(*args, **kwargs)
+    def dispatch(mode, op_, types, args, kwargs):
+        if custom_triton_ops_decomposition_disabled():
+            return mode.__torch_dispatch__(op_, types, args, kwargs)
+        with mode:
+            return impl(*args, **kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, dispatch)
 
 
-def _register_decomposition():
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    int4pack_linear.register_torch_dispatch(FunctionalTensorMode, _decompose_for_compile)
-
-
-_register_decomposition()
+decompose_under_compile(int4pack_linear, int4pack_linear_impl)
 
 
 # Autograd: gradients reach the activations (and bias); the packed weights are frozen constants.

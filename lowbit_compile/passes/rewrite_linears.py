@@ -3,7 +3,8 @@ for a QuantizedLinear, `lowbit::fp4_linear` for an FP4QuantizedLinear.
 
 The kernel is chosen here, per layer: with kernels="auto" an integer record whose weights live on the CPU
 and fit the int4 kernel becomes `lowbit::int4pack_linear` (kernels/cpu.py: codes widened to the kernel's 4-bit
-layout, bfloat16 activations inside the op); kernels="reference" keeps the reference ops everywhere.
+layout, bfloat16 activations inside the op); kernels="reference" keeps the reference ops everywhere. (FP4 linears
+move to their CPU kernel later, in fp4_fast_path, once fold_act_scales has given them their final form.)
 `runtimes[fqn]` says what each layer runs and how many bits per weight it holds in memory.
 
 Packed codes, scales, sign vectors and activation exponents become buffers of the GraphModule (get_attr
@@ -28,7 +29,7 @@ from .find_linears import TAG, linear_sites
 
 QUANTIZED_TAG = "lowbit_quantized"
 LOWBIT_LINEAR_OPS = (torch.ops.lowbit.rotated_linear.default, torch.ops.lowbit.fp4_linear.default,
-                     torch.ops.lowbit.int4pack_linear.default)
+                     torch.ops.lowbit.int4pack_linear.default, torch.ops.lowbit.fp4pack_linear.default)
 KERNELS = ("auto", "reference")
 
 
@@ -158,5 +159,5 @@ def _replace(graph: torch.fx.Graph, node: torch.fx.Node, new: torch.fx.Node, fqn
 
 
 def count_quantized(gm: torch.fx.GraphModule) -> int:
-    """Number of lowbit linear ops (rotated_linear, fp4_linear, int4pack_linear) in the graph."""
+    """Number of lowbit linear ops (rotated_linear, fp4_linear, int4pack_linear, fp4pack_linear) in the graph."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in LOWBIT_LINEAR_OPS)
