@@ -62,6 +62,33 @@ def kron_blocks(n: int, factor: torch.Tensor | None) -> list[torch.Tensor]:
     return blocks
 
 
+def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(…, n) → (tokens, n): every decomposed layer computes on one leading dimension.
+
+    With dynamic batch and sequence sizes, XNNPACK takes a reshape only when at most one of its output
+    dimensions is dynamic, given as -1 (a shape with symbolic sizes, as `view(*x.shape[:-1], n)` traces, is
+    left to the runtime's portable kernel, and an unsqueeze with two dynamic dimensions fails to lower). On
+    (tokens, n) every reshape, unsqueeze and matmul inside the layer has one dynamic dimension: the layer is one
+    XNNPACK partition with the ops around it, and only the final `unflatten_tokens` runs outside. Fewer
+    partitions and nodes make lowering much faster; the math per token is the same. The flattening is a view
+    of a contiguous copy (as in matmul_computed_weight): a view of the input itself may be valid for the
+    strides torch.export traced and not for those to_edge re-derives (after a transpose + reshape)."""
+    if x.dim() == 2:
+        return x
+    return x.clone(memory_format=torch.contiguous_format).view(-1, x.shape[-1])
+
+
+def unflatten_tokens(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(tokens, m) → (…, m) with the leading dimensions of the layer's input x."""
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _view_rows(t: torch.Tensor, like: torch.Tensor, last: int) -> torch.Tensor:
+    """t viewed as `like`'s shape with the last dimension `last`: -1 for the first (the only dynamic)
+    dimension, so XNNPACK takes the reshape (see flatten_tokens)."""
+    return t.view(-1, *like.shape[1:-1], last) if like.dim() >= 2 else t.view(last)
+
+
 def matmul_computed_weight(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ wᵀ for a weight computed in the graph (unpacked codes, a rebuilt sign matrix), as one bmm of batch 1.
 
@@ -71,9 +98,12 @@ def matmul_computed_weight(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     program slower). Left to torch's decomposition of `linear`, an N-d input with a computed weight becomes
     expand(weight to every token) + bmm when the input is not contiguous, or a view whose strides to_edge may
     re-derive differently. An explicit contiguous copy of the activations (cheap next to the matmul) makes the
-    flattening a valid view everywhere."""
+    flattening a valid view everywhere. The weight gets its batch dimension by a view and a transpose, ops
+    XNNPACK takes (an unsqueeze of a leading dimension would run outside and cut the weight's decoding off the
+    matmul's partition)."""
     x3 = x.clone(memory_format=torch.contiguous_format).view(1, -1, x.shape[-1])
-    return torch.bmm(x3, w.t().unsqueeze(0)).view(*x.shape[:-1], w.shape[0])
+    y = torch.bmm(x3, w.reshape(1, *w.shape).transpose(1, 2))
+    return _view_rows(y, x, w.shape[0])
 
 
 def _sign_bits(block: torch.Tensor) -> tuple[torch.Tensor, float] | None:
@@ -133,14 +163,13 @@ class KronTransform(nn.Module):
         k = len(self.dims)
         if k == 1:
             return self._apply(0, x)
-        shape = x.shape
-        lead = x.dim() - 1
-        # Split only the last dimension (a view for any strides), never merge the leading ones.
-        y = x.reshape(*shape[:-1], *self.dims)
-        rotate = list(range(lead)) + [lead + k - 1] + list(range(lead, lead + k - 1))
+        # On (tokens, d₁, …, d_k): one leading dimension, given as -1 in every reshape (see flatten_tokens).
+        y = flatten_tokens(x).reshape(-1, *self.dims)
+        rotate = [0, k] + list(range(1, k))
         for i in reversed(range(k)):
             y = self._apply(i, y).permute(rotate)
-        return y.reshape(shape)
+        # a view of a contiguous copy keeps the -1 (a reshape of the permuted tensor traces to symbolic sizes)
+        return unflatten_tokens(y.clone(memory_format=torch.contiguous_format).view(-1, self.n), x)
 
     def _apply(self, i: int, y: torch.Tensor) -> torch.Tensor:
         """Block i on the last axis: a delegated linear for a constant block, an mm for a rebuilt one."""
@@ -175,13 +204,13 @@ class _RotatedBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
+        h = flatten_tokens(x)
         if self.rot_in is not None:
             h = self.rot_in(h * self.su.to(torch.float32))
         if self.rot_out is None:  # the bias can ride along in the matmul
-            return self._linear(h, self.bias)
+            return unflatten_tokens(self._linear(h, self.bias), x)
         y = self.rot_out(self._linear(h, None)) * self.sv.to(torch.float32)
-        return y if self.bias is None else y + self.bias
+        return unflatten_tokens(y if self.bias is None else y + self.bias, x)
 
 
 class Int4DynamicLinear(_RotatedBase):
@@ -345,15 +374,15 @@ class FP4TableLinear(nn.Module):
         s = self.act_scale.to(torch.float32)
         q = x.abs() / s
         passed = torch.ceil(torch.clamp(q.unsqueeze(-1) * self.sigma - self.sigma_mids, 0.0, 1.0))
-        mag = nn.functional.linear(passed, self.steps).view(q.shape) + self.base
+        mag = _view_rows(nn.functional.linear(passed, self.steps), q, q.shape[-1]) + self.base
         return mag * torch.clamp(x * self.sign_gain, -1.0, 1.0) * s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
+        h = flatten_tokens(x)  # (tokens, in): the W4A4 rounding's unsqueeze needs one dynamic dimension
         if self.rot_in is not None:
             h = self.rot_in(h * self.su.to(torch.float32))
         y = matmul_computed_weight(self.quantize_activations(h), self.dequantized())
-        return y if self.bias is None else y + self.bias
+        return unflatten_tokens(y if self.bias is None else y + self.bias, x)
 
 
 def route_for(lin: LowbitLinear, int4: str = "xnnpack") -> str:

@@ -150,6 +150,28 @@ def _auto_dynamic_shapes(model, args: tuple, kwargs: dict, max_batch: int, max_s
     return {**{params[i]: spec(a) for i, a in enumerate(args)}, **{k: spec(v) for k, v in kwargs.items()}}
 
 
+def _widen_size_one_dims(args: tuple, kwargs: dict, max_batch: int, max_seq: int) -> tuple[tuple, dict, list[int]]:
+    """The example inputs for tracing with "auto" dynamic shapes: torch.export specializes a dimension of size 1
+    (the program would take batch 1 only), so where every input tensor that has dimension 0 (batch) or 1
+    (sequence) has size 1 there, the example is repeated to size 2 along it. The program still runs size 1;
+    export_pte verifies it on the original example. Returns (args, kwargs, the widened dimensions)."""
+    tensors = [t for t in _tensor_leaves((args, kwargs)) if t.dim() > 0]
+    widened = [d for d, top in ((0, max_batch), (1, max_seq)) if top >= 2
+               and any(t.dim() > d for t in tensors) and all(t.shape[d] == 1 for t in tensors if t.dim() > d)]
+    if not widened:
+        return args, kwargs, []
+
+    def widen(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        for d in widened:
+            if t.dim() > d:
+                t = torch.cat([t, t], dim=d)
+        return t
+
+    return pytree.tree_map(widen, args), pytree.tree_map(widen, kwargs), widened
+
+
 def _default_max_seq(model) -> int:
     mpe = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return min(DEFAULT_MAX_SEQ, mpe) if isinstance(mpe, int) and mpe > 0 else DEFAULT_MAX_SEQ
@@ -251,13 +273,49 @@ def _check_runtime_kernels(program: torch.export.ExportedProgram) -> tuple[int, 
     return delegates, ops
 
 
-def _lower(ep: torch.export.ExportedProgram):
+# XNNPACK partitions made of these ops only are left to the runtime's portable kernels, which compute the same
+# numbers (copies and float adds are exact either way). With dynamic batch and sequence sizes, the reshapes
+# XNNPACK cannot take (two dynamic dimensions: a transformer's attention heads) cut the graph into many such
+# partitions, a permute or a residual add each, and every partition costs ExecuTorch ~0.5 s of lowering (17
+# XNNPACK passes, each re-tracing it) for next to no work at run time.
+LIGHT_OPS = frozenset({"permute_copy", "view_copy", "_clone_dim_order", "clone", "add"})
+
+
+def _op_base_name(target) -> str:
+    """'permute_copy' for aten::permute_copy (edge and ATen ops); str(target) for anything else."""
+    schema = getattr(target, "_schema", None)
+    return schema.name.split("::")[-1] if schema is not None else str(target)
+
+
+def _partitioner():
+    """XNNPACK's partitioner, leaving partitions of LIGHT_OPS only to the portable kernels."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class Partitioner(XnnpackPartitioner):
+        def partition(self, exported_program):
+            result = super().partition(exported_program)
+            members: dict[str, list[torch.fx.Node]] = {}
+            for node in exported_program.graph_module.graph.nodes:
+                tag = node.meta.get("delegation_tag")
+                if tag in result.partition_tags:
+                    members.setdefault(tag, []).append(node)
+            for tag, nodes in members.items():
+                ops = [n for n in nodes if n.op == "call_function"]
+                if ops and all(_op_base_name(n.target) in LIGHT_OPS for n in ops):
+                    for n in nodes:
+                        del n.meta["delegation_tag"]
+                    del result.partition_tags[tag]
+            return result
+
+    return Partitioner()
+
+
+def _lower(ep: torch.export.ExportedProgram):
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     config = EdgeCompileConfig(_core_aten_ops_exception_list=list(EXTRA_EDGE_OPS))
     try:
-        return to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], compile_config=config) \
+        return to_edge_transform_and_lower(ep, partitioner=[_partitioner()], compile_config=config) \
             .to_executorch()
     except Exception as e:
         raise LowbitError(f"ExecuTorch could not lower the exported program: {type(e).__name__}: {e}") from e
@@ -367,6 +425,9 @@ def export_pte(model: torch.nn.Module, records, example_inputs, path, *, dynamic
     dynamic_shapes: "auto" (dimension 0 ≤ max_batch and dimension 1 ≤ max_seq of every input tensor are
         dynamic where the model allows, static where not; max_seq defaults to min(256, the model's
         max_position_embeddings)), None (static: the example shapes), or a torch.export dynamic_shapes spec.
+        With "auto", an example of batch (or sequence) size 1 is traced repeated to size 2 (torch.export would
+        fix a size-1 dimension to 1); the program runs any size from 1 to the maximum. With None or an explicit
+        spec a size-1 dimension stays fixed: give an example of batch ≥ 2 to run other batch sizes.
     int4: "xnnpack" runs 4-bit layers whose blocks are 32·k inputs on XNNPACK's int8-activation × int4
         kernel; "packed" runs every layer on the exact unpack + float matmul route.
     verify: run the program in executorch.runtime on the example inputs before writing it; raise LowbitError
@@ -394,11 +455,14 @@ def export_pte(model: torch.nn.Module, records, example_inputs, path, *, dynamic
     rt_model = copy.deepcopy(qmodel)
     routes = decompose_lowbit_linears(rt_model, int4)
 
+    trace_args, trace_kwargs = args, kwargs
     if isinstance(dynamic_shapes, str):
         if dynamic_shapes != "auto":
             raise LowbitError(f"dynamic_shapes={dynamic_shapes!r}: use 'auto', None or a torch.export spec")
-        dynamic_shapes = _auto_dynamic_shapes(rt_model, args, kwargs, max_batch, max_seq or _default_max_seq(model))
-    ep = _capture(rt_model, args, kwargs, dynamic_shapes, strict)
+        max_seq = max_seq or _default_max_seq(model)
+        trace_args, trace_kwargs, _ = _widen_size_one_dims(args, kwargs, max_batch, max_seq)
+        dynamic_shapes = _auto_dynamic_shapes(rt_model, trace_args, trace_kwargs, max_batch, max_seq)
+    ep = _capture(rt_model, trace_args, trace_kwargs, dynamic_shapes, strict)
     _check_no_lowbit_ops(ep)
     program = _lower(ep)
     delegates, ops = _check_runtime_kernels(program.exported_program())

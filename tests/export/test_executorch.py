@@ -355,10 +355,11 @@ def test_dynamic_batch_and_sequence(llama_mixed):
 
 @pytest.fixture(scope="module")
 def llama_fp4(llama_fp4_checkpoint, tmp_path_factory):
+    """The FP4 checkpoint exported with dynamic batch and sequence (max_batch 4, max_seq 32)."""
     model, ck = llama_fp4_checkpoint
     inputs = (torch.randint(0, 320, (2, 12)),)
     return model, ck, inputs, export_pte(model, ck, inputs, tmp_path_factory.mktemp("fp4") / "llama.pte",
-                                         dynamic_shapes=None)
+                                         max_batch=4, max_seq=32)
 
 
 def test_llama_fp4_pte_runs_and_matches(llama_fp4):
@@ -373,6 +374,19 @@ def test_llama_fp4_pte_runs_and_matches(llama_fp4):
     assert not any(op.startswith("lowbit") for op in res.portable_ops)
     assert res.rtol == RTOL_FLOAT and (res.error <= res.rtol or res.rounding_flips)
     check_file(res, model, recs, inputs)
+
+
+def test_fp4_dynamic_batch_and_sequence(llama_fp4):
+    """W4A4 with batch and sequence both dynamic: the FP4 layers compute on (tokens, features), so the
+    activation rounding's reshapes have one dynamic dimension, which XNNPACK takes."""
+    model, ck, _, res = llama_fp4
+    assert any(d.startswith("input_ids.0") for d in res.dynamic_dims)
+    assert any(d.startswith("input_ids.1") for d in res.dynamic_dims)
+    for shape in [(3, 7), (1, 20), (4, 32)]:
+        ids = torch.randint(0, 320, shape, generator=torch.Generator().manual_seed(sum(shape)))
+        ys = run_pte(res.path, (ids,))
+        assert ys[0].shape == (*shape, 320)
+        assert matches(ys, model, ck.records, (ids,), RTOL_FLOAT)
 
 
 @pytest.fixture(scope="module")
@@ -433,6 +447,23 @@ def test_keyword_inputs_with_automatic_dynamic_shapes(tmp_path):
     assert max_rel_error(ys, [ref]) <= RTOL_INT8_ACTIVATIONS
 
 
+def test_batch_one_example_gives_a_dynamic_batch(tmp_path):
+    """torch.export fixes a dimension of size 1; with dynamic_shapes="auto" an example of batch 1 (and here
+    sequence 1) is traced at size 2, so the program runs other batch and sequence sizes, and size 1."""
+    model = mlp((64, 96, 64))
+    records = {"0": quantize_weight("0", model[0].weight, parse_spec("w3")),
+               "2": quantize_weight("2", model[2].weight, parse_spec("w4"))}
+    res = export_pte(model, records, (torch.randn(1, 1, 64),), tmp_path / "b1.pte", max_batch=4, max_seq=16)
+    assert {d.split(" ")[0] for d in res.dynamic_dims} == {"input.0", "input.1"}  # nn.Sequential names it input
+    for shape in [(1, 1), (3, 7), (4, 16), (1, 9)]:
+        x = torch.randn(*shape, 64)
+        ys = run_pte(res.path, (x,))
+        assert ys[0].shape == (*shape, 64)
+        assert max_rel_error(ys, reference_outputs(model, records, (x,))) <= RTOL_INT8_ACTIVATIONS
+    static = export_pte(model, records, (torch.randn(1, 5, 64),), tmp_path / "s.pte", dynamic_shapes=None)
+    assert static.dynamic_dims == []
+
+
 # ----------------------------------------------------------------------------- size
 
 
@@ -457,12 +488,11 @@ def test_pte_bits_per_quantized_weight(recipe, bits, mlp_fp32_bytes, tmp_path):
     if recipe == "fp4":
         with short_fp4_search():
             ck = lb.quantize(model, recipe, [x[0]], progress=False)
-        # static shapes: with batch and sequence both dynamic, XNNPACK refuses the W4A4 activation reshape
-        # ("XNNPACK reshape only supports 1 dynamic dimension"); known gap, see issue 5's closing note
-        records, res = ck.records, export(model, ck, x, tmp_path / "mlp.pte", dynamic_shapes=None)
-        assert set(res.routes.values()) == {"fp4-a4"}
-        x2 = torch.randn(2, 4, 512)
-        assert matches(run_pte(res.path, (x2,)), model, records, (x2,), RTOL_FLOAT)
+        # batch and sequence both dynamic (the default): W4A4 layers compute on (tokens, features)
+        records, res = ck.records, export(model, ck, x, tmp_path / "mlp.pte")
+        assert set(res.routes.values()) == {"fp4-a4"} and len(res.dynamic_dims) == 2
+        for x2 in (torch.randn(2, 4, 512), torch.randn(3, 9, 512)):
+            assert matches(run_pte(res.path, (x2,)), model, records, (x2,), RTOL_FLOAT)
     else:
         records = quantize_all(model, recipe)
         res = export_pte(model, records, x, tmp_path / "mlp.pte", dynamic_shapes=None)
