@@ -9,8 +9,11 @@ each as float eager, torch.compile (Inductor) in float, and torch.compile(backen
   row also gives the cosine of its sentence embeddings to float's.
 - Memory: "weights MB" counts the tensors each variant computes with (the lowbit graph's packed int4 buffers,
   bfloat16 scales and rotation blocks, plus the float parameters it still reads: embeddings, norms, a float
-  head); "linears MB" only the linear layers. Peak RSS is measured per variant in a fresh process (--rss); the
-  lowbit process still holds the float model too, since torch.compile keeps the module it wraps.
+  head); "linears MB" only the linear layers. Process memory is measured per variant in a fresh process (--rss):
+  RSS once the model is built and a prompt prefilled (before compiling), the peak (VmHWM) over compiling and three
+  calls, RSS after them, and RSS after gc + glibc malloc_trim(0) ("live"): what the process still uses once the
+  allocator's free pages are handed back, so "after" minus "live" is freed memory the allocator kept. The lowbit
+  process still holds the float model too, since torch.compile keeps the module it wraps.
 
 The variants take turns round by round in one process (median of the rounds), so the ratios are side by side.
 
@@ -162,8 +165,12 @@ def _no_grad(m, batch):
         return m(**batch)
 
 
-def peak_rss_mb(model_name: str, variant: str, layers: int, threads: int | None) -> tuple[float, float]:
-    """(peak, final) RSS in MB of a fresh process that builds the model and runs the variant a few times."""
+RSS_COLUMNS = ("before compile MB", "peak RSS MB", "RSS after MB", "live after MB")
+
+
+def peak_rss_mb(model_name: str, variant: str, layers: int, threads: int | None) -> tuple[float, ...]:
+    """(before compile, peak, after, live after) RSS in MB of a fresh process that builds the model and runs the
+    variant a few times (see the module docstring and _rss_child)."""
     cmd = [sys.executable, "-m", "bench.e2e", "--rss", model_name, variant, "--layers", str(layers)]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -171,30 +178,46 @@ def peak_rss_mb(model_name: str, variant: str, layers: int, threads: int | None)
     if out.returncode:
         raise RuntimeError(f"--rss {model_name} {variant!r} failed:\n{out.stderr[-3000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    return res["peak_mb"], res["final_mb"]
+    return res["base_mb"], res["peak_mb"], res["final_mb"], res["live_mb"]
+
+
+def _proc_status_mb() -> dict[str, float]:
+    """VmRSS and VmHWM (this process's peak; ru_maxrss would carry the parent's over exec) in MB."""
+    status = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                status[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return status
 
 
 def _rss_child(model_name: str, variant: str, layers: int) -> None:
     if model_name == "llama":
         model = build_llama(layers)
-        step = _decode_step(model)
-        m = make_variant(model, variant)
-        for _ in range(3):
-            step(m)
+        run = _decode_step(model)
     else:
         from lowbit_compile.demo import load_minilm
 
         model, tok = load_minilm()
         batch = _minilm_batch(tok)
-        m = make_variant(model, variant)
-        for _ in range(3):
-            _no_grad(m, batch)
-    status = {}
-    with open("/proc/self/status") as f:  # VmHWM: this process's peak (ru_maxrss would carry the parent's over exec)
-        for line in f:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                status[line.split(":")[0]] = int(line.split()[1]) / 1024
-    print(json.dumps({"peak_mb": status["VmHWM"], "final_mb": status["VmRSS"]}))
+
+        def run(m):
+            return _no_grad(m, batch)
+    base = _proc_status_mb()["VmRSS"]
+    m = make_variant(model, variant)
+    for _ in range(3):
+        run(m)
+    status = _proc_status_mb()
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:  # glibc: hand the allocator's free pages back; what remains is what the process really uses
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    live = _proc_status_mb()["VmRSS"]
+    print(json.dumps({"base_mb": base, "peak_mb": status["VmHWM"], "final_mb": status["VmRSS"], "live_mb": live}))
 
 
 def main(argv=None) -> str:
@@ -234,7 +257,10 @@ def main(argv=None) -> str:
         rss += [["MiniLM", n.replace(", head float", ""),
                  *(f"{v:.0f}" for v in peak_rss_mb("minilm", n, layers, args.threads))] for n in MINILM_VARIANTS]
         text += ["\n### Process memory (fresh process per variant; the lowbit ones still hold the float module)\n",
-                 markdown_table(["model", "variant", "peak RSS MB", "RSS after MB"], rss)]
+                 "RSS before compiling (model built, prompt prefilled), the peak over compiling and three calls, "
+                 "RSS after them, and \"live\": RSS after gc and glibc malloc_trim(0), without the free pages the "
+                 "allocator keeps.\n",
+                 markdown_table(["model", "variant", *RSS_COLUMNS], rss)]
     text[1] = text[1].replace("{after}", load_average())
     out = "\n".join(text)
     print(out)

@@ -196,3 +196,35 @@ def test_checkpoint_option_takes_an_object_and_rejects_other_types():
         assert torch.equal(y, lb.swap_linears(model, ck.records)(ids).logits)
     with pytest.raises(Exception, match="option checkpoint: expected a Checkpoint or a folder path"):
         _compile_call(model, {"checkpoint": 3}, ids)
+
+
+def test_quantization_packs_each_layer_as_it_goes_and_trims_the_heap_after(monkeypatch):
+    """Freed quantization temporaries go back to the OS (glibc malloc_trim) at the end of quantize_graph, and
+    each int4pack layer is packed right after it is quantized (RewriteLinears reuses that packed form)."""
+    from lowbit_compile import backend
+    from lowbit_compile.kernels import cpu
+
+    trims = []
+    monkeypatch.setattr(backend, "_malloc_trim", lambda: trims.append)
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 320, (1, 6))
+    _compile_call(model, {"compiler": "eager"}, ids)
+    report = lb.last_report()
+    packed = [r for r in report.quantized if r.runtime.startswith(cpu.RUNTIME_NAME)]
+    assert len(packed) == 7 and all(id(report.records[r.fqn]) in cpu._PACKED for r in packed)
+    assert trims and set(trims) == {0}
+
+
+def test_release_freed_memory_is_a_no_op_off_linux(monkeypatch):
+    from lowbit_compile import backend
+
+    backend._malloc_trim.cache_clear()
+    try:
+        monkeypatch.setattr(sys, "platform", "darwin")
+        assert backend._malloc_trim() is None
+        backend.release_freed_memory()
+    finally:
+        monkeypatch.undo()
+        backend._malloc_trim.cache_clear()
+    if sys.platform.startswith("linux"):
+        backend.release_freed_memory()  # the real glibc call

@@ -33,6 +33,11 @@ LOWBIT_LINEAR_OPS = (torch.ops.lowbit.rotated_linear.default, torch.ops.lowbit.f
 KERNELS = ("auto", "reference")
 
 
+def takes_int4pack(rec, kernels: str) -> bool:
+    """Whether RewriteLinears puts this record on `lowbit::int4pack_linear` (packed once, `cpu.packed_for`)."""
+    return kernels == "auto" and isinstance(rec, QuantizedLinear) and cpu.unsupported_reason(rec) is None
+
+
 def _buffer_prefix(fqn: str) -> str:
     return "_lowbit_" + re.sub(r"[^0-9a-zA-Z_]", "_", fqn)
 
@@ -47,7 +52,7 @@ class RewriteLinears(PassBase):
         self.runtimes: dict[str, str] = {}  # fqn -> the op it runs and the bits per weight it holds in memory
 
     def _fast(self, rec) -> bool:
-        return self.kernels == "auto" and isinstance(rec, QuantizedLinear) and cpu.unsupported_reason(rec) is None
+        return takes_int4pack(rec, self.kernels)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
