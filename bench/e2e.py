@@ -128,7 +128,7 @@ def bench_llama(layers: int, rounds: int, names: list[str]) -> tuple[list[list],
     sec = time_interleaved(fns, rounds)
     base = sec["float32 eager"]
     rows = [[n, f"{1 / sec[n]:.1f}", f"{1e3 * sec[n]:.1f}", f"{base / sec[n]:.2f}×", f"{mem[n][0] / 2**20:.0f}",
-             f"{mem[n][1] / 2**20:.0f}", f"{mem[n][0] / mem['float32 eager'][0]:.0%}"] for n in names]
+             f"{mem[n][1] / 2**20:.0f}", f"{mem[n][0] / mem['float32 eager'][0]:.1%}"] for n in names]
     return rows, {"sec": sec, "mem": mem}
 
 
