@@ -100,7 +100,7 @@ def weight_bytes(model, report=None) -> tuple[int, int]:
         lin += w.nbytes()
         for n, on in ((rec.in_features, rec.su is not None), (rec.out_features, rec.sv is not None)):
             if on:
-                blocks.update({id(b): b.numel() * 4 for b in cpu.rotation_blocks(n)})
+                blocks.update({id(b): b.numel() * b.element_size() for b in cpu.rotation_blocks(n)})
     return total + sum(blocks.values()), lin + sum(blocks.values())
 
 

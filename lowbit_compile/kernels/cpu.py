@@ -12,7 +12,8 @@ zero = 0 throughout. So 2/3-bit checkpoints stay 2/3-bit on disk and take 4 bits
 float16 scales become bfloat16 (relative rounding ≤ 2⁻⁹), per-row scales are repeated over kernel groups, the
 input dimension is padded to a multiple of 32 and the output dimension to a multiple of 64 (padded codes are 8,
 i.e. weight 0). The randomized Hadamard transforms run as a Kronecker product of small orthonormal blocks (the
-dense factor F_K and Sylvester blocks of at most MAX_BLOCK), one matmul per block, in float32.
+dense factor F_K, as ±1 int8 when larger than MAX_BLOCK, and Sylvester blocks of at most MAX_BLOCK), one matmul
+per block, in float32.
 
     y = sv ⊙ Tₘᵀ(int4mm(bf16(Tₙ(su ⊙ x)))) + bias        (rows < DEQUANT_MIN_ROWS: decode)
     y = sv ⊙ Tₘᵀ(bf16(Tₙ(su ⊙ x)) · bf16(Ŵ)ᵀ) + bias     (prefill: weights decoded once per call)
@@ -164,10 +165,16 @@ def _sylvester_block(size: int) -> Tensor:
 def rotation_blocks(n: int) -> tuple[Tensor, ...]:
     """Small orthonormal float32 blocks whose Kronecker product (first block = slowest index) is the transform
     `hadamard.apply` computes on a last dimension of n: F_K ⊗ H_P/√P, H_P split into Sylvester blocks of at most
-    MAX_BLOCK. Cached per size: layers of one size share the same constant tensors."""
+    MAX_BLOCK. A factor F_K larger than MAX_BLOCK (e.g. the 500×500 of a 32000-wide head) is kept as its ±1 signs,
+    int8, and kron_apply divides by √K: 1 byte instead of 4 per entry. Cached per size: layers of one size share
+    the same constant tensors."""
     p = hadamard.plan(n)
     f = hadamard.factor(n)
-    blocks = [] if f is None else [f.to(torch.float32).contiguous()]
+    blocks = []
+    if f is not None:  # a large factor is kept as its ±1 signs (int8, a quarter of the bytes); kron_apply scales
+        big = f.shape[0] > MAX_BLOCK
+        blocks.append((torch.round(f.double() * math.sqrt(f.shape[0])).to(torch.int8) if big
+                       else f.to(torch.float32)).contiguous())
     log_p = p.pow2.bit_length() - 1
     chunks = -(-log_p // int(math.log2(MAX_BLOCK))) if log_p else 0
     for i in range(chunks):  # near-equal powers of two
@@ -181,18 +188,24 @@ def rotation_blocks(n: int) -> tuple[Tensor, ...]:
 
 def kron_apply(x: Tensor, blocks: list[Tensor], transpose: bool = False) -> Tensor:
     """(B₁ ⊗ … ⊗ Bⱼ) x on the last dimension of a 2-D x (rows, n), or (…)ᵀ x with transpose: one matmul per
-    block, from the fastest index (a plain 2-D matmul) to the slowest (batched over rows, 2-D for one row)."""
+    block, from the fastest index (a plain 2-D matmul) to the slowest (batched over rows, 2-D for one row). An
+    int8 block holds the ±1 entries of a Hadamard factor H, and stands for H/√size."""
     rows, n = x.shape
     y, post = x, 1
     for i in range(len(blocks) - 1, -1, -1):
         b = blocks[i].t() if transpose else blocks[i]
         size = b.shape[0]
+        signs = b.dtype == torch.int8  # a Hadamard factor kept as ±1: H/√size
+        if signs:
+            b = b.to(x.dtype)
         if post == 1:
             y = y.reshape(-1, size) @ b.t()
         elif i == 0 and rows == 1:
             y = b @ y.reshape(size, post)
         else:
             y = torch.matmul(b, y.reshape(-1, size, post))
+        if signs:
+            y = y * (1.0 / math.sqrt(size))
         post *= size
     return y.reshape(rows, n)
 

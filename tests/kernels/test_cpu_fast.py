@@ -93,13 +93,13 @@ def test_widened_codes_decode_to_the_record_weight_with_bf16_scales_exactly(reci
     assert not decoded[k:].any() and not decoded[:, n:].any()  # padding decodes to zero weights
 
 
-@pytest.mark.parametrize("n", [1, 2, 12, 40, 96, 192, 344, 1024, 8192])
+@pytest.mark.parametrize("n", [1, 2, 12, 40, 96, 192, 344, 1024, 8192, 32000])
 def test_kronecker_blocks_equal_the_hadamard_transform_and_its_inverse(n):
     x = torch.randn(3, n, dtype=torch.float64)
     signs = hadamard.random_signs(n, 5).double()
     f = hadamard.factor(n)
     ref = hadamard.apply(x, signs, None if f is None else f.double())
-    blocks = [b.double() for b in cpu.rotation_blocks(n)]
+    blocks = [b if b.dtype == torch.int8 else b.double() for b in cpu.rotation_blocks(n)]  # int8: ±1 of a factor
     assert max([1, *[b.shape[0] for b in blocks]]) <= max(cpu.MAX_BLOCK, 1 if f is None else f.shape[0])
     y = cpu.kron_apply(x * signs, blocks)
     assert torch.allclose(y, ref, atol=1e-12)
