@@ -43,7 +43,7 @@ from .passes import (
     remove_observers,
 )
 from .passes.rewrite_linears import KERNELS, takes_int4pack
-from .quantize.layer import quantize_fp4_group, quantize_weight
+from .quantize.layer import check_group_size, quantize_fp4_group, quantize_weight
 from .recipe import Recipe
 from .report import LayerReport, Report
 
@@ -273,6 +273,11 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
         release_freed_memory(TRIM_SLACK)
 
     sites = linear_sites(gm)
+    if ckpt is None:  # a bad weight or group size fails before the first call is calibrated, not after
+        for _, site in sites:
+            spec = recipe.spec_for(site.fqn)[0]
+            if spec is not None:
+                check_group_size(site.fqn, site.in_features, spec)
     if ckpt is not None:  # refuse a checkpoint made for another model, listing every difference
         ckpt.check({s.fqn: (s.out_features, s.in_features) for _, s in sites}, whole_model=False,
                    must_match=[s.fqn for n, s in sites if _calls_linear_module(n)], where="the compiled graph")

@@ -232,6 +232,17 @@ def test_the_compile_path_names_the_layer_a_group_size_does_not_divide_and_the_o
     assert specs["layers.0.up"].endswith(f"group {fix.rsplit('-g', 1)[1]}") and "group" not in specs["layers.0.down"]
 
 
+def test_the_compile_path_refuses_a_bad_group_size_before_calibrating(monkeypatch):
+    from lowbit_compile import backend
+
+    def calibrate(*a, **k):
+        raise AssertionError("calibrated before the group-size check")
+
+    monkeypatch.setattr(backend, "_first_call_hessians", calibrate)
+    with pytest.raises(Exception, match=r"layer layers\.0\.up: group size 16 does not divide in_features=24"):
+        compiled(Net(blocks=1), {"recipe": "w3-optq-g16"}, data(1)[0])
+
+
 @pytest.mark.parametrize("recipe", ["w4", "w4-quip", "fp4"])
 def test_a_model_without_linears_gives_an_empty_checkpoint_with_a_warning(recipe, caplog, tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv1d(2, 2, 3), torch.nn.ReLU())
