@@ -9,6 +9,7 @@ import torch
 from .calibrate import calibrate_blocks, named_linears
 from .checkpoint import Checkpoint
 from .errors import LowbitError
+from .memory import TRIM_SLACK, release_freed_memory
 from .quantize.layer import check_group_size, check_weight, quantize_fp4_group, quantize_weight
 from .recipe import Recipe
 
@@ -116,6 +117,7 @@ def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer
                 raise e if f"layer {fqn}" in str(e) else LowbitError(f"layer {fqn}: {e}") from None
             records[fqn] = r
             deq[fqn] = _replacement(r, lin)
+            release_freed_memory(TRIM_SLACK)  # glibc keeps the freed temporaries of each layer otherwise
         for group in fp4_groups.values():
             st = stats[next(iter(group))]  # one LayerStats object, shared by the whole group
             for fqn, r in quantize_fp4_group(group, st.sample, st.absmax, rec.seed).items():
@@ -125,6 +127,7 @@ def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer
                     for note in r.notes:
                         log.warning("lowbit: %s", note)
                 deq[fqn] = _replacement(r, linears[fqn])
+            release_freed_memory(TRIM_SLACK)
         return deq
 
     for fqn, lin in named_linears(model).items():  # fail before hours of calibration, not after
@@ -171,6 +174,7 @@ def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer
     order = {n: i for i, n in enumerate(named_linears(model))}
     plan.sort(key=lambda p: order.get(p["fqn"], len(order)))
     records = {f: records[f] for f in sorted(records, key=lambda f: order.get(f, len(order)))}
+    release_freed_memory()
     return Checkpoint(records=records, recipe=rec.name, seed=rec.seed, plan=plan, calibration=summary, meta=meta)
 
 

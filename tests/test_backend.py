@@ -201,11 +201,11 @@ def test_checkpoint_option_takes_an_object_and_rejects_other_types():
 def test_quantization_packs_each_layer_as_it_goes_and_trims_the_heap_after(monkeypatch):
     """Freed quantization temporaries go back to the OS (glibc malloc_trim) at the end of quantize_graph, and
     each int4pack layer is packed right after it is quantized (RewriteLinears reuses that packed form)."""
-    from lowbit_compile import backend
+    from lowbit_compile import memory
     from lowbit_compile.kernels import cpu
 
     trims = []
-    monkeypatch.setattr(backend, "_malloc_trim", lambda: trims.append)
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: trims.append)
     model = tiny_llama(layers=1)
     ids = torch.randint(0, 320, (1, 6))
     _compile_call(model, {"compiler": "eager"}, ids)
@@ -216,15 +216,15 @@ def test_quantization_packs_each_layer_as_it_goes_and_trims_the_heap_after(monke
 
 
 def test_release_freed_memory_is_a_no_op_off_linux(monkeypatch):
-    from lowbit_compile import backend
+    from lowbit_compile import memory
 
-    backend._malloc_trim.cache_clear()
+    memory._malloc_trim.cache_clear()
     try:
         monkeypatch.setattr(sys, "platform", "darwin")
-        assert backend._malloc_trim() is None
-        backend.release_freed_memory()
+        assert memory._malloc_trim() is None
+        memory.release_freed_memory()
     finally:
         monkeypatch.undo()
-        backend._malloc_trim.cache_clear()
+        memory._malloc_trim.cache_clear()
     if sys.platform.startswith("linux"):
-        backend.release_freed_memory()  # the real glibc call
+        memory.release_freed_memory()  # the real glibc call

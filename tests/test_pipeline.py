@@ -122,3 +122,15 @@ def test_text_calibration_with_a_tokenizer(tmp_path):
 def test_data_free_recipes_need_no_calibration():
     ck = lb.quantize(tiny_llama(layers=1), "w4", progress=False)
     assert len(ck.records) == 7 and ck.calibration == {}
+
+
+def test_quantize_hands_freed_heap_pages_back(monkeypatch):
+    """lb.quantize trims the heap at the end (glibc keeps the per-layer temporaries otherwise: ~800 MB on the
+    8-layer bench Llama, 1993 -> 1192 MB RSS after quantizing)."""
+    from lowbit_compile import memory
+
+    trims = []
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: trims.append)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    lb.quantize(model, "w4", progress=False)
+    assert trims and set(trims) == {0}
