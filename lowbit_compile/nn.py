@@ -128,7 +128,7 @@ class FP4PackLinear(torch.nn.Module):
         self.fqn = rec.fqn
         self.in_features, self.out_features = rec.in_features, rec.out_features
         self.w_format, self.a_format = rec.w_format, rec.a_format
-        self.group_size, self.parts = w.group_size, w.parts
+        self.group_size, self.digit_base = w.group_size, w.digit_base
         self.runtime = w.describe()
         self.register_buffer("packed", w.packed)
         self.register_buffer("scales_zeros", w.scales_zeros)
@@ -146,7 +146,7 @@ class FP4PackLinear(torch.nn.Module):
         rot_in = [getattr(self, f"rot_in_{i}") for i in range(self.n_rot_in)]
         return torch.ops.lowbit.fp4pack_linear(x, self.packed, self.scales_zeros, self.row_scale, self.su, rot_in,
                                                self.act_shift, self.act_scale, self.a_format, self.bias,
-                                               self.in_features, self.out_features, self.group_size, self.parts)
+                                               self.in_features, self.out_features, self.group_size, self.digit_base)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fp4 w:{self.w_format} "

@@ -16,7 +16,9 @@ dense factor F_K, as ±1 int8 when larger than MAX_BLOCK, and Sylvester blocks o
 per block, in float32.
 
     y = sv ⊙ Tₘᵀ(int4mm(bf16(Tₙ(su ⊙ x)))) + bias        (rows < DEQUANT_MIN_ROWS: decode)
-    y = sv ⊙ Tₘᵀ(bf16(Tₙ(su ⊙ x)) · bf16(Ŵ)ᵀ) + bias     (prefill: weights decoded once per call)
+    y = sv ⊙ Tₘᵀ(bf16(Tₙ(su ⊙ x)) · bf16(Ŵ)ᵀ) + bias     (prefill: weights decoded once per call; with one
+                                                        scale per row the GEMM takes the exact codes q − 8 and
+                                                        the scale multiplies its float32 output)
 
 For many rows (prefill) the int4 kernel costs about one single-row call per row; decoding the packed weight once
 into bfloat16 and running a bfloat16 GEMM is faster there. Numerics: activations rounded to bfloat16 (relative
@@ -101,7 +103,7 @@ class Int4Pack:
 
     packed: Tensor  # uint8 (n_pad, k_pad / 2), _convert_weight_to_int4pack_for_cpu layout
     scales_zeros: Tensor  # bfloat16 (k_pad / group_size, n_pad, 2): scale, zero (= 0)
-    group_size: int  # the kernel's group size (32..256)
+    group_size: int  # the kernel's group size (32..256), or 0: one scale per row, repeated over kernel groups
     in_features: int
     out_features: int
     source_bits: int  # the record's width (2, 3 or 4): codes were widened to 4 bits
@@ -153,7 +155,7 @@ def pack_int4(rec) -> Int4Pack:
     s[:n] = per_group
     scales_zeros = torch.stack([s.t(), torch.zeros_like(s.t())], dim=-1).to(torch.bfloat16).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return Int4Pack(packed, scales_zeros, g, k, n, rec.bits)
+    return Int4Pack(packed, scales_zeros, g if g0 else 0, k, n, rec.bits)
 
 
 @functools.cache
@@ -210,10 +212,27 @@ def kron_apply(x: Tensor, blocks: list[Tensor], transpose: bool = False) -> Tens
     return y.reshape(rows, n)
 
 
+def kernel_group(packed: Tensor, scales_zeros: Tensor, group_size: int) -> int:
+    """The group size the int4 kernel runs with: group_size, or for 0 (one scale per row) the repeat of it."""
+    return group_size or packed.shape[1] * 2 // scales_zeros.shape[0]
+
+
+def signed_codes_t(packed: Tensor, cols: tuple[int, int]) -> Tensor:
+    """Codes q − 8 of output columns [start, stop) (whole kernel blocks), transposed: int8 (k_pad, stop − start).
+    Two byte-wide passes and one copy; the caller converts (exactly) to a float type."""
+    block_n = packed_block_n()
+    start, stop = cols
+    n, k = stop - start, packed.shape[1] * 2
+    b = packed[start:stop].view(n // block_n, k, block_n // 2)
+    c = torch.cat([(b & 15).view(torch.int8), (b >> 4).view(torch.int8)], dim=-1) - 8
+    return c.permute(1, 0, 2).reshape(k, n)
+
+
 def dequantize_t(packed: Tensor, scales_zeros: Tensor, group_size: int, dtype: torch.dtype,
                  cols: tuple[int, int] | None = None) -> Tensor:
     """The packed weight decoded and transposed, (k_pad, n_pad) in `dtype`; only output columns [start, stop)
     with `cols` (whole kernel blocks). (q − 8)·s is exact in bfloat16 before the one rounding of the product."""
+    group_size = kernel_group(packed, scales_zeros, group_size)
     block_n = packed_block_n()
     start, stop = cols or (0, packed.shape[0])
     codes = _unpack_codes_t(packed[start:stop], block_n)
@@ -225,14 +244,26 @@ def dequantize_t(packed: Tensor, scales_zeros: Tensor, group_size: int, dtype: t
     return w.view(k_pad, n)
 
 
-def _matmul_dequantized(h: Tensor, packed: Tensor, scales_zeros: Tensor, group_size: int) -> Tensor:
-    """h (rows, k_pad) bfloat16 times the decoded weight, column tile by column tile: each tile's bfloat16 weight
-    stays under DEQUANT_TILE_BYTES, so it is reused from the allocator's heap instead of freshly mapped (page
-    faults of a new 32 MB buffer cost as much as the GEMM here) and stays in cache between decode and GEMM."""
-    n_pad, k_pad = packed.shape[0], packed.shape[1] * 2
+def dequant_tiles(n_pad: int, k_pad: int) -> list[tuple[int, int]]:
+    """Output-column tiles whose bfloat16 weight stays under DEQUANT_TILE_BYTES: reused from the allocator's heap
+    instead of freshly mapped (page faults of a new 32 MB buffer cost as much as the GEMM here), and in cache
+    between decode and GEMM."""
     tile = max(N_ALIGN, DEQUANT_TILE_BYTES // (2 * k_pad) // N_ALIGN * N_ALIGN)
-    outs = [h @ dequantize_t(packed, scales_zeros, group_size, torch.bfloat16, (c, min(c + tile, n_pad)))
-            for c in range(0, n_pad, tile)]
+    return [(c, min(c + tile, n_pad)) for c in range(0, n_pad, tile)]
+
+
+def _matmul_dequantized(h: Tensor, packed: Tensor, scales_zeros: Tensor, group_size: int) -> Tensor:
+    """h (rows, k_pad) bfloat16 times the decoded weight, tile by tile, float32 (rows, n_pad). Per-row scales
+    (group_size 0): the GEMM runs on the exact codes q − 8 and the scale multiplies its output; per group:
+    on (q − 8)·s rounded to bfloat16."""
+    n_pad, k_pad = packed.shape[0], packed.shape[1] * 2
+    if group_size:
+        outs = [(h @ dequantize_t(packed, scales_zeros, group_size, torch.bfloat16, c)).to(torch.float32)
+                for c in dequant_tiles(n_pad, k_pad)]
+    else:
+        s = scales_zeros[0, :, 0].to(torch.float32)
+        outs = [(h @ signed_codes_t(packed, c).to(torch.bfloat16)).to(torch.float32) * s[c[0]:c[1]]
+                for c in dequant_tiles(n_pad, k_pad)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
@@ -249,7 +280,8 @@ def int4pack_linear_impl(x, packed, scales_zeros, su, sv, rot_in, rot_out, bias,
     if h.shape[0] >= DEQUANT_MIN_ROWS:
         y = _matmul_dequantized(h, packed, scales_zeros, group_size)
     else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(h, packed, group_size, scales_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(h, packed, kernel_group(packed, scales_zeros, group_size),
+                                                       scales_zeros)
     y = y[:, :out_features].to(torch.float32)
     if sv is not None:
         y = kron_apply(y, rot_out, transpose=True) * sv
@@ -273,7 +305,8 @@ def int4pack_linear(
     group_size: int,
 ) -> Tensor:
     """y = sv ⊙ Tₘᵀ(Ŵ' · Tₙ(su ⊙ x)) + bias on the CPU int4 kernel; Ŵ' as packed by `pack_int4`, Tₙ / Tₘ the
-    Kronecker products of `rot_in` / `rot_out` (from `rotation_blocks`; empty when su / sv is None)."""
+    Kronecker products of `rot_in` / `rot_out` (from `rotation_blocks`; empty when su / sv is None); group_size
+    the kernel's group size, or 0 for one scale per row."""
     return int4pack_linear_impl(x, packed, scales_zeros, su, sv, rot_in, rot_out, bias, in_features,
                                 out_features, group_size)
 

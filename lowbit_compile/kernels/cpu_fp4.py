@@ -76,7 +76,8 @@ class FP4Pack:
     scales_zeros: Tensor  # bfloat16 (k_pad / group_size, parts · n_pad, 2): c·B (first part) or c, zero 0
     row_scale: Tensor  # float32 (out_features,): the record's per-row scales
     group_size: int
-    parts: int
+    parts: int  # 1 or 2 digits per weight
+    digit_base: int  # B (value = a·B + b) with two digits, 0 with one
     in_features: int
     out_features: int
     w_format: str
@@ -111,7 +112,8 @@ def pack_fp4(qweight: Tensor, w_scales: Tensor, w_format: str, in_features: int,
     scales_zeros = torch.stack([s, torch.zeros_like(s)], dim=-1).to(torch.bfloat16).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     row_scale = w_scales.reshape(-1).to(torch.float32).contiguous()
-    return FP4Pack(packed, scales_zeros, row_scale, g, parts, k, n, f4.fp4_format(w_format).name)
+    return FP4Pack(packed, scales_zeros, row_scale, g, parts, base if parts == 2 else 0, k, n,
+                   f4.fp4_format(w_format).name)
 
 
 def pack_record(rec) -> FP4Pack:
@@ -124,22 +126,22 @@ def pack_record(rec) -> FP4Pack:
 # ----------------------------------------------------------------------------- the computation
 
 
-def _matmul_dequantized(h: Tensor, packed: Tensor, scales_zeros: Tensor, group_size: int, parts: int) -> Tensor:
-    """h (rows, k_pad) bfloat16 times the decoded weight (bias-0 FP4 values, exact in bfloat16), tile by tile."""
+def _matmul_dequantized(h: Tensor, packed: Tensor, parts: int, base: int) -> Tensor:
+    """h (rows, k_pad) bfloat16 times the bias-0 FP4 values / c, float32 (rows, n_pad): the digits combine exactly
+    in int8 (|a·B + b| ≤ 7·15 + 7), convert exactly to bfloat16, one GEMM per column tile."""
     n_pad, k_pad = packed.shape[0] // parts, packed.shape[1] * 2
-    tile = max(cpu.N_ALIGN, cpu.DEQUANT_TILE_BYTES // (2 * k_pad) // cpu.N_ALIGN * cpu.N_ALIGN)
     outs = []
-    for c0 in range(0, n_pad, tile):
-        c1 = min(c0 + tile, n_pad)
-        w = cpu.dequantize_t(packed, scales_zeros, group_size, torch.bfloat16, (c0, c1))
-        for p in range(1, parts):
-            w = w + cpu.dequantize_t(packed, scales_zeros, group_size, torch.bfloat16, (p * n_pad + c0, p * n_pad + c1))
-        outs.append(h @ w)
+    for c0, c1 in cpu.dequant_tiles(n_pad, k_pad):
+        v = cpu.signed_codes_t(packed, (c0, c1))
+        if parts == 2:
+            v = v * base + cpu.signed_codes_t(packed, (n_pad + c0, n_pad + c1))
+        outs.append((h @ v.to(torch.bfloat16)).to(torch.float32))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def fp4pack_linear_impl(x, packed, scales_zeros, row_scale, su, rot_in, act_shift, act_scale, a_format, bias,
-                        in_features, out_features, group_size, parts):
+                        in_features, out_features, group_size, digit_base):
+    parts = 2 if digit_base else 1
     lead = x.shape[:-1]
     h = x.reshape(-1, in_features).to(torch.float32)
     if su is not None:
@@ -156,8 +158,8 @@ def fp4pack_linear_impl(x, packed, scales_zeros, row_scale, su, rot_in, act_shif
         h = torch.nn.functional.pad(h, (0, k_pad - in_features))
     h = h.to(torch.bfloat16)
     n_pad = packed.shape[0] // parts
-    if h.shape[0] >= cpu.DEQUANT_MIN_ROWS:
-        y = _matmul_dequantized(h, packed, scales_zeros, group_size, parts).to(torch.float32)
+    if h.shape[0] >= cpu.DEQUANT_MIN_ROWS:  # values / c in the GEMM, c (the last part's kernel scale) after
+        y = _matmul_dequantized(h, packed, parts, digit_base) * scales_zeros[0, -1, 0].to(torch.float32)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(h, packed, group_size, scales_zeros).to(torch.float32)
         if parts == 2:
@@ -183,20 +185,21 @@ def fp4pack_linear(
     in_features: int,
     out_features: int,
     group_size: int,
-    parts: int,
+    digit_base: int,
 ) -> Tensor:
     """`lowbit::fp4_linear` (after the fp4-rot input rotation when su is given) on the CPU int4 kernel, with the
-    weight as packed by `pack_fp4` (see the module docstring)."""
+    weight as packed by `pack_fp4` (see the module docstring): digit_base B for two int4 digits per weight
+    (value a·B + b, the digit rows stacked), 0 for one."""
     if a_format is not None and act_scale is None:
         raise LowbitError(f"fp4pack_linear: activation format {a_format!r} needs act_scale (None means W4A16: "
                           f"pass a_format=None)")
     return fp4pack_linear_impl(x, packed, scales_zeros, row_scale, su, rot_in, act_shift, act_scale, a_format, bias,
-                               in_features, out_features, group_size, parts)
+                               in_features, out_features, group_size, digit_base)
 
 
 @fp4pack_linear.register_fake
 def _(x, packed, scales_zeros, row_scale, su, rot_in, act_shift, act_scale, a_format, bias, in_features,
-      out_features, group_size, parts):
+      out_features, group_size, digit_base):
     torch._check(x.shape[-1] == in_features, lambda: f"fp4pack_linear: input has {x.shape[-1]} features, "
                  f"the weight expects {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
@@ -210,4 +213,4 @@ def op_args(w: FP4Pack, su: Tensor | None, act_shift: Tensor | None, act_scale: 
     """Everything but x for `lowbit::fp4pack_linear`, in order."""
     rot_in = list(cpu.rotation_blocks(w.in_features)) if su is not None else []
     return (w.packed, w.scales_zeros, w.row_scale, su, rot_in, act_shift, act_scale, a_format, bias, w.in_features,
-            w.out_features, w.group_size, w.parts)
+            w.out_features, w.group_size, w.digit_base)
