@@ -2,8 +2,9 @@
 
 Tolerance. The fast path rounds the rotated activations h to bfloat16 (relative error up to u = 2⁻⁸ per
 element, rms about u/√3), the float16 scales to bfloat16 (one error per group of inputs) and the matmul output
-z to bfloat16; the prefill path also rounds each decoded weight to bfloat16. Accumulation is float32. Treating
-the roundings as independent, the expected squared error of z_i = Σ_k w_ik h_k is
+z to bfloat16; the prefill path also rounds each decoded weight to bfloat16 when the record has groups (with
+one scale per row it multiplies the exact codes and scales the output, which the bound covers). Accumulation is
+float32. Treating the roundings as independent, the expected squared error of z_i = Σ_k w_ik h_k is
     u²/3 · (Σ_k (w_ik h_k)² [× 2 on the prefill path] + Σ_g (Σ_{k∈g} w_ik h_k)² + z_i²),
 which grows like √K times the typical term. The output rotation is orthonormal, so each row's ℓ2 error carries
 over to y unchanged. We allow FACTOR = 2 times the expected ℓ2 error per row: across every case here the
