@@ -120,6 +120,16 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def publish(name: str, text: str, doc: bool = False) -> str:
+    """Print a benchmark's markdown, write it to bench-out/{name}.md and, with doc, into its `bench:{name}`
+    section of docs/benchmarks.md. Returns the text."""
+    print(text)
+    print("written to", write(f"{name}.md", text))
+    if doc:
+        print("updated", update_doc(name, text))
+    return text
+
+
 def write(name: str, text: str) -> str:
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, name)

@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from .common import cpu_name, load_average, machine, markdown_table, time_interleaved, update_doc, versions, write
+from .common import cpu_name, load_average, machine, markdown_table, publish, time_interleaved, versions
 
 LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
              num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
@@ -262,12 +262,7 @@ def main(argv=None) -> str:
                  "allocator keeps.\n",
                  markdown_table(["model", "variant", *RSS_COLUMNS], rss)]
     text[1] = text[1].replace("{after}", load_average())
-    out = "\n".join(text)
-    print(out)
-    print("written to", write("e2e.md", out))
-    if not (args.no_doc or args.quick):  # a smoke run does not replace the full figures
-        print("updated", update_doc("e2e", out))
-    return out
+    return publish("e2e", "\n".join(text), doc=not (args.no_doc or args.quick))  # a smoke run keeps the figures
 
 
 if __name__ == "__main__":

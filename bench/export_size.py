@@ -31,7 +31,7 @@ from lowbit_compile.export.executorch import export_pte, max_rel_error, run_pte
 from lowbit_compile.quantize.layer import quantize_weight
 from lowbit_compile.recipe import parse_spec
 
-from .common import machine, markdown_table, write
+from .common import machine, markdown_table, publish
 
 SKIP = r"(^|.*\.)(lm_head|pooler\..*)$"
 
@@ -166,9 +166,7 @@ def main(argv=None) -> str:
         f"({'; '.join(notes)}).\n",
         markdown_table(header, rows),
     ])
-    print(text)
-    print("written to", write("export_size.md", text))
-    return text
+    return publish("export_size", text)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     if why:
         print(f"skipping bench.kernels: {why}", file=sys.stderr)
         return 1
-    from .common import markdown_table, write
+    from .common import markdown_table, publish
 
     torch.manual_seed(0)
     shapes = SHAPES[:1] if args.quick else SHAPES
@@ -186,8 +186,7 @@ def main(argv=None) -> int:
         "### GEMM, M = 2048 (prefill): 2·M·N·K / time\n\n"
         + markdown_table(["K→N", "kernel", "µs", "TFLOP/s", "% of bf16 peak"], gemm),
     ])
-    print(text)
-    print(f"\nwritten to {write('kernels.md', text)}")
+    publish("kernels", text)
     return 0
 
 

@@ -30,7 +30,7 @@ from lowbit_compile.mixed import measure, plan_from, quantize_mixed
 from lowbit_compile.pipeline import default_calibration
 from lowbit_compile.plot import plot_curves
 
-from .common import OUT, cosine_to_float, machine, markdown_table, minilm_eval, write
+from .common import OUT, cosine_to_float, machine, markdown_table, minilm_eval, publish
 
 CANDIDATES = ("w2-quip", "w3-quip", "w4-quip")
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -202,10 +202,7 @@ def main(argv=None) -> str:
                  f"{'met' if got['w4-quip'][1] - got[3.25][1] <= 0.005 else 'NOT met'}."]
     plot_curves({k: v for k, v in curves.items() if v[0]}, os.path.join(OUT, "mixed_solver.png"),
                 "bits per weight (stored)", "cosine to float", "budget solver vs uniform QuIP, all-MiniLM-L6-v2")
-    out = "\n".join(text)
-    print(out)
-    print("written to", write("mixed_precision.md", out))
-    return out
+    return publish("mixed_precision", "\n".join(text))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def main(argv=None) -> str:
 
     from lowbit_compile.export.onnx import export_onnx, onnx_file_bytes
 
-    from .common import machine, markdown_table, write
+    from .common import machine, markdown_table, publish
 
     model = build_model(args.hidden, args.layers)
     seqs = [int(s) for s in args.seqs.split(",")]
@@ -145,9 +145,7 @@ def main(argv=None) -> str:
             f"{n_weights / 1e6:.2f} M linear weights), {args.threads} threads, median of {args.runs} runs "
             f"(variants in turns, blocks of 10); "
             f"{machine()}\n\n" + markdown_table(header, rows))
-    print(text)
-    write("onnx_latency.md", text)
-    return text
+    return publish("onnx_latency", text)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,9 @@ from .common import (
     load_average,
     machine,
     markdown_table,
+    publish,
     time_interleaved,
-    update_doc,
     versions,
-    write,
 )
 
 SHAPES = [(4096, 4096), (4096, 11008)]  # (out_features, in_features): attention projection, Llama-7B down_proj
@@ -149,12 +148,7 @@ def main(argv=None) -> str:
                        f"int4 {r['lowbit int4, int4pack']:.2f}×, int2 {r['lowbit int2, int4pack (widened)']:.2f}× "
                        f"(goal ≤ 0.5)")
     text.append("\n" + "\n".join(f"- {v}" for v in verdict))
-    out = "\n".join(text)
-    print(out)
-    print("written to", write("ops.md", out))
-    if not (args.no_doc or args.quick):  # a smoke run does not replace the full figures
-        print("updated", update_doc("ops", out))
-    return out
+    return publish("ops", "\n".join(text), doc=not (args.no_doc or args.quick))  # a smoke run keeps the figures
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import lowbit_compile as lb
 from lowbit_compile.pipeline import default_calibration
 from lowbit_compile.recipe import Recipe, parse_spec
 
-from .common import cosine_to_float, machine, markdown_table, minilm_eval, write
+from .common import cosine_to_float, machine, markdown_table, minilm_eval, publish
 
 METHODS = [
     ("RTN", "w{b}-rtn"),
@@ -94,10 +94,7 @@ def main(argv=None) -> str:
         from .quality_fp4 import HEADER, fp4_rows  # LLM-FP4 rows (issue 11): W4A4 / W4A16 variants
 
         text += ["\n### FP4 (LLM-FP4)\n", markdown_table(HEADER, fp4_rows(model, tok, held, ref, calib))]
-    out = "\n".join(text)
-    print(out)
-    print("written to", write("quality.md", out))
-    return out
+    return publish("quality", "\n".join(text))
 
 
 if __name__ == "__main__":

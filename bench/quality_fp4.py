@@ -142,7 +142,7 @@ def fp4_rows(model, tok, held, ref, calib, threads: int | None = 1, only: str = 
 def main(argv=None) -> str:
     import argparse
 
-    from .common import machine, markdown_table, minilm_eval, write
+    from .common import machine, markdown_table, minilm_eval, publish
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="", help="run only the variants whose label contains this text")
@@ -152,9 +152,7 @@ def main(argv=None) -> str:
     rows = fp4_rows(model, tok, held, ref, calib, only=args.only)
     out = "\n".join(["## FP4 (LLM-FP4) on all-MiniLM-L6-v2\n", f"Machine: {machine()}; FP4 search on 1 thread.\n",
                      markdown_table(HEADER, rows)])
-    print(out)
-    print("written to", write("quality_fp4.md", out))
-    return out
+    return publish("quality_fp4", out)
 
 
 if __name__ == "__main__":
