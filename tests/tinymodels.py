@@ -18,6 +18,20 @@ def tiny_llama(tie: bool = False, layers: int = 2):
     return LlamaForCausalLM(cfg).eval()
 
 
+def exported_llama(layers: int = 2):
+    """tiny_llama without its KV cache, through torch.export and FindLinears: (model, ids, graph module, names of
+    its linears but the head)."""
+    from lowbit_compile.passes import FindLinears, linear_sites
+
+    model = tiny_llama(layers=layers)
+    model.config.use_cache = False
+    ids = torch.randint(0, 320, (1, 6))
+    with torch.no_grad():
+        gm = torch.export.export(model, (ids,), strict=False).module()
+    FindLinears()(gm)
+    return model, ids, gm, [s.fqn for _, s in linear_sites(gm) if s.fqn != "lm_head"]
+
+
 def tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

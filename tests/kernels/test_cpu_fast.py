@@ -17,13 +17,13 @@ import math
 
 import pytest
 import torch
-from tinymodels import tiny_llama
+from tinymodels import exported_llama, tiny_llama
 
 import lowbit_compile as lb
 from lowbit_compile import formats, hadamard
 from lowbit_compile.kernels import cpu
 from lowbit_compile.nn import Int4PackLinear, LowbitLinear, swap_linears
-from lowbit_compile.passes import FindLinears, RewriteLinears, count_quantized, linear_sites
+from lowbit_compile.passes import RewriteLinears, count_quantized
 from lowbit_compile.quantize.layer import quantize_weight
 from lowbit_compile.recipe import parse_spec
 
@@ -206,13 +206,7 @@ def test_swap_linears_fast_uses_the_cpu_modules_and_keeps_reference_by_default()
 
 
 def test_rewrite_auto_puts_int4pack_ops_in_a_real_llama_export_graph():
-    model = tiny_llama(layers=1)
-    model.config.use_cache = False
-    ids = torch.randint(0, 320, (1, 6))
-    with torch.no_grad():
-        gm = torch.export.export(model, (ids,), strict=False).module()
-    FindLinears()(gm)
-    names = [s.fqn for _, s in linear_sites(gm) if s.fqn != "lm_head"]
+    model, ids, gm, names = exported_llama(layers=1)
     recs = {n: quantize_weight(n, model.get_submodule(n).weight, parse_spec("w3"), seed=0) for n in names}
     ref_gm = copy.deepcopy(gm)
     rewrite = RewriteLinears(recs, kernels="auto")

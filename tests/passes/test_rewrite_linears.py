@@ -1,6 +1,6 @@
 import pytest
 import torch
-from tinymodels import tiny_llama, with_weights
+from tinymodels import exported_llama, with_weights
 
 import lowbit_compile  # noqa: F401
 from lowbit_compile.errors import LowbitError
@@ -43,13 +43,7 @@ def test_rewrite_without_records_reports_unmodified():
 
 
 def test_rewrite_on_a_real_llama_export_graph_keeps_meta_val_valid():
-    model = tiny_llama()
-    model.config.use_cache = False
-    ids = torch.randint(0, 320, (1, 6))
-    with torch.no_grad():
-        gm = torch.export.export(model, (ids,), strict=False).module()
-    FindLinears()(gm)
-    names = [s.fqn for _, s in linear_sites(gm) if s.fqn != "lm_head"]
+    model, ids, gm, names = exported_llama()
     recs = _records(model, names, "w3")
     RewriteLinears(recs)(gm)
     assert count_quantized(gm) == 14
