@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .. import formats, hadamard
 from ..errors import LowbitError
+from .reference import linear_fake
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
 K_ALIGN = 32  # input features are padded to a multiple of this (the smallest kernel group)
@@ -313,9 +314,7 @@ def int4pack_linear(
 
 @int4pack_linear.register_fake
 def _(x, packed, scales_zeros, su, sv, rot_in, rot_out, bias, in_features, out_features, group_size):
-    torch._check(x.shape[-1] == in_features, lambda: f"int4pack_linear: input has {x.shape[-1]} features, "
-                 f"the weight expects {in_features}")
-    return x.new_empty((*x.shape[:-1], out_features))
+    return linear_fake("int4pack_linear", x, in_features, out_features)
 
 
 def decompose_under_compile(op, impl) -> None:

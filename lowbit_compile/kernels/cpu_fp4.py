@@ -35,6 +35,7 @@ from torch import Tensor
 from ..errors import LowbitError
 from ..formats import fp4 as f4
 from . import cpu
+from .reference import linear_fake
 
 RUNTIME_NAME = "fp4pack"
 
@@ -200,9 +201,7 @@ def fp4pack_linear(
 @fp4pack_linear.register_fake
 def _(x, packed, scales_zeros, row_scale, su, rot_in, act_shift, act_scale, a_format, bias, in_features,
       out_features, group_size, digit_base):
-    torch._check(x.shape[-1] == in_features, lambda: f"fp4pack_linear: input has {x.shape[-1]} features, "
-                 f"the weight expects {in_features}")
-    return x.new_empty((*x.shape[:-1], out_features))
+    return linear_fake("fp4pack_linear", x, in_features, out_features)
 
 
 cpu.decompose_under_compile(fp4pack_linear, fp4pack_linear_impl)  # Inductor fuses around the int4 kernel

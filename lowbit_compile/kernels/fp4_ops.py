@@ -24,6 +24,7 @@ from torch import Tensor
 from ..errors import LowbitError
 from ..formats import fp4 as f4
 from . import triton as gpu
+from .reference import linear_fake
 
 
 def dequantize_fp4_weight(qweight: Tensor, w_scales: Tensor, w_format: str, in_features: int) -> Tensor:
@@ -74,9 +75,7 @@ def fp4_linear_reference(
 
 @fp4_linear_reference.register_fake
 def _(x, qweight, w_scales, act_shift, act_scale, w_format, a_format, bias, in_features):
-    torch._check(x.shape[-1] == in_features, lambda: f"fp4_linear: input has {x.shape[-1]} features, "
-                 f"the weight expects {in_features}")
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+    return linear_fake("fp4_linear", x, in_features, qweight.shape[0])
 
 
 @gpu.triton_op("lowbit::fp4_linear", mutates_args=())

@@ -58,9 +58,7 @@ def rotated_linear_reference(
 
 @rotated_linear_reference.register_fake
 def _(x, qweight, scales, su, sv, had_in, had_out, bias, bits, in_features, group_size):
-    torch._check(x.shape[-1] == in_features, lambda: f"rotated_linear: input has {x.shape[-1]} features, "
-                 f"the weight expects {in_features}")
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+    return reference.linear_fake("rotated_linear", x, in_features, qweight.shape[0])
 
 
 @gpu.triton_op("lowbit::rotated_linear", mutates_args=())

@@ -12,6 +12,13 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def linear_fake(op: str, x: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """The fake (register_fake) of every lowbit linear op: checks x's last dimension, returns (..., out)."""
+    torch._check(x.shape[-1] == in_features, lambda: f"{op}: input has {x.shape[-1]} features, "
+                 f"the weight expects {in_features}")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 def hadamard_ref(x: torch.Tensor, signs: torch.Tensor | None, factor: torch.Tensor | None,
                  inverse: bool = False) -> torch.Tensor:
     dt = compute_dtype(x)
