@@ -40,6 +40,7 @@ from .passes import (
     observed_stats,
     remove_observers,
 )
+from .passes.base import get_attr_tensor
 from .passes.rewrite_linears import KERNELS, takes_int4pack
 from .quantize.layer import check_group_size, quantize_fp4_group, quantize_weight
 from .recipe import Recipe
@@ -132,12 +133,7 @@ def reset() -> None:
 
 
 def _weight_value(gm: torch.fx.GraphModule, node: torch.fx.Node, examples: dict[str, torch.Tensor]):
-    if node.op == "get_attr":
-        obj = gm
-        for part in str(node.target).split("."):
-            obj = getattr(obj, part)
-        return obj
-    return examples[node.name]
+    return get_attr_tensor(gm, node) if node.op == "get_attr" else examples[node.name]
 
 
 def _first_call_hessians(gm: torch.fx.GraphModule, example_inputs) -> dict:

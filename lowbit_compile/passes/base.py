@@ -7,7 +7,8 @@ import re
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["PassBase", "PassResult", "LINEAR_TARGETS", "source_to_fqn", "fake_mode_of", "add_constant"]
+__all__ = ["PassBase", "PassResult", "LINEAR_TARGETS", "source_to_fqn", "fake_mode_of", "get_attr_tensor",
+           "add_constant"]
 
 # Linear call targets: the Dynamo graph (torch._C._nn.linear / F.linear) and torch.export (aten.linear).
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
@@ -37,6 +38,16 @@ def fake_mode_of(gm: torch.fx.GraphModule):
         if isinstance(val, FakeTensor):
             return val.fake_mode
     return None
+
+
+def get_attr_tensor(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    """The tensor a get_attr node reads (a dotted target walked from gm), or None for anything else."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
+        return None
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
 
 
 def add_constant(gm: torch.fx.GraphModule, name: str, t: torch.Tensor, before: torch.fx.Node) -> torch.fx.Node:

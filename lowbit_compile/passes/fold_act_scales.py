@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import torch
 
 from .. import kernels  # noqa: F401  (registers lowbit::fp4_linear)
-from .base import PassBase, PassResult, add_constant, source_to_fqn
+from .base import PassBase, PassResult, add_constant, get_attr_tensor, source_to_fqn
 from .rewrite_linears import QUANTIZED_TAG
 
 FP4_OP = torch.ops.lowbit.fp4_linear.default
@@ -176,10 +176,7 @@ class FoldActScales(PassBase):
         if not isinstance(n, torch.fx.Node):
             return None
         if n.op == "get_attr":
-            obj = gm
-            for part in str(n.target).split("."):
-                obj = getattr(obj, part, None)
-            return obj if isinstance(obj, torch.Tensor) else None
+            return get_attr_tensor(gm, n)
         if n.op == "placeholder":
             if n.name in self.constants:
                 return self.constants[n.name]

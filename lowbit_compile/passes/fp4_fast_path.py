@@ -14,21 +14,12 @@ from __future__ import annotations
 import torch
 
 from ..kernels import cpu, cpu_fp4
-from .base import PassBase, PassResult, add_constant
+from .base import PassBase, PassResult, add_constant, get_attr_tensor
 from .rewrite_linears import QUANTIZED_TAG, _buffer_prefix
 
 FP4_OP = torch.ops.lowbit.fp4_linear.default
 FP4PACK_OP = torch.ops.lowbit.fp4pack_linear.default
 HADAMARD_OP = torch.ops.lowbit.hadamard.default
-
-
-def _constant(gm: torch.fx.GraphModule, n) -> torch.Tensor | None:
-    if isinstance(n, torch.fx.Node) and n.op == "get_attr":
-        t = gm
-        for part in n.target.split("."):
-            t = getattr(t, part, None)
-        return t if isinstance(t, torch.Tensor) else None
-    return None
 
 
 class FP4FastPath(PassBase):
@@ -46,7 +37,7 @@ class FP4FastPath(PassBase):
                 continue
             fqn = node.meta.get(QUANTIZED_TAG, node.name)
             x, qw_n, ws_n, act_shift, act_scale, w_format, a_format, bias, in_features = node.args
-            qw, ws = _constant(gm, qw_n), _constant(gm, ws_n)
+            qw, ws = get_attr_tensor(gm, qw_n), get_attr_tensor(gm, ws_n)
             if qw is None or ws is None:
                 self.skipped[fqn] = "codes or row scales are not constants of the graph"
                 continue
