@@ -124,7 +124,7 @@ class FP4PackLinear(torch.nn.Module):
 
     def __init__(self, rec: FP4QuantizedLinear, bias: torch.Tensor | None = None):
         super().__init__()
-        w = cpu_fp4.pack_record(rec)
+        w = cpu_fp4.pack_fp4(rec.qweight, rec.w_scales, rec.w_format, rec.in_features, rec.fqn)
         self.fqn = rec.fqn
         self.in_features, self.out_features = rec.in_features, rec.out_features
         self.w_format, self.a_format = rec.w_format, rec.a_format
@@ -157,7 +157,7 @@ def lowbit_module(rec, bias: torch.Tensor | None = None, fast: bool = False) -> 
     """The run-time module of one record: the reference module, or with fast=True the CPU fast form where the
     record has one."""
     if isinstance(rec, FP4QuantizedLinear):
-        if fast and cpu_fp4.unsupported_reason(rec) is None:
+        if fast and cpu_fp4.unsupported_reason(rec.qweight) is None:
             return FP4PackLinear(rec, bias)
         return LowbitFP4Linear(rec, bias)
     if isinstance(rec, QuantizedLinear):

@@ -184,16 +184,14 @@ def decode(codes: torch.Tensor, fmt: FP4Format, scale) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, fmt: FP4Format, scale) -> torch.Tensor:
-    """Round x to the FP4 grid at scale, float32: decode(encode(x)) without a table lookup; NaN stays NaN."""
-    x = x.to(torch.float32)
-    r, e = _round_magnitude(x, fmt, scale)
-    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    return torch.copysign(r * _pow2(e - fmt.m_bits) * s, x)
+    """Round x to the FP4 grid at scale, float32: decode(encode(x)) without a table lookup; NaN stays NaN. The
+    bias-0 value times the positive scale: one rounding, and signs (-0 included) as copysign gives them."""
+    return quantize_unscaled(x, fmt, scale) * torch.as_tensor(scale, dtype=torch.float32, device=x.device)
 
 
 def quantize_unscaled(x: torch.Tensor, fmt: FP4Format, scale) -> torch.Tensor:
-    """`quantize(x, fmt, scale) / scale` without the two roundings: the bias-0 grid value (at most 4 significant
-    bits, exact in bfloat16) that x rounds to at scale, float32; NaN stays NaN."""
+    """The bias-0 grid value (at most 4 significant bits, exact in bfloat16) that x rounds to at scale, float32;
+    `quantize` is this times the scale. NaN stays NaN."""
     x = x.to(torch.float32)
     r, e = _round_magnitude(x, fmt, scale)
     return torch.copysign(r * _pow2(e - fmt.m_bits), x)

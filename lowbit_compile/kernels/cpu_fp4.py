@@ -60,10 +60,10 @@ def split_table(w_format: str) -> tuple[float, int, int, Tensor]:
     raise LowbitError(f"FP4 format {fmt.name}: values do not split into two int4 digits")
 
 
-def unsupported_reason(rec) -> str | None:
-    """Why an FP4 record (or its tensors) cannot take the fp4pack path (None: it can)."""
-    if rec.qweight.device.type != "cpu":
-        return f"weights on {rec.qweight.device.type}"
+def unsupported_reason(qweight: Tensor) -> str | None:
+    """Why FP4 codes (a record's qweight) cannot take the fp4pack path (None: they can)."""
+    if qweight.device.type != "cpu":
+        return f"weights on {qweight.device.type}"
     if cpu.packed_block_n() is None:
         return "this CPU's int4pack weight layout is not one we can decode"
     return None
@@ -77,11 +77,14 @@ class FP4Pack:
     scales_zeros: Tensor  # bfloat16 (k_pad / group_size, parts · n_pad, 2): c·B (first part) or c, zero 0
     row_scale: Tensor  # float32 (out_features,): the record's per-row scales
     group_size: int
-    parts: int  # 1 or 2 digits per weight
-    digit_base: int  # B (value = a·B + b) with two digits, 0 with one
+    digit_base: int  # B (value = a·B + b) with two digits per weight, 0 with one
     in_features: int
     out_features: int
     w_format: str
+
+    @property
+    def parts(self) -> int:
+        return 2 if self.digit_base else 1
 
     def nbytes(self) -> int:
         return self.packed.numel() + self.scales_zeros.numel() * 2 + self.row_scale.numel() * 4
@@ -96,9 +99,9 @@ class FP4Pack:
 
 def pack_fp4(qweight: Tensor, w_scales: Tensor, w_format: str, in_features: int, fqn: str = "?") -> FP4Pack:
     """FP4 codes (packed two per byte, as in the record) + row scales -> the int4 kernel's form."""
-    if cpu.packed_block_n() is None:
-        raise LowbitError(f"layer {fqn}: no fp4pack form on this CPU (its int4pack weight layout is unknown); use "
-                          f"kernels='reference'")
+    reason = unsupported_reason(qweight)
+    if reason is not None:
+        raise LowbitError(f"layer {fqn}: no fp4pack form ({reason}); use the reference op (kernels='reference')")
     n, k = qweight.shape[0], in_features
     c, base, parts, digits = split_table(w_format)
     codes = f4.unpack_codes(qweight, k).long()
@@ -113,15 +116,7 @@ def pack_fp4(qweight: Tensor, w_scales: Tensor, w_format: str, in_features: int,
     scales_zeros = torch.stack([s, torch.zeros_like(s)], dim=-1).to(torch.bfloat16).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     row_scale = w_scales.reshape(-1).to(torch.float32).contiguous()
-    return FP4Pack(packed, scales_zeros, row_scale, g, parts, base if parts == 2 else 0, k, n,
-                   f4.fp4_format(w_format).name)
-
-
-def pack_record(rec) -> FP4Pack:
-    reason = unsupported_reason(rec)
-    if reason is not None:
-        raise LowbitError(f"layer {rec.fqn}: no fp4pack form ({reason}); use the reference op (kernels='reference')")
-    return pack_fp4(rec.qweight, rec.w_scales, rec.w_format, rec.in_features, rec.fqn)
+    return FP4Pack(packed, scales_zeros, row_scale, g, base if parts == 2 else 0, k, n, f4.fp4_format(w_format).name)
 
 
 # ----------------------------------------------------------------------------- the computation

@@ -5,8 +5,8 @@ consumer's activation exponents, `act_shift` None where the exponents were folde
 `lowbit::fp4_linear` whose codes and row scales are CPU constants of the graph becomes one
 `lowbit::fp4pack_linear` (kernels/cpu_fp4.py) with the same activation arguments; an fp4-rot input rotation
 (`lowbit::hadamard` feeding the linear) moves into the op as Kronecker blocks, and the hadamard node goes once
-it has no other user. The original codes leave the graph. `runtimes[fqn]` says what each layer runs; `skipped`
-says why a layer kept the reference op.
+it has no other user. The original codes leave the graph. `runtimes[fqn]` says what each moved layer runs; a
+layer whose codes are not CPU constants keeps the reference op (and the runtime RewriteLinears gave it).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ class FP4FastPath(PassBase):
     def __init__(self):
         super().__init__()
         self.runtimes: dict[str, str] = {}
-        self.skipped: dict[str, str] = {}
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -38,13 +37,8 @@ class FP4FastPath(PassBase):
             fqn = node.meta.get(QUANTIZED_TAG, node.name)
             x, qw_n, ws_n, act_shift, act_scale, w_format, a_format, bias, in_features = node.args
             qw, ws = get_attr_tensor(gm, qw_n), get_attr_tensor(gm, ws_n)
-            if qw is None or ws is None:
-                self.skipped[fqn] = "codes or row scales are not constants of the graph"
-                continue
-            if qw.device.type != "cpu" or cpu.packed_block_n() is None:
-                self.skipped[fqn] = (f"weights on {qw.device.type}" if qw.device.type != "cpu"
-                                     else "this CPU's int4pack weight layout is unknown")
-                continue
+            if qw is None or ws is None or cpu_fp4.unsupported_reason(qw) is not None:
+                continue  # not constants of the graph, or not for this kernel: the reference op stays
             w = cpu_fp4.pack_fp4(qw, ws, w_format, in_features, fqn)
             su = None
             rotation = x if isinstance(x, torch.fx.Node) and x.target is HADAMARD_OP else None
