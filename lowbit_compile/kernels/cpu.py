@@ -219,14 +219,10 @@ def kernel_group(packed: Tensor, scales_zeros: Tensor, group_size: int) -> int:
 
 
 def signed_codes_t(packed: Tensor, cols: tuple[int, int]) -> Tensor:
-    """Codes q − 8 of output columns [start, stop) (whole kernel blocks), transposed: int8 (k_pad, stop − start).
-    Two byte-wide passes and one copy; the caller converts (exactly) to a float type."""
-    block_n = packed_block_n()
+    """Codes q − 8 of output columns [start, stop) (whole kernel blocks), transposed: int8 (k_pad, stop − start),
+    in byte-wide passes; the caller converts (exactly) to a float type."""
     start, stop = cols
-    n, k = stop - start, packed.shape[1] * 2
-    b = packed[start:stop].view(n // block_n, k, block_n // 2)
-    c = torch.cat([(b & 15).view(torch.int8), (b >> 4).view(torch.int8)], dim=-1) - 8
-    return c.permute(1, 0, 2).reshape(k, n)
+    return _unpack_codes_t(packed[start:stop], packed_block_n()).view(torch.int8) - 8
 
 
 def dequantize_t(packed: Tensor, scales_zeros: Tensor, group_size: int, dtype: torch.dtype,
