@@ -1,0 +1,220 @@
+"""Native CPU kernels for 2/3/4-bit weights: the `lowbit_native::*` torch ops, a C++ extension built on first use.
+
+The ops (schemas in csrc/ops.cpp, CPU kernels in csrc/kernels_*.cpp, fakes below for torch.compile/export):
+
+- `pack(codes uint8 (N, K), bits) -> uint8 (N, Kp·bits/8)`: codes in [0, 2^bits) into the kernels' layout
+  (csrc/lowbit_native.h): K is padded with code 0 to Kp, a multiple of 128; units of 128 codes in 16·bits bytes,
+  2-bit as four 2-bit fields per byte (block i of 32 codes = (byte >> 2i) & 3), 3-bit as that plane plus a 1-bit
+  plane, 4-bit as nibbles. `unpack(packed, bits, N, K)` is its exact inverse.
+- `linear(x float32 (..., K), packed, scales float32 (N, G), bits, zero, N, K, act="int8", prefill_rows=-1,
+  isa="auto") -> float32 (..., N)`: y = x · Ŵᵀ with Ŵ[n, k] = (code[n, k] − zero) · scales[n, k // (K / G)];
+  G = 1 is one scale per row, otherwise K / G must be a multiple of 32. zero is the grid's: (2^b − 1)/2 for the
+  2/3-bit midrise grids, 8 for signed int4 (formats.int_format(bits).zero); any float works.
+  act="int8": x is quantized per block of 32 inputs (symmetric, d = max|x|/127, q = round(x/d)), code × q
+  products summed in int32 (AVX2 vpmaddubsw + vpmaddwd, or AVX512-VNNI vpdpbusd), then scaled in float32; the
+  zero enters as −zero · Σ x̂ with x̂ = d·q the dequantized activations, so the result is Ŵ · x̂ up to float32
+  rounding: the error against Ŵ · x is Σ_k Ŵ[n, k] (x̂_k − x_k), at most Σ_k |Ŵ[n, k]| · d(k)/2.
+  act="float": each weight row is decoded to float32 exactly as the reference dequantize does, then multiplied
+  with x in float32 (error: float32 accumulation only).
+  M = x.numel() / K rows at or above prefill_rows (0: never) take the prefill path whatever act says: tiles of
+  weight rows (4 MB) are decoded to float32 and multiplied by the float32 GEMM (at::mm), float32 throughout.
+  prefill_rows=-1 takes the crossover measured on an AVX2 CPU at one thread: 8 rows with act="float", with
+  act="int8" 32 rows for 3 bits and 256 for 2 and 4 bits (there the int8 kernel outruns float32 sgemm).
+  isa picks the code path: "auto" ($LOWBIT_NATIVE_ISA when set, else the best this CPU has), "scalar", "avx2",
+  "avx512"; asking for one the CPU lacks is an error.
+- `cpu_features() -> int[]`, `resolve_isa(isa) -> int`: what `capabilities()` reads.
+
+Rows of the output are split over torch's intra-op threads (at::parallel_for); the prefill GEMM is torch's.
+
+Build: `torch.utils.cpp_extension.load` (needs a C++17 compiler and the `ninja` package) into a directory named by
+a hash of the sources, flags, torch and Python versions, under $LOWBIT_NATIVE_BUILD_DIR or
+~/.cache/lowbit_compile/native; a file lock (fcntl, released if a builder dies) lets parallel processes (pytest
+workers) wait for one build. Later processes load the built library directly, without ninja or a compiler.
+Nothing is built at import: the first `available()`, `load()` or op wrapper call builds or loads.
+`python -m lowbit_compile.kernels.native` builds and prints what it found.
+
+No -march flag: the library runs on any x86-64 (or other) CPU. The AVX2 and AVX-512 kernels carry their
+instruction set as a function attribute and run only where the CPU has it; on other architectures only the
+scalar kernels are compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import platform
+import sys
+import traceback
+
+import torch
+
+NAMESPACE = "lowbit_native"
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+SOURCES = ("ops.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")
+HEADERS = ("lowbit_native.h", "kernels_simd.inc")
+CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-Wall")
+ISAS = ("scalar", "avx2", "avx512")
+FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "amx_tile",
+            "amx_int8", "amx_bf16")
+PREFILL_ROWS = -1  # linear's default: the measured crossover to the decode + float32 GEMM path (csrc/ops.cpp)
+
+
+def build_key() -> str:
+    """Hash of everything the binary depends on: sources, flags, torch, Python, machine."""
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        with open(os.path.join(CSRC, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    h.update(repr((CFLAGS, torch.__version__, sys.version_info[:2], platform.machine())).encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir() -> str:
+    root = os.environ.get("LOWBIT_NATIVE_BUILD_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lowbit_compile",
+        "native")
+    return os.path.join(root, f"{NAMESPACE}_{build_key()}")
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An exclusive lock held while this process builds or loads; the kernel frees it if the process dies (torch's
+    own lock file would stay behind and block later builds)."""
+    import fcntl
+
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_and_load(verbose: bool = False) -> str:
+    """Build (if needed) and load the library; returns its path. Raises on failure."""
+    from torch.utils import cpp_extension
+
+    directory = build_dir()
+    os.makedirs(directory, exist_ok=True)
+    name = os.path.basename(directory)
+    library = os.path.join(directory, f"{name}.so")
+    done = os.path.join(directory, "complete")
+    with _file_lock(os.path.join(directory, "build.lock")):
+        if not os.path.exists(done):
+            stale = os.path.join(directory, "lock")  # torch's baton, left by a builder that died: we hold the lock
+            if os.path.exists(stale):
+                os.remove(stale)
+            cpp_extension.load(name, [os.path.join(CSRC, s) for s in SOURCES], extra_cflags=list(CFLAGS),
+                               build_directory=directory, is_python_module=False, verbose=verbose)
+            with open(done, "w") as f:
+                f.write(library + "\n")
+        else:
+            torch.ops.load_library(library)
+    _register_fakes()
+    return library
+
+
+@functools.cache
+def _state() -> tuple[str | None, str]:
+    """(library path or None, why not)."""
+    if not hasattr(torch.ops, NAMESPACE) or not hasattr(getattr(torch.ops, NAMESPACE), "linear"):
+        try:
+            return _build_and_load(), ""
+        except Exception as e:  # no compiler, no ninja, a compile error: the package still imports
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            return None, f"the lowbit_native C++ extension could not be built or loaded ({detail[-2000:]})"
+    return "already loaded", ""
+
+
+def load() -> None:
+    """Build or load the extension; raises RuntimeError with the reason when that is not possible."""
+    path, reason = _state()
+    if path is None:
+        raise RuntimeError(reason)
+
+
+def available() -> bool:
+    return _state()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ("" when it is True)."""
+    return _state()[1]
+
+
+def capabilities() -> dict:
+    """What this CPU has (FEATURES), the instruction sets the kernels can use here, and the one isa="auto" runs
+    (after $LOWBIT_NATIVE_ISA)."""
+    load()
+    ops = getattr(torch.ops, NAMESPACE)
+    flags = ops.cpu_features()
+    out = {name: bool(v) for name, v in zip(FEATURES, flags)}
+    best = ISAS[flags[len(FEATURES)]]
+    out["isas"] = [isa for isa in ISAS if ISAS.index(isa) <= ISAS.index(best)]
+    out["best"] = best
+    out["selected"] = ISAS[ops.resolve_isa("auto")]
+    out["int8_dot"] = ("vpdpbusd (AVX512-VNNI)" if out["selected"] == "avx512" and out["avx512_vnni"] else
+                       "vpmaddubsw + vpmaddwd" if out["selected"] != "scalar" else "scalar")
+    return out
+
+
+def supported_isas() -> list[str]:
+    return capabilities()["isas"]
+
+
+# ----------------------------------------------------------------------------------------------- fakes
+
+
+def _padded_k(k):
+    return (k + 127) // 128 * 128
+
+
+_FAKES_REGISTERED = False
+
+
+def _register_fakes() -> None:
+    """Fakes (meta kernels) for torch.compile / export: fresh tensors of the right shape, after the same checks
+    the C++ side makes on shapes."""
+    global _FAKES_REGISTERED
+    if _FAKES_REGISTERED:
+        return
+    _FAKES_REGISTERED = True
+
+    @torch.library.register_fake(f"{NAMESPACE}::pack")
+    def _pack_fake(codes, bits):
+        torch._check(codes.dim() == 2 and codes.dtype == torch.uint8, lambda: "pack: codes must be uint8 (N, K)")
+        return codes.new_empty((codes.shape[0], _padded_k(codes.shape[1]) // 8 * bits))
+
+    @torch.library.register_fake(f"{NAMESPACE}::unpack")
+    def _unpack_fake(packed, bits, N, K):
+        torch._check(packed.shape[1] == _padded_k(K) // 8 * bits,
+                     lambda: f"unpack: packed has {packed.shape[1]} bytes per row, K={K} at {bits} bits needs "
+                             f"{_padded_k(K) // 8 * bits}")
+        return packed.new_empty((N, K))
+
+    @torch.library.register_fake(f"{NAMESPACE}::linear")
+    def _linear_fake(x, packed, scales, bits, zero, N, K, act="int8", prefill_rows=PREFILL_ROWS, isa="auto"):
+        torch._check(x.shape[-1] == K, lambda: f"linear: x has {x.shape[-1]} features, the weight expects {K}")
+        torch._check(x.dtype == torch.float32, lambda: f"linear: x must be float32, got {x.dtype}")
+        return x.new_empty((*x.shape[:-1], N))
+
+
+# ------------------------------------------------------------------------------------------ Python wrappers
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    load()
+    return torch.ops.lowbit_native.pack(codes, bits)
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    load()
+    return torch.ops.lowbit_native.unpack(packed, bits, n, k)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int, zero: float, n: int, k: int,
+           act: str = "int8", prefill_rows: int = PREFILL_ROWS, isa: str = "auto") -> torch.Tensor:
+    load()
+    return torch.ops.lowbit_native.linear(x, packed, scales, bits, zero, n, k, act, prefill_rows, isa)

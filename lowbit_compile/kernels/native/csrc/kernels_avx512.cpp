@@ -1,0 +1,33 @@
+// AVX-512 kernels: the 256-bit kernels of kernels_simd.inc compiled with AVX-512F/BW/VL/DQ (EVEX encodings, 32
+// vector registers), and a second copy whose int8 dot products use AVX512-VNNI (vpdpbusd: one instruction for
+// vpmaddubsw + vpmaddwd, the same lane sums since vpmaddubsw never saturates here).
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include "lowbit_native.h"
+
+namespace lowbit_native {
+
+#define LB_NS avx512
+#define LB_TARGET __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
+#define LB_VNNI 0
+#include "kernels_simd.inc"
+#undef LB_NS
+#undef LB_TARGET
+#undef LB_VNNI
+
+#define LB_NS avx512vnni
+#define LB_TARGET __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define LB_VNNI 1
+#include "kernels_simd.inc"
+#undef LB_NS
+#undef LB_TARGET
+#undef LB_VNNI
+
+Kernels avx512_kernels(bool vnni) {
+  if (vnni) return Kernels{avx512vnni::dot_int8, avx512vnni::decode_rows, avx512vnni::dot_float};
+  return Kernels{avx512::dot_int8, avx512::decode_rows, avx512::dot_float};
+}
+
+}  // namespace lowbit_native
+#endif  // __x86_64__

@@ -1,0 +1,287 @@
+"""lowbit_native ops (kernels/native): packing, `linear` against a float64 reference on every code path this CPU
+runs, instruction-set dispatch, opcheck and torch.compile.
+
+Tolerances, per output y_n, with u = 2⁻²⁴ (float32 unit roundoff) and Ŵ the reference weights (c − zero)·s:
+
+- act="float" and the prefill (decode + sgemm) path compute Σ_k Ŵ[n,k]·x_k with Ŵ decoded exactly as the
+  reference (one float32 rounding of (c − zero)·s, which the float64 reference repeats) and a float32 sum of K
+  products. Whatever the order of the sum, |error| ≤ γ_K · Σ_k |Ŵ[n,k] x_k| with γ_K = K·u/(1 − K·u) (Higham,
+  Accuracy and Stability, §3.1); we allow (K + 2)·u·Σ|Ŵx|.
+- act="int8" computes Ŵ·x̂ where x̂ = d·q is x rounded to the int8 grid of its block of 32 (d = max|x|/127,
+  q = round(x·127/max|x|)): the integer products are exact, then float32 sums follow. Two checks:
+  1. against the float64 Ŵ·x̂ (x̂ rebuilt here the same way): float32 summation only, but the zero enters as
+     −zero·Σx̂ per group, so the sums run over s·c·x̂ and s·zero·x̂ separately and the bound is
+     (K + 8)·u·Σ_k s_k(c_k + zero)|x̂_k|. This check is tight: a 1 % scale error fails it
+     (test_int8_check_catches_a_one_percent_scale_error).
+  2. against the float64 Ŵ·x: |x̂_k − x_k| ≤ d/2 (1 + 4·127·u) (the rounding of the step, of x·127/max|x| and of
+     d·q), so |error| ≤ Σ_k |Ŵ[n,k]|·d_k/2·(1 + 10⁻⁴) + the float32 term above. It is a worst case, about √K
+     looser than the typical error, which a 1 % scale error does not exceed on random data; check 1 is the
+     one that can catch it.
+"""
+
+import os
+
+import pytest
+import torch
+
+from lowbit_compile import formats
+from lowbit_compile.kernels import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=native.unavailable_reason() or "unavailable")
+
+U = 2.0**-24
+OPS = torch.ops.lowbit_native if native.available() else None
+ISAS = native.supported_isas() if native.available() else []
+# (N, K, groups): odd N; K with padding (300), whole-unit groups (512/4 = 128), and groups ending inside a
+# 128-input unit (288/9 = 32, 288/3 = 96)
+SHAPES = [(37, 300, 1), (19, 512, 4), (37, 288, 9), (13, 288, 3)]
+
+
+@pytest.fixture(autouse=True)
+def _threads_and_seed(one_thread):
+    torch.manual_seed(0)
+    yield
+
+
+def _zero(bits):
+    return formats.int_format(bits).zero
+
+
+def _layer(n, k, groups, bits, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=g)
+    scales = torch.rand(n, groups, generator=g) * 0.1 + 0.01
+    return codes, scales
+
+
+def _weights64(codes, scales, bits):
+    """Ŵ in float64 from the float32 rounding of (c − zero)·s, as formats.dequantize computes it."""
+    k = codes.shape[1]
+    s = scales.repeat_interleave(k // scales.shape[1], dim=1)
+    return ((codes.to(torch.float32) - _zero(bits)) * s).double()
+
+
+def _int8_activations(x):
+    """x̂ = d·q as the kernel quantizes (per block of 32, zero padding), float64."""
+    m, k = x.shape
+    kp = -(-k // 32) * 32
+    xb = torch.nn.functional.pad(x, (0, kp - k)).view(m, kp // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    d = amax / 127
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv)
+    return (d.double() * q.double()).view(m, kp)[:, :k], d.double().expand(m, kp // 32, 32).reshape(m, kp)[:, :k]
+
+
+def _float_bound(x, w):
+    k = x.shape[1]
+    return (k + 2) * U * (x.double().abs() @ w.abs().t())
+
+
+def _run(x, codes, scales, bits, act, isa, prefill_rows=0):
+    n, k = codes.shape
+    packed = native.pack(codes, bits)
+    return OPS.linear(x, packed, scales, bits, _zero(bits), n, k, act, prefill_rows, isa)
+
+
+# ----------------------------------------------------------------------------------------------- packing
+
+
+def _pack_reference(codes, bits):
+    """The layout of csrc/lowbit_native.h, spelled out in torch: units of 128 codes, 16·bits bytes each."""
+    n, k = codes.shape
+    kp = -(-k // 128) * 128
+    c = torch.nn.functional.pad(codes, (0, kp - k)).view(n, kp // 128, 4, 32).to(torch.int32)  # [.., block i, j]
+    if bits == 4:
+        lo, hi = c[:, :, 0::2], c[:, :, 1::2]  # blocks 0, 2 in the low nibbles; 1, 3 in the high ones
+        units = (lo | hi << 4).reshape(n, kp // 128, 64)
+    else:
+        plane = sum((c[:, :, i] & 3) << (2 * i) for i in range(4))  # (n, units, 32)
+        units = plane
+        if bits == 3:
+            high = (c >> 2).view(n, kp // 128, 4, 2, 16)  # [i, h, b]: code 32i + 16h + b
+            hb = sum(high[:, :, i, h] << (2 * i + h) for i in range(4) for h in range(2))
+            units = torch.cat([plane, hb], dim=-1)
+    return units.reshape(n, kp // 8 * bits).to(torch.uint8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 127), (5, 129), (7, 300), (2, 1000), (0, 64)])
+def test_pack_unpack_round_trip_is_exact_and_follows_the_documented_layout(bits, shape):
+    codes = torch.randint(0, 1 << bits, shape, dtype=torch.uint8)
+    packed = OPS.pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (shape[0], -(-shape[1] // 128) * 16 * bits)
+    assert torch.equal(packed, _pack_reference(codes, bits))
+    assert torch.equal(OPS.unpack(packed, bits, *shape), codes)
+    padded = -(-shape[1] // 128) * 128  # padding holds code 0
+    assert not OPS.unpack(packed, bits, shape[0], padded)[:, shape[1]:].any()
+
+
+def test_pack_and_unpack_reject_bad_arguments():
+    with pytest.raises(RuntimeError, match="a code is 4"):
+        OPS.pack(torch.full((2, 8), 4, dtype=torch.uint8), 2)
+    with pytest.raises(RuntimeError, match="supported widths"):
+        OPS.pack(torch.zeros(2, 8, dtype=torch.uint8), 5)
+    with pytest.raises(RuntimeError, match="2-D uint8"):
+        OPS.pack(torch.zeros(2, 8, dtype=torch.int32), 2)
+    with pytest.raises(RuntimeError, match=r"packed must be uint8 \(2, 32\)"):
+        OPS.unpack(torch.zeros(2, 30, dtype=torch.uint8), 2, 2, 100)
+
+
+# ----------------------------------------------------------------------------------------------- linear
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 3, 64, 300])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_float_mode_and_prefill_match_the_reference_to_float32_rounding(bits, shape, m, isa):
+    n, k, groups = shape
+    codes, scales = _layer(n, k, groups, bits, seed=bits)
+    x = torch.randn(m, k)
+    w = _weights64(codes, scales, bits)
+    ref = x.double() @ w.t()
+    bound = _float_bound(x, w)
+    for prefill_rows in (0, 1):  # the fused decode kernel; the decode + sgemm path
+        y = _run(x, codes, scales, bits, "float", isa, prefill_rows)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        assert ((y.double() - ref).abs() <= bound).all(), (prefill_rows, ((y.double() - ref).abs() / bound).max())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 3, 64, 300])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int8_mode_is_w_times_quantized_x_within_the_derived_bounds(bits, shape, m, isa):
+    n, k, groups = shape
+    codes, scales = _layer(n, k, groups, bits, seed=bits)
+    x = torch.randn(m, k) * torch.rand(1, k) * 3  # channels of different size, as in real activations
+    y = _run(x, codes, scales, bits, "int8", isa).double()
+    w = _weights64(codes, scales, bits)
+    xq, step = _int8_activations(x)
+    s = scales.double().repeat_interleave(k // groups, dim=1)
+    float_part = (k + 8) * U * (xq.abs() @ (s * (codes.double() + _zero(bits))).t())
+    assert ((y - xq @ w.t()).abs() <= float_part).all()  # check 1: Ŵ·x̂ to float32 rounding
+    quant_part = (step / 2 * (1 + 1e-4)) @ w.abs().t()
+    assert ((y - x.double() @ w.t()).abs() <= quant_part + float_part).all()  # check 2: the step bound vs Ŵ·x
+
+
+def test_int8_check_catches_a_one_percent_scale_error():
+    bits, (n, k, groups) = 2, SHAPES[1]
+    codes, scales = _layer(n, k, groups, bits)
+    x = torch.randn(4, k)
+    y = _run(x, codes, scales * 1.01, bits, "int8", "auto").double()
+    xq, _ = _int8_activations(x)
+    s = scales.double().repeat_interleave(k // groups, dim=1)
+    float_part = (k + 8) * U * (xq.abs() @ (s * (codes.double() + _zero(bits))).t())
+    err = (y - xq @ _weights64(codes, scales, bits).t()).abs()
+    assert (err > float_part).float().mean() > 0.9
+
+
+def test_int8_relative_error_on_gaussian_activations_is_a_fraction_of_a_percent():
+    """K = 4096, one scale per row: ‖y_int8 − y_float‖ / ‖y_float‖ ≈ (step/√12)/σ ≈ max|x|/(127·√12·σ) per
+    element, about 0.6 % for Gaussian blocks of 32 (max|x| ≈ 2.5σ)."""
+    n, k = 64, 4096
+    for bits in (2, 3, 4):
+        codes, scales = _layer(n, k, 1, bits)
+        x = torch.randn(8, k)
+        ref = _run(x, codes, scales, bits, "float", "auto")
+        rel = float((_run(x, codes, scales, bits, "int8", "auto") - ref).norm() / ref.norm())
+        assert 1e-3 < rel < 1e-2, (bits, rel)
+
+
+def test_a_zero_that_is_not_the_grid_default_and_leading_dimensions():
+    codes, scales = _layer(21, 256, 2, 3)
+    x = torch.randn(2, 5, 256)
+    packed = OPS.pack(codes, 3)
+    w = ((codes.to(torch.float32) - 2.25) * scales.repeat_interleave(128, dim=1)).double()
+    ref = x.double() @ w.t()
+    for act in ("float", "int8"):
+        y = OPS.linear(x, packed, scales, 3, 2.25, 21, 256, act)
+        assert y.shape == (2, 5, 21)
+        tol = 2e-2 if act == "int8" else 1e-5
+        assert float((y.double() - ref).norm() / ref.norm()) < tol
+
+
+def test_every_isa_agrees_with_scalar():
+    codes, scales = _layer(45, 640, 5, 4)
+    x = torch.randn(5, 640)
+    packed = OPS.pack(codes, 4)
+    for act in ("float", "int8"):
+        ref = OPS.linear(x, packed, scales, 4, 8.0, 45, 640, act, 0, "scalar")
+        for isa in ISAS:
+            y = OPS.linear(x, packed, scales, 4, 8.0, 45, 640, act, 0, isa)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_linear_rejects_bad_arguments():
+    codes, scales = _layer(4, 64, 1, 2)
+    packed = OPS.pack(codes, 2)
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        OPS.linear(x.double(), packed, scales, 2, 1.5, 4, 64)
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        OPS.linear(x, packed, torch.ones(4, 4), 2, 1.5, 4, 64)
+    with pytest.raises(RuntimeError, match="act='int4'"):
+        OPS.linear(x, packed, scales, 2, 1.5, 4, 64, "int4")
+    with pytest.raises(RuntimeError, match="not an instruction set"):
+        OPS.linear(x, packed, scales, 2, 1.5, 4, 64, "int8", -1, "neon")
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+def test_capabilities_and_isa_selection(monkeypatch):
+    caps = native.capabilities()
+    assert caps["isas"][0] == "scalar" and caps["best"] == caps["isas"][-1]
+    assert set(native.FEATURES) <= set(caps)
+    if caps["avx2"] and caps["fma"]:
+        assert "avx2" in caps["isas"]
+    monkeypatch.delenv("LOWBIT_NATIVE_ISA", raising=False)
+    assert caps["selected"] == caps["best"]
+    monkeypatch.setenv("LOWBIT_NATIVE_ISA", "scalar")
+    assert native.capabilities()["selected"] == "scalar"
+    assert OPS.resolve_isa("auto") == 0
+    monkeypatch.setenv("LOWBIT_NATIVE_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="LOWBIT_NATIVE_ISA=sse9 is not an instruction set"):
+        OPS.resolve_isa("auto")
+    missing = [isa for isa in native.ISAS if isa not in caps["isas"]]
+    for isa in missing:
+        with pytest.raises(RuntimeError, match="this CPU runs only"):
+            OPS.resolve_isa(isa)
+
+
+def test_build_key_covers_every_source_file():
+    listed = set(native.SOURCES + native.HEADERS)
+    assert listed == set(os.listdir(native.CSRC)), "a new csrc file must join SOURCES or HEADERS (the build hash)"
+    assert native.unavailable_reason() == ""
+
+
+# ------------------------------------------------------------------------------------ opcheck and compile
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_opcheck(bits):
+    codes, scales = _layer(9, 160, 5, bits)
+    packed = OPS.pack(codes, bits)
+    torch.library.opcheck(OPS.pack.default, (codes, bits))
+    torch.library.opcheck(OPS.unpack.default, (packed, bits, 9, 160))
+    for act in ("int8", "float"):
+        for x in (torch.randn(3, 160), torch.randn(2, 2, 160)):
+            torch.library.opcheck(OPS.linear.default, (x, packed, scales, bits, _zero(bits), 9, 160, act))
+
+
+def test_torch_compile_inductor_calls_the_op_for_a_fresh_shape():
+    codes, scales = _layer(24, 256, 2, 2)
+    packed = OPS.pack(codes, 2)
+
+    def f(x):
+        return torch.relu(OPS.linear(x * 2, packed, scales, 2, 1.5, 24, 256, "float")) + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="inductor")
+    for shape in ((3, 256), (5, 7, 256)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(compiled(x), f(x))
+    torch._dynamo.reset()
