@@ -7,26 +7,66 @@ import re
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["PassBase", "PassResult", "LINEAR_TARGETS", "source_to_fqn", "fake_mode_of", "get_attr_tensor",
-           "add_constant"]
+__all__ = ["PassBase", "PassResult", "LINEAR_TARGETS", "source_to_fqn", "source_root", "fake_mode_of",
+           "get_attr_tensor", "add_constant"]
 
 # Linear call targets: the Dynamo graph (torch._C._nn.linear / F.linear) and torch.export (aten.linear).
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
 
-_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]\.?")
+# A Dynamo source or module-stack string: a root (L['x'] for a local, G['x'] for a global), then `.attr` and
+# `[key]` steps. What names the root changes with how the model is called (L['self'], L['fn'], L['fn'].__self__,
+# L['args'][0] when a decorator wraps forward, G['model'], a closure's L['m']); the module path does not.
+_ROOT_RE = re.compile(r"^(?:L|G)\[(['\"])(?P<name>.+?)\1\]")
+_STEP_RE = re.compile(r"\.(?P<attr>[A-Za-z0-9_]+)|\[(?P<q>['\"])(?P<key>.*?)(?P=q)\]|\[(?P<index>-?\d+)\]")
+_MODULE_DICTS = ("_modules", "_parameters", "_buffers")
+
+
+def _steps(name: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """(root name, [(kind, key)...]) with kind "attr" or "item"; None when `name` is not a source string."""
+    m = _ROOT_RE.match(name)
+    root, pos = (m.group("name"), m.end()) if m else ("", 0)
+    steps = []
+    while pos < len(name):
+        m = _STEP_RE.match(name, pos)
+        if m is None:
+            return None
+        steps.append(("attr", m.group("attr")) if m.group("attr") else ("item", m.group("key") or m.group("index")))
+        pos = m.end()
+    return root, steps
+
+
+def source_root(name: str) -> str:
+    """The root a source string starts from ("self", "args", "model", ...); "" for a plain dotted path."""
+    parsed = _steps(name)
+    return parsed[0] if parsed else ""
 
 
 def source_to_fqn(name: str) -> str:
-    """Dynamo source / module-stack strings -> dotted FQN.
+    """Dynamo source / module-stack strings -> dotted FQN relative to the module the path walks from.
 
     "L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']" -> "model.layers.0.weight"
-    "L['self'].model.layers[0].q_proj" -> "model.layers.0.q_proj"
+    "L['args'][0]._modules['lm_head']._parameters['weight']"                          -> "lm_head.weight"
+    "L['fn'].__self__._modules['0']._parameters['weight']"                            -> "0.weight"
+    "L['self'].model.layers[0].q_proj"                                                 -> "model.layers.0.q_proj"
+    "model.layers.0.q_proj" (torch.export module stacks)                               -> unchanged
+
+    The module path starts at the first `_modules` / `_parameters` / `_buffers` lookup; without one (attribute
+    spelling), after the root and the steps that only reach the root object (an index into `args`, `__self__`,
+    `__func__`, `__wrapped__`, closure cells).
     """
-    s = _ROOT.sub("", name)
-    s = re.sub(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]", r".\1", s)
-    s = re.sub(r"^_(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]", r"\1", s)
-    s = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", s)
-    return s.strip(".")
+    parsed = _steps(name)
+    if parsed is None:
+        return name.strip(".")
+    root, steps = parsed
+    first = next((i for i, (kind, key) in enumerate(steps) if kind == "attr" and key in _MODULE_DICTS), None)
+    if first is None:
+        i = 0
+        if root:  # skip the steps that reach the root object
+            while i < len(steps) and (steps[i][0] == "item" and steps[i][1].lstrip("-").isdigit()
+                                      or steps[i][1].startswith("__") or steps[i][1] == "cell_contents"):
+                i += 1
+        first = i
+    return ".".join(key for kind, key in steps[first:] if not (kind == "attr" and key in _MODULE_DICTS))
 
 
 def fake_mode_of(gm: torch.fx.GraphModule):

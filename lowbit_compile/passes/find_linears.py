@@ -5,16 +5,21 @@ Works on the Dynamo graph (weights are placeholders carrying a `grapharg` source
 (weights are get_attr nodes, or nn.Linear leaf modules called with call_module).
 The tag is `node.meta["lowbit_linear"] = LinearSite(...)`. Tagging is metadata only, so the result
 reports modified=False.
+
+Names in Dynamo graphs are module paths relative to the module a parameter is reached from (base.source_to_fqn),
+so they do not change with how the model is called: torch.compile of the module, of its bound method, of a
+function using it, or a forward re-wrapped by a decorator (transformers >= 5.24) all give "model.layers.0...".
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from .base import LINEAR_TARGETS, PassBase, PassResult, source_to_fqn
+from .base import LINEAR_TARGETS, PassBase, PassResult, source_root, source_to_fqn
 
 TAG = "lowbit_linear"
 
@@ -30,16 +35,17 @@ class LinearSite:
     tied: bool  # the weight node also feeds something other than linears (e.g. an embedding)
 
 
-def _weight_name(node: torch.fx.Node, weight_names: Mapping[str, str]) -> str | None:
+def _weight_source(node: torch.fx.Node, weight_names: Mapping[str, str]) -> tuple[str, str] | None:
+    """(FQN of the weight relative to the module it is reached from, that root's name) or None."""
     if node.op == "get_attr":
-        return str(node.target)
+        return str(node.target), ""
     if node.op != "placeholder":
         return None
     if node.name in weight_names:
-        return weight_names[node.name]
+        return weight_names[node.name], ""
     ga = node.meta.get("grapharg")
     if ga is not None and isinstance(getattr(ga, "example", None), torch.nn.Parameter):
-        return source_to_fqn(ga.source.name)
+        return source_to_fqn(ga.source.name), source_root(ga.source.name)
     return None
 
 
@@ -73,6 +79,7 @@ class FindLinears(PassBase):
         self.weight_names = dict(weight_names or {})
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        roots: dict[torch.fx.Node, str] = {}  # linear node -> the root its weight is reached from (Dynamo)
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 mod = gm.get_submodule(str(node.target))
@@ -88,9 +95,10 @@ class FindLinears(PassBase):
             w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             if not isinstance(w, torch.fx.Node):
                 continue
-            name = _weight_name(w, self.weight_names)
-            if name is None:
+            found = _weight_source(w, self.weight_names)
+            if found is None:
                 continue
+            name, root = found
             shape = _shape(w)
             if shape is None and w.op == "get_attr":
                 shape = tuple(_get_attr(gm, str(w.target)).shape)
@@ -102,7 +110,25 @@ class FindLinears(PassBase):
                 fqn=_module_fqn(node, name), weight_name=name, weight_node=w.name,
                 in_features=shape[1], out_features=shape[0], has_bias=bias is not None, tied=tied,
             )
+            roots[node] = root
+        _qualify_collisions(roots)
         return PassResult(gm, False)
+
+
+def _qualify_collisions(roots: dict) -> None:
+    """A function that calls two models (`dec(enc(x))`) reaches weights from two roots whose module paths may
+    coincide ("0.weight" in both): then every name gets its root in front ("enc.0", "enc.2", "dec.0")."""
+    by_name: dict[str, set] = {}
+    for node, root in roots.items():
+        site = node.meta[TAG]
+        by_name.setdefault(site.fqn, set()).add((root, site.weight_name))
+    if all(len(v) == 1 for v in by_name.values()):
+        return
+    for node, root in roots.items():
+        site = node.meta[TAG]
+        if root:
+            node.meta[TAG] = dataclasses.replace(site, fqn=f"{root}.{site.fqn}".rstrip("."),
+                                                 weight_name=f"{root}.{site.weight_name}")
 
 
 def linear_sites(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, LinearSite]]:
