@@ -1,6 +1,6 @@
 """lowbit-compile: 2/3/4-bit and FP4 weights for PyTorch 2 models, through torch.compile and export."""
 
-from . import kernels  # noqa: F401  (registers the lowbit:: ops)
+from . import kernels, quiet  # noqa: F401  (registers the lowbit:: ops; drops known library noise: quiet.py)
 from .backend import REPORTS, BackendSettings, reset
 from .checkpoint import Checkpoint, FP4QuantizedLinear, QuantizedLinear
 from .errors import LowbitError

@@ -41,6 +41,7 @@ from .passes import (
     remove_observers,
 )
 from .passes.base import get_attr_tensor
+from .passes.find_linears import TAG
 from .passes.rewrite_linears import KERNELS, takes_int4pack
 from .quantize.layer import check_group_size, quantize_fp4_group, quantize_weight
 from .recipe import Recipe
@@ -176,6 +177,23 @@ def _from_checkpoint(ckpt: Checkpoint, site, shape, report: Report, records: dic
                                      rec.bits_per_weight(), rec.weight_error, "checkpoint"))
 
 
+def _match_checkpoint(ckpt: Checkpoint, sites: list, weight_of) -> list:
+    """Give each linear of the graph the name of its checkpoint layer (Checkpoint.match: by name, by the name's
+    ending, by the weight's digest) and refuse a checkpoint made for another model, listing every difference."""
+    by_name = {s.fqn: s for _, s in sites}
+    names, tried = ckpt.match({s.fqn: (s.out_features, s.in_features) for _, s in sites},
+                              weight=lambda fqn: weight_of(by_name[fqn]))
+    renamed = []
+    for node, site in sites:
+        if names.get(site.fqn, site.fqn) != site.fqn:
+            site = node.meta[TAG] = dataclasses.replace(site, fqn=names[site.fqn])
+        renamed.append((node, site))
+    ckpt.check({s.fqn: (s.out_features, s.in_features) for _, s in renamed}, whole_model=False,
+               must_match=[s.fqn for n, s in renamed if _calls_linear_module(n)], where="the compiled graph",
+               tried=tried)
+    return renamed
+
+
 def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSettings):
     """Tag, quantize (or take from the checkpoint) and rewrite the linears of a Dynamo graph."""
     recipe, ckpt = settings._recipe, settings._checkpoint
@@ -229,9 +247,8 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
             spec = recipe.spec_for(site.fqn)[0]
             if spec is not None:
                 check_group_size(site.fqn, site.in_features, spec)
-    if ckpt is not None:  # refuse a checkpoint made for another model, listing every difference
-        ckpt.check({s.fqn: (s.out_features, s.in_features) for _, s in sites}, whole_model=False,
-                   must_match=[s.fqn for n, s in sites if _calls_linear_module(n)], where="the compiled graph")
+    if ckpt is not None:
+        sites = _match_checkpoint(ckpt, sites, weight_of)
     for _, site in sites:
         shape = (site.out_features, site.in_features)
         if ckpt is not None:
@@ -294,6 +311,10 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | Non
     if kwargs:
         raise LowbitError(f"torch.compile(backend='lowbit') takes options={{...}}; got {sorted(kwargs)}")
     settings = BackendSettings.from_options(options)
+    if settings.verbose:
+        from . import quiet
+
+        quiet.uninstall()
     params = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)]
     if not params:
         return _compile_one(gm, example_inputs, settings)

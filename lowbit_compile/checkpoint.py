@@ -26,7 +26,7 @@ class QuantizedLinear:
     kind: ClassVar[str] = "int"
     TENSORS: ClassVar[tuple[str, ...]] = ("qweight", "scales", "su", "sv")
     FIELDS: ClassVar[tuple[str, ...]] = ("method", "bits", "in_features", "out_features", "group_size", "seed",
-                                         "weight_error", "proxy_loss")
+                                         "weight_error", "proxy_loss", "weight_sha256")
 
     fqn: str
     method: str  # "rtn", ...
@@ -41,6 +41,7 @@ class QuantizedLinear:
     sv: torch.Tensor | None  # float32 ±1 (out_features,)
     weight_error: float  # ||Ŵ - W||_F / ||W||_F
     proxy_loss: float | None = None  # tr((Ŵ-W) H (Ŵ-W)ᵀ) when a Hessian was available
+    weight_sha256: str | None = None  # weight_digest of the float weight it was made from (matching a model)
 
     @property
     def fmt(self) -> str:
@@ -87,7 +88,8 @@ class FP4QuantizedLinear:
     kind: ClassVar[str] = "fp4"
     TENSORS: ClassVar[tuple[str, ...]] = ("qweight", "w_scales", "act_scale", "act_exponents", "su")
     FIELDS: ClassVar[tuple[str, ...]] = ("method", "w_format", "a_format", "in_features", "out_features",
-                                         "weight_error", "proxy_loss", "baseline_loss", "notes", "seed")
+                                         "weight_error", "proxy_loss", "baseline_loss", "notes", "seed",
+                                         "weight_sha256")
 
     fqn: str
     method: str  # "search" (LLM-FP4 search) | "max-scaled" (E2M1 at the max-scaled bias, the baseline)
@@ -107,6 +109,7 @@ class FP4QuantizedLinear:
     # and the codes are those of W Vᵀ; su float32 ±1 (in,) from `seed`. None: no rotation.
     su: torch.Tensor | None = None
     seed: int | None = None
+    weight_sha256: str | None = None  # weight_digest of the float weight it was made from (matching a model)
 
     bits: ClassVar[int] = 4
 
@@ -330,22 +333,76 @@ class Checkpoint:
         return diffs
 
     def check(self, linears: Mapping[str, tuple[int, int]], whole_model: bool = True,
-              must_match: Iterable[str] = (), where: str = "this model") -> None:
-        """Raise a LowbitError listing every difference (see `differences`) when the checkpoint does not fit."""
+              must_match: Iterable[str] = (), where: str = "this model", tried: Iterable[str] = ()) -> None:
+        """Raise a LowbitError listing every difference (see `differences`) when the checkpoint does not fit;
+        `tried` (from `match`) says how the names were matched."""
         from .errors import LowbitError
 
         diffs = self.differences(linears, whole_model, must_match)
         if diffs:
             shown = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
+            how = f"\nlayers matched {'; '.join(tried)}" if tried else ""
             raise LowbitError(f"the checkpoint (recipe {self.recipe!r}) belongs to another model than {where}; "
-                              f"{len(diffs)} difference(s):\n  {shown}\nquantize this model with "
+                              f"{len(diffs)} difference(s):\n  {shown}{how}\nquantize this model with "
                               f"lb.quantize(model, ...) or use the checkpoint made for it")
+
+    def match(self, linears: Mapping[str, tuple[int, int]], weight=None) -> tuple[dict[str, str], list[str]]:
+        """Which checkpoint layer each linear {name: (out_features, in_features)} of a graph is, for names that
+        may be spelled differently from the model the checkpoint was made of (a wrapper module adds a prefix, a
+        function that calls two models qualifies names by the model's variable). Tried in order:
+
+        1. the same name (a layer of the plan or a record);
+        2. the one layer of the same shape whose name ends the linear's name at a dot, or is ended by it;
+        3. `weight(name)` (the linear's float weight, when given) whose `weight_digest` equals a record's.
+
+        Returns ({linear name: checkpoint name} for the linears it found, one line per step saying what it
+        matched). Linears not found keep their own name for `check` to report.
+        """
+        shapes = {p["fqn"]: tuple(p["shape"]) for p in self.plan}
+        shapes.update({f: (r.out_features, r.in_features) for f, r in self.records.items()})
+        found, by_suffix, by_digest = {}, {}, {}
+        for name in linears:
+            if name in shapes:
+                found[name] = name
+        taken = set(found.values())
+        for name, shape in linears.items():
+            if name in found:
+                continue
+            cands = [c for c, s in shapes.items() if c not in taken and tuple(s) == tuple(shape)
+                     and (name.endswith("." + c) or c.endswith("." + name) or not c or not name)]
+            if len(cands) == 1:
+                by_suffix[name] = cands[0]
+        taken |= set(by_suffix.values())
+        digests: dict[str, list[str]] = {}
+        for f, r in self.records.items():
+            if r.weight_sha256 and f not in taken:
+                digests.setdefault(r.weight_sha256, []).append(f)
+        if weight is not None and digests:
+            for name in linears:
+                if name in found or name in by_suffix:
+                    continue
+                hit = digests.get(weight_digest(weight(name)), [])
+                if len(hit) == 1 and hit[0] not in by_digest.values():
+                    by_digest[name] = hit[0]
+        tried = [f"by name: {len(found)}",
+                 f"by the name's ending and the shape: {len(by_suffix)}",
+                 f"by the weight's content (sha256): {len(by_digest)}" if weight is not None and digests else
+                 "by the weight's content: not tried (" + ("no weights given" if weight is None else
+                                                            "the checkpoint stores no weight digests") + ")"]
+        return {**found, **by_suffix, **by_digest}, tried
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse (LowbitError, every difference listed) a checkpoint made for another model."""
         shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
                   if isinstance(m, torch.nn.Linear)}
         self.check(shapes, where=type(model).__name__)
+
+
+def weight_digest(w: torch.Tensor) -> str:
+    """sha256 of a float weight as float32 (shape included): what a record stores to be matched to its layer."""
+    from .io import fingerprint
+
+    return fingerprint(w.detach().to(torch.float32))
 
 
 def _sha256(data: bytes) -> str:

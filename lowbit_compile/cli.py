@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or tables, only errors")
     common.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
+    common.add_argument("--verbose", action="store_true",
+                        help="keep every log line of the libraries underneath (see lowbit_compile/quiet.py)")
     p = argparse.ArgumentParser(prog="lowbit", description="2/3/4-bit and FP4 quantization for PyTorch 2 models",
                                 parents=[common])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -225,6 +227,10 @@ def main(argv=None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     say = (lambda *a: None) if args.quiet else print
+    if args.verbose:
+        from . import quiet
+
+        quiet.uninstall()
     if args.quiet:
         _silence_libraries()
     try:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from .. import formats
-from ..checkpoint import FP4QuantizedLinear, QuantizedLinear
+from ..checkpoint import FP4QuantizedLinear, QuantizedLinear, weight_digest
 from ..errors import LowbitError
 from ..formats import fp4 as f4
 from ..recipe import LayerSpec, parse_spec
@@ -69,7 +69,14 @@ def quantize_weight(fqn: str, w: torch.Tensor, spec: LayerSpec, seed: int = 0,
                     hessian: torch.Tensor | None = None, sample: torch.Tensor | None = None,
                     absmax: torch.Tensor | None = None) -> QuantizedLinear | FP4QuantizedLinear:
     """Quantize one linear weight (out_features, in_features); LDLQ methods need its input Hessian, FP4 a
-    sample of its inputs (and optionally the per-channel max |x| over all calibration tokens)."""
+    sample of its inputs (and optionally the per-channel max |x| over all calibration tokens). The record
+    keeps the weight's digest, so a checkpoint can find its layer whatever a graph names it."""
+    rec = _quantize_weight(fqn, w, spec, seed, hessian, sample, absmax)
+    rec.weight_sha256 = weight_digest(w)
+    return rec
+
+
+def _quantize_weight(fqn, w, spec, seed, hessian, sample, absmax):
     check_weight(fqn, w)
     check_group_size(fqn, w.shape[1], spec)
     if spec.method == "fp4":
@@ -115,7 +122,7 @@ def _fp4_record(res, w: torch.Tensor, method: str, su=None, seed=None) -> FP4Qua
         w_scales=res.w_scales, act_scale=res.act_scale, weight_error=0.0,
         act_exponents=None if res.act_exponents is None else res.act_exponents.clone(),  # groups share k
         proxy_loss=_finite_or_none(res.loss), baseline_loss=_finite_or_none(res.baseline_loss),
-        notes=list(res.notes), su=None if su is None else su.clone(), seed=seed,
+        notes=list(res.notes), su=None if su is None else su.clone(), seed=seed, weight_sha256=weight_digest(w),
     )
     w = w.detach().to(torch.float32)
     err = torch.linalg.vector_norm(rec.dequantized_weight() - w) / torch.linalg.vector_norm(w).clamp_min(1e-30)
