@@ -36,21 +36,21 @@ PyTorch quantized model (swap_linears: the lowbit op's reference implementation)
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils import _pytree as pytree
 
 from ..errors import LowbitError
 from ..io import atomic_write_bytes
 from ..nn import swap_linears
+from ..quiet import known_warnings
 from .decompose import decompose_lowbit_linears
 from .fp4_flips import MAX_FLIPS, explain_by_flips
+from .inputs import dynamic_shapes_for, is_symbolic, records_of, split_inputs, tensor_leaves, widen_size_one_dims
 
 # Ops the packed route needs that are not core ATen; the ExecuTorch runtime has kernels for them.
 EXTRA_EDGE_OPS = (
@@ -98,78 +98,22 @@ class PteExport:
 # ----------------------------------------------------------------------------- inputs and outputs
 
 
-def _records_of(records_or_checkpoint) -> Mapping:
-    recs = getattr(records_or_checkpoint, "records", records_or_checkpoint)
-    if not isinstance(recs, Mapping):
-        raise LowbitError(f"expected a mapping {{layer FQN: record}} or a Checkpoint, got "
-                          f"{type(records_or_checkpoint).__name__}")
-    return recs
-
-
-def _split_inputs(example_inputs) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, Sequence):
-        return tuple(example_inputs), {}
-    raise LowbitError(f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword "
-                      f"inputs, got {type(example_inputs).__name__}")
-
-
-def _tensor_leaves(tree) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
-
-
 def _flat_inputs(ep: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The program's inputs in order: positional, then keywords in the order torch.export recorded."""
     if kwargs:
         order = ep.call_spec.in_spec.child(1).context
         kwargs = {k: kwargs[k] for k in order if k in kwargs}
-    return _tensor_leaves((args, kwargs))
+    return tensor_leaves((args, kwargs))
 
 
 def _auto_dynamic_shapes(model, args: tuple, kwargs: dict, max_batch: int, max_seq: int):
-    """Dim.AUTO on dimension 0 (batch) and 1 (sequence) of every input tensor: torch.export keeps a dimension
-    dynamic where the model allows and specializes it where it does not, without an error. ExecuTorch plans
-    memory for the upper bounds."""
+    """The free batch / sequence dimensions of the inputs (inputs.free_dims: those the model lets vary), each a
+    Dim.AUTO bounded by max_batch (dimension 0) or max_seq (dimension 1), or by the example's size where that is
+    larger: ExecuTorch plans memory for the upper bounds."""
     from torch.export import Dim
 
-    def spec(t):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return None
-        d = {0: Dim.AUTO(min=1, max=max_batch)}
-        if t.dim() >= 2:
-            d[1] = Dim.AUTO(min=1, max=max_seq)
-        return d
-
-    if not kwargs:
-        return tuple(spec(a) for a in args)
-    params = [p.name for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return {**{params[i]: spec(a) for i, a in enumerate(args)}, **{k: spec(v) for k, v in kwargs.items()}}
-
-
-def _widen_size_one_dims(args: tuple, kwargs: dict, max_batch: int, max_seq: int) -> tuple[tuple, dict, list[int]]:
-    """The example inputs for tracing with "auto" dynamic shapes: torch.export specializes a dimension of size 1
-    (the program would take batch 1 only), so where every input tensor that has dimension 0 (batch) or 1
-    (sequence) has size 1 there, the example is repeated to size 2 along it. The program still runs size 1;
-    export_pte verifies it on the original example. Returns (args, kwargs, the widened dimensions)."""
-    tensors = [t for t in _tensor_leaves((args, kwargs)) if t.dim() > 0]
-    widened = [d for d, top in ((0, max_batch), (1, max_seq)) if top >= 2
-               and any(t.dim() > d for t in tensors) and all(t.shape[d] == 1 for t in tensors if t.dim() > d)]
-    if not widened:
-        return args, kwargs, []
-
-    def widen(t):
-        if not isinstance(t, torch.Tensor):
-            return t
-        for d in widened:
-            if t.dim() > d:
-                t = torch.cat([t, t], dim=d)
-        return t
-
-    return pytree.tree_map(widen, args), pytree.tree_map(widen, kwargs), widened
+    return dynamic_shapes_for(model, args, kwargs,
+                              lambda d, size: Dim.AUTO(min=1, max=max(max_batch if d == 0 else max_seq, size)))
 
 
 def _default_max_seq(model) -> int:
@@ -184,7 +128,7 @@ def _dynamic_dims(ep: torch.export.ExportedProgram) -> list[str]:
             continue
         val = node.meta.get("val")
         for i, d in enumerate(val.shape if isinstance(val, torch.Tensor) else ()):
-            if not isinstance(d, int):
+            if is_symbolic(d):
                 rng = ep.range_constraints.get(d.node.expr)
                 out.append(f"{node.name}.{i} in [{rng.lower}, {rng.upper}]" if rng else f"{node.name}.{i}")
     return out
@@ -414,6 +358,7 @@ def _verify(result: PteExport, data: bytes, inputs, refs, sims, atol, rtol, refe
 # ----------------------------------------------------------------------------- the exporter
 
 
+@known_warnings
 def export_pte(model: torch.nn.Module, records, example_inputs, path, *, dynamic_shapes="auto",
                max_batch: int = DEFAULT_MAX_BATCH, max_seq: int | None = None, int4: str = "xnnpack",
                strict: bool = False, verify: bool = True, atol: float | None = None,
@@ -436,8 +381,8 @@ def export_pte(model: torch.nn.Module, records, example_inputs, path, *, dynamic
         layers and a few activations rounded the other way at an FP4 rounding midpoint explain the difference
         (then listed in the result's `rounding_flips`).
     """
-    records = _records_of(records)
-    args, kwargs = _split_inputs(example_inputs)
+    records = records_of(records)
+    args, kwargs = split_inputs(example_inputs)
     path = Path(path)
     bad = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
     if bad:
@@ -460,8 +405,9 @@ def export_pte(model: torch.nn.Module, records, example_inputs, path, *, dynamic
         if dynamic_shapes != "auto":
             raise LowbitError(f"dynamic_shapes={dynamic_shapes!r}: use 'auto', None or a torch.export spec")
         max_seq = max_seq or _default_max_seq(model)
-        trace_args, trace_kwargs, _ = _widen_size_one_dims(args, kwargs, max_batch, max_seq)
-        dynamic_shapes = _auto_dynamic_shapes(rt_model, trace_args, trace_kwargs, max_batch, max_seq)
+        dims = [d for d, top in ((0, max_batch), (1, max_seq)) if top >= 2]
+        trace_args, trace_kwargs, _ = widen_size_one_dims(qmodel, args, kwargs, dims)
+        dynamic_shapes = _auto_dynamic_shapes(qmodel, trace_args, trace_kwargs, max_batch, max_seq)
     ep = _capture(rt_model, trace_args, trace_kwargs, dynamic_shapes, strict)
     _check_no_lowbit_ops(ep)
     program = _lower(ep)
@@ -473,11 +419,11 @@ def export_pte(model: torch.nn.Module, records, example_inputs, path, *, dynamic
                        dynamic_dims=_dynamic_dims(ep), delegates=delegates, portable_ops=ops)
     if verify:
         with torch.no_grad():
-            refs = _tensor_leaves(qmodel(*args, **kwargs))
+            refs = tensor_leaves(qmodel(*args, **kwargs))
             int8_acts = "xnnpack-int4" in routes.values()
-            sims = _tensor_leaves(rt_model(*args, **kwargs)) if int8_acts else None
+            sims = tensor_leaves(rt_model(*args, **kwargs)) if int8_acts else None
         _verify(result, data, _flat_inputs(ep, args, kwargs), refs, sims, atol, rtol,
-                reference=(qmodel, lambda: _tensor_leaves(qmodel(*args, **kwargs))))
+                reference=(qmodel, lambda: tensor_leaves(qmodel(*args, **kwargs))))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, data)  # an interrupted export leaves the previous file intact
     return result

@@ -54,7 +54,9 @@ from .. import formats, hadamard
 from ..checkpoint import FP4QuantizedLinear, QuantizedLinear
 from ..errors import LowbitError
 from ..io import atomic_outputs
+from ..quiet import known_warnings
 from . import onnx_ops
+from .inputs import dynamic_shapes_for, records_of, split_inputs, widen_size_one_dims
 from .onnx_ops import compact_factor, pack_signs, pad_codes
 
 BLOCK_SIZES = (128, 64, 32, 16)
@@ -218,21 +220,6 @@ def exact_session_options():
     return so
 
 
-def _as_tuple(example_inputs):
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    return tuple(example_inputs), {}
-
-
-def _records(records_or_checkpoint) -> Mapping:
-    recs = getattr(records_or_checkpoint, "records", records_or_checkpoint)
-    if not isinstance(recs, Mapping):
-        raise LowbitError("export_onnx expects a {fqn: record} mapping or a Checkpoint")
-    return recs
-
-
 def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
@@ -246,31 +233,9 @@ def _first_tensor(out):
     raise LowbitError(f"cannot find an output tensor in {type(out).__name__}")
 
 
-def _batch2(inputs):
-    """Trace with batch ≥ 2: torch.export specializes a dynamic dimension whose example size is 1."""
-    def grow(t):
-        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1:
-            return t.repeat(2, *([1] * (t.dim() - 1)))
-        return t
-
-    if isinstance(inputs, Mapping):
-        return {k: grow(v) for k, v in inputs.items()}
-    return tuple(grow(a) for a in inputs)
-
-
-def _dynamic_shapes(args, kwargs, dynamic: bool):
-    if not dynamic:
-        return None
-    batch, seq = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
-
-    def spec(t):
-        if not isinstance(t, torch.Tensor):
-            return None
-        return {0: batch, 1: seq} if t.dim() >= 2 else {0: batch}
-
-    if kwargs:
-        return {k: spec(v) for k, v in kwargs.items()}
-    return tuple(spec(a) for a in args)
+def _dynamic_shapes(model, args, kwargs):
+    """The batch / sequence dimensions the model lets vary (inputs.free_dims), unbounded."""
+    return dynamic_shapes_for(model, args, kwargs, lambda d, size: torch.export.Dim.DYNAMIC)
 
 
 def finalize(path) -> None:
@@ -326,6 +291,7 @@ def onnx_file_bytes(path) -> int:
     return total + sum((path.parent / loc).stat().st_size for loc in locs)
 
 
+@known_warnings
 def export_onnx(model: torch.nn.Module, records, example_inputs, path, dynamic: bool = True, verify: bool = True,
                 standard_ops: bool = False, opset_version: int = OPSET, external_data: bool | None = None,
                 native_nbits: bool = False) -> dict:
@@ -333,9 +299,11 @@ def export_onnx(model: torch.nn.Module, records, example_inputs, path, dynamic: 
     `path` (see the module docstring for the routes).
 
     example_inputs: a tensor, a tuple of positional tensors or a dict of keyword tensors (HF models); dynamic
-    makes every input's dimensions 0 and 1 (batch, sequence) dynamic. standard_ops: standard ONNX ops only (no
-    com.microsoft MatMulNBits). native_nbits: 2- and 8-bit layers use MatMulNBits' own 2-/8-bit kernels (both much
-    slower than widening 2-bit codes to 4 bits / dequantizing 8-bit weights at load, on CPU; memory 2/8 bits).
+    makes dimensions 0 and 1 (batch, sequence) of the inputs dynamic where the model lets them vary
+    (export/inputs.py: a dimension a weight fixes stays static; a size-1 example is traced at size 2).
+    standard_ops: standard ONNX ops only (no com.microsoft MatMulNBits). native_nbits: 2- and 8-bit layers use
+    MatMulNBits' own 2-/8-bit kernels (both much slower than widening 2-bit codes to 4 bits / dequantizing 8-bit
+    weights at load, on CPU; memory 2/8 bits).
     external_data: weights in a side file `<name>.data` (default: when they exceed 1.5 GB).
 
     Returns a dict: path, bytes (file plus external data), routes ({fqn: route description}), max_abs_error
@@ -347,10 +315,15 @@ def export_onnx(model: torch.nn.Module, records, example_inputs, path, dynamic: 
         raise LowbitError(f"opset {opset_version}: use {OPSETS.start}..{OPSETS.stop - 1} (blocked and INT4 "
                           f"DequantizeLinear need opset 21)")
     onnx_ops.register_schemas()
-    recs = _records(records)
+    from ..nn import swap_linears
+
+    recs = records_of(records)
     swapped = swap_for_onnx(model, recs, standard_ops, native_nbits).eval()
-    args, kwargs = _as_tuple(example_inputs)
-    t_args, t_kwargs = (_batch2(args), _batch2(kwargs)) if dynamic else (args, kwargs)
+    reference = swap_linears(model, recs).eval()  # the quantized model: what the file must compute
+    args, kwargs = split_inputs(example_inputs)
+    t_args, t_kwargs = args, kwargs
+    if dynamic:
+        t_args, t_kwargs, _ = widen_size_one_dims(reference, args, kwargs)
     path = Path(path)
     if external_data is None:
         n_bytes = sum(b.numel() * b.element_size() for b in swapped.state_dict().values())
@@ -359,7 +332,7 @@ def export_onnx(model: torch.nn.Module, records, example_inputs, path, dynamic: 
         try:
             prog = torch.onnx.export(
                 swapped, t_args, kwargs=t_kwargs or None, dynamo=True, opset_version=opset_version,
-                dynamic_shapes=_dynamic_shapes(t_args, t_kwargs, dynamic), optimize=False,
+                dynamic_shapes=_dynamic_shapes(reference, t_args, t_kwargs) if dynamic else None, optimize=False,
                 custom_translation_table=onnx_ops.TRANSLATIONS, external_data=external_data, report=False,
                 verbose=False)
         except Exception as e:  # the exporter raises many types; say where it failed
@@ -373,10 +346,8 @@ def export_onnx(model: torch.nn.Module, records, example_inputs, path, dynamic: 
                   if isinstance(m, (OnnxLowbitLinear, OnnxFP4Linear))}
         result = {"path": str(path), "bytes": onnx_file_bytes(tmp), "routes": routes}
         if verify:
-            from ..nn import swap_linears
-
             try:
-                result["max_abs_error"] = verify_onnx(swap_linears(model, recs).eval(), tmp, args, kwargs)
+                result["max_abs_error"] = verify_onnx(reference, tmp, args, kwargs)
             except LowbitError as e:
                 raise LowbitError(f"{e}; nothing was written (verify=False writes the file anyway)") from None
     return result

@@ -1,0 +1,124 @@
+"""What both exporters do with the user's example inputs and records: split them, and find which dimensions the
+model lets vary.
+
+Dynamic dimensions. A guess by position (dimension 1 = sequence) breaks a plain MLP, whose input is (batch,
+features): the features dimension is fixed by the first weight. So the exporters ask the model: `free_dims`
+traces the float model once with `torch.export.Dim.AUTO` on dimensions 0 and 1 of every input tensor (AUTO
+keeps a dimension symbolic where the model allows it and specializes it without an error where it does not),
+and the program is then exported with exactly the dimensions that stayed symbolic made dynamic. torch.export
+specializes a dimension of size 1, so where every input has size 1 in dimension 0 (or 1) the probe, and the
+export, trace an example repeated to size 2 along it, if the model runs that way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import LowbitError
+
+CANDIDATE_DIMS = (0, 1)  # batch and sequence, where a model has them
+
+
+def records_of(records_or_checkpoint) -> Mapping:
+    """{fqn: record} from a Checkpoint or such a mapping."""
+    recs = getattr(records_or_checkpoint, "records", records_or_checkpoint)
+    if not isinstance(recs, Mapping):
+        raise LowbitError(f"expected a mapping {{layer FQN: record}} or a Checkpoint, got "
+                          f"{type(records_or_checkpoint).__name__}")
+    return recs
+
+
+def split_inputs(example_inputs) -> tuple[tuple, dict]:
+    """(positional, keyword) inputs from a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        return tuple(example_inputs), {}
+    raise LowbitError(f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword "
+                      f"inputs, got {type(example_inputs).__name__}")
+
+
+def tensor_leaves(tree) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def widen_size_one_dims(model, args: tuple, kwargs: dict, dims=CANDIDATE_DIMS) -> tuple[tuple, dict, list[int]]:
+    """The example repeated to size 2 along each dimension in `dims` where every input tensor that has it has size
+    1, when the model runs on the widened example (a dimension of size 1 may also be a feature dimension a weight
+    fixes). Returns (args, kwargs, the widened dimensions)."""
+    widened = []
+    for d in dims:
+        tensors = [t for t in tensor_leaves((args, kwargs)) if t.dim() > d]
+        if not tensors or any(t.shape[d] != 1 for t in tensors):
+            continue
+
+        def widen(t, d=d):
+            return torch.cat([t, t], dim=d) if isinstance(t, torch.Tensor) and t.dim() > d else t
+
+        w_args, w_kwargs = pytree.tree_map(widen, args), pytree.tree_map(widen, kwargs)
+        try:
+            with torch.no_grad():
+                model(*w_args, **w_kwargs)
+        except Exception:  # the model does not take it: that dimension stays as the example has it
+            continue
+        args, kwargs = w_args, w_kwargs
+        widened.append(d)
+    return args, kwargs, widened
+
+
+def _spec(model, args: tuple, kwargs: dict, dims_of) -> tuple | dict | None:
+    """A torch.export dynamic_shapes spec with `dims_of(tensor)` -> {dim: Dim} for every top-level input."""
+    import inspect
+
+    def spec(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        return dims_of(t) or None
+
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    params = [p.name for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {**{params[i]: spec(a) for i, a in enumerate(args)}, **{k: spec(v) for k, v in kwargs.items()}}
+
+
+def free_dims(model, args: tuple, kwargs: dict, dims=CANDIDATE_DIMS) -> dict[int, set[int]]:
+    """{id(input tensor): the dimensions among `dims` that the model leaves free}, found by tracing `model` with
+    Dim.AUTO on them (see the module docstring). Inputs of a model that cannot be traced at all get none (the
+    exporter's own capture then reports why)."""
+    from torch.export import Dim
+
+    spec = _spec(model, args, kwargs, lambda t: {d: Dim.AUTO for d in dims if d < t.dim() and t.shape[d] > 1})
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
+    except Exception:
+        return {}
+    order = ep.call_spec.in_spec.child(1).context if kwargs else []
+    flat = tensor_leaves((args, {k: kwargs[k] for k in order if k in kwargs}))
+    user = set(ep.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    vals = [v for v in vals if isinstance(v, torch.Tensor)]
+    if len(vals) != len(flat):
+        return {}
+    return {id(t): {i for i, s in enumerate(v.shape) if is_symbolic(s) and i in dims} for t, v in zip(flat, vals)}
+
+
+def is_symbolic(size) -> bool:
+    """A dimension of a traced tensor that varies (a SymInt of a specialized dimension is a number)."""
+    expr = getattr(getattr(size, "node", None), "expr", None)
+    return expr is not None and not expr.is_number
+
+
+def dynamic_shapes_for(model, args: tuple, kwargs: dict, dim_for) -> tuple | dict | None:
+    """The dynamic_shapes spec that makes exactly the free dimensions (`free_dims`) dynamic, each as
+    `dim_for(index, size)` (e.g. a bounded Dim.AUTO); None when no dimension is free."""
+    free = free_dims(model, args, kwargs)
+    if not any(free.values()):
+        return None
+    return _spec(model, args, kwargs, lambda t: {d: dim_for(d, t.shape[d]) for d in sorted(free.get(id(t), ()))})
