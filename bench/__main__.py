@@ -11,7 +11,7 @@ import importlib
 import sys
 
 BENCHMARKS = ["bench.quality", "bench.mixed_precision", "bench.onnx_latency", "bench.export_size", "bench.kernels",
-              "bench.ops", "bench.e2e"]
+              "bench.ops", "bench.e2e", "bench.native"]
 QUICK_ARGS = {"bench.onnx_latency": ["--variants", "w4,w2", "--runs", "5"]}  # default: ["--quick"]
 
 ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])

@@ -20,6 +20,8 @@ Tolerances, per output y_n, with u = 2⁻²⁴ (float32 unit roundoff) and Ŵ th
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -215,6 +217,19 @@ def test_every_isa_agrees_with_scalar():
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("act", ["int8", "float"])
+def test_the_default_threshold_picks_the_prefill_path(act):
+    bits = 3
+    rows = native.default_prefill_rows(act, bits)
+    assert rows > 1
+    codes, scales = _layer(16, 128, 1, bits)
+    packed = OPS.pack(codes, bits)
+    for m, path in ((rows - 1, 0), (rows, 1)):  # below: the act kernel (prefill_rows=0); from it on: the GEMM
+        x = torch.randn(m, 128)
+        y = OPS.linear(x, packed, scales, bits, _zero(bits), 16, 128, act)
+        assert torch.equal(y, OPS.linear(x, packed, scales, bits, _zero(bits), 16, 128, act, path))
+
+
 def test_linear_rejects_bad_arguments():
     codes, scales = _layer(4, 64, 1, 2)
     packed = OPS.pack(codes, 2)
@@ -256,6 +271,16 @@ def test_build_key_covers_every_source_file():
     listed = set(native.SOURCES + native.HEADERS)
     assert listed == set(os.listdir(native.CSRC)), "a new csrc file must join SOURCES or HEADERS (the build hash)"
     assert native.unavailable_reason() == ""
+
+
+def test_a_failed_build_leaves_the_package_importable_with_a_reason(tmp_path):
+    code = ("import lowbit_compile.kernels.native as n; import lowbit_compile; "
+            "print(n.available()); print(n.unavailable_reason())")
+    env = dict(os.environ, LOWBIT_NATIVE_BUILD_DIR=str(tmp_path), CXX="/bin/false")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    available, reason = out.stdout.strip().split("\n", 1)
+    assert available == "False" and "could not be built" in reason
 
 
 # ------------------------------------------------------------------------------------ opcheck and compile

@@ -17,12 +17,13 @@ The ops (schemas in csrc/ops.cpp, CPU kernels in csrc/kernels_*.cpp, fakes below
   act="float": each weight row is decoded to float32 exactly as the reference dequantize does, then multiplied
   with x in float32 (error: float32 accumulation only).
   M = x.numel() / K rows at or above prefill_rows (0: never) take the prefill path whatever act says: tiles of
-  weight rows (4 MB) are decoded to float32 and multiplied by the float32 GEMM (at::mm), float32 throughout.
+  512 weight rows are decoded to float32 and multiplied by the float32 GEMM (at::mm), float32 throughout.
   prefill_rows=-1 takes the crossover measured on an AVX2 CPU at one thread: 8 rows with act="float", with
   act="int8" 32 rows for 3 bits and 256 for 2 and 4 bits (there the int8 kernel outruns float32 sgemm).
   isa picks the code path: "auto" ($LOWBIT_NATIVE_ISA when set, else the best this CPU has), "scalar", "avx2",
   "avx512"; asking for one the CPU lacks is an error.
-- `cpu_features() -> int[]`, `resolve_isa(isa) -> int`: what `capabilities()` reads.
+- `cpu_features() -> int[]`, `resolve_isa(isa) -> int`: what `capabilities()` reads;
+  `default_prefill_rows(act, bits) -> int`: the rows from which prefill_rows=-1 takes the GEMM path.
 
 Rows of the output are split over torch's intra-op threads (at::parallel_for); the prefill GEMM is torch's.
 
@@ -119,13 +120,11 @@ def _build_and_load(verbose: bool = False) -> str:
 @functools.cache
 def _state() -> tuple[str | None, str]:
     """(library path or None, why not)."""
-    if not hasattr(torch.ops, NAMESPACE) or not hasattr(getattr(torch.ops, NAMESPACE), "linear"):
-        try:
-            return _build_and_load(), ""
-        except Exception as e:  # no compiler, no ninja, a compile error: the package still imports
-            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-            return None, f"the lowbit_native C++ extension could not be built or loaded ({detail[-2000:]})"
-    return "already loaded", ""
+    try:
+        return _build_and_load(), ""
+    except Exception as e:  # no compiler, no ninja, a compile error, an unwritable cache: the package still imports
+        detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+        return None, f"the lowbit_native C++ extension could not be built or loaded ({detail[-2000:]})"
 
 
 def load() -> None:
@@ -158,6 +157,12 @@ def capabilities() -> dict:
     out["int8_dot"] = ("vpdpbusd (AVX512-VNNI)" if out["selected"] == "avx512" and out["avx512_vnni"] else
                        "vpmaddubsw + vpmaddwd" if out["selected"] != "scalar" else "scalar")
     return out
+
+
+def default_prefill_rows(act: str, bits: int) -> int:
+    """From how many rows on `linear` with prefill_rows=-1 decodes to float32 and runs the GEMM."""
+    load()
+    return torch.ops.lowbit_native.default_prefill_rows(act, bits)
 
 
 def supported_isas() -> list[str]:
