@@ -70,7 +70,7 @@ def _int8_activations(x):
     xb = torch.nn.functional.pad(x, (0, kp - k)).view(m, kp // 32, 32)
     amax = xb.abs().amax(-1, keepdim=True)
     d = amax / 127
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # `127 / amax` is 127·(1/amax) in torch
     q = torch.round(xb * inv)
     return (d.double() * q.double()).view(m, kp)[:, :k], d.double().expand(m, kp // 32, 32).reshape(m, kp)[:, :k]
 
