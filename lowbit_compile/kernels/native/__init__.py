@@ -18,8 +18,10 @@ The ops (schemas in csrc/ops.cpp, CPU kernels in csrc/kernels_*.cpp, fakes below
   with x in float32 (error: float32 accumulation only).
   M = x.numel() / K rows at or above prefill_rows (0: never) take the prefill path whatever act says: tiles of
   512 weight rows are decoded to float32 and multiplied by the float32 GEMM (at::mm), float32 throughout.
-  prefill_rows=-1 takes the crossover measured on an AVX2 CPU at one thread: 8 rows with act="float", with
-  act="int8" 32 rows for 3 bits and 256 for 2 and 4 bits (there the int8 kernel outruns float32 sgemm).
+  prefill_rows=-1 (default_prefill_rows) was measured on an AVX2 CPU at one thread: act="float" from 8 rows,
+  act="int8" from 32 rows for 3 bits (the crossovers) and from 256 for 2 and 4 bits, a choice: that int8 kernel is
+  an int8 GEMM still faster than float32 sgemm at 512 rows (0.83-0.90x), but prompts keep float32 activations
+  at about the float32 cost; prefill_rows=0 keeps the int8 kernel.
   isa picks the code path: "auto" ($LOWBIT_NATIVE_ISA when set, else the best this CPU has), "scalar", "avx2",
   "avx512"; asking for one the CPU lacks is an error.
 - `cpu_features() -> int[]`, `resolve_isa(isa) -> int`: what `capabilities()` reads;
@@ -27,7 +29,8 @@ The ops (schemas in csrc/ops.cpp, CPU kernels in csrc/kernels_*.cpp, fakes below
 
 Rows of the output are split over torch's intra-op threads (at::parallel_for); the prefill GEMM is torch's.
 
-Build: `torch.utils.cpp_extension.load` (needs a C++17 compiler and the `ninja` package) into a directory named by
+Build: `torch.utils.cpp_extension.load` (needs a C++ compiler torch's headers accept,
+g++ or clang, and the `ninja` package) into a directory named by
 a hash of the sources, flags, torch and Python versions, under $LOWBIT_NATIVE_BUILD_DIR or
 ~/.cache/lowbit_compile/native; a file lock (fcntl, released if a builder dies) lets parallel processes (pytest
 workers) wait for one build. Later processes load the built library directly, without ninja or a compiler.

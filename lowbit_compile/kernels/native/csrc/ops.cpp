@@ -224,8 +224,9 @@ constexpr int64_t kTileRows = 512;
 
 // prefill_rows = -1: from how many rows on the decode + float32 GEMM path is faster, measured at one thread on an
 // AVX2 CPU (Zen 3, 4096 x 4096): the float mode decodes every weight once per 4 activation rows and loses to the
-// GEMM from about 8 rows; the int8 mode is an int8 GEMM that beats float32 sgemm up to about 256 rows with 2 and
-// 4 bits and 32 rows with 3 bits (whose high-bit plane costs a third more per block).
+// GEMM from about 8 rows; the int8 mode with 3 bits from about 32 rows (its high-bit plane costs a third more per
+// block). With 2 and 4 bits the int8 kernel is an int8 GEMM still faster than float32 sgemm at 512 rows
+// (0.83-0.90x), so 256 is a choice: prompts get float32 activations at about the float32 cost.
 int64_t default_prefill_rows(bool int8_act, int64_t bits) {
   if (!int8_act) return 8;
   return bits == 3 ? 32 : 256;
