@@ -27,7 +27,6 @@ import torch
 from . import kernels  # noqa: F401  (registers lowbit::*)
 from .checkpoint import Checkpoint
 from .errors import LowbitError
-from .kernels import cpu
 from .memory import TRIM_SLACK, release_freed_memory
 from .passes import (
     FindLinears,
@@ -42,7 +41,7 @@ from .passes import (
 )
 from .passes.base import get_attr_tensor
 from .passes.find_linears import TAG
-from .passes.rewrite_linears import KERNELS, takes_int4pack
+from .passes.rewrite_linears import KERNELS, pack_for_cpu
 from .quantize.layer import check_group_size, quantize_fp4_group, quantize_weight
 from .recipe import Recipe
 from .report import LayerReport, Report
@@ -61,7 +60,7 @@ class BackendSettings:
     overrides: dict | None = None  # {fqn | "re:pattern" | "_default": recipe string or None}
     seed: int = 0  # seed of every random transform (per layer: hash of seed and layer name)
     compiler: str = "inductor"  # "inductor", or "eager" to run the rewritten graph without Inductor
-    kernels: str = "auto"  # "auto": CPU fast paths (int4pack) for CPU weights; "reference": the reference ops
+    kernels: str = "auto"  # "auto": CPU fast paths chosen by what the CPU has (kernels/cpu_caps.py); "reference"
     fallback: bool = False  # on a LowbitError keep the float graph with a warning instead of raising
     verbose: bool = False  # print the per-layer table (it is always logged at INFO level)
     _recipe: Recipe = field(init=False, repr=False, compare=False)
@@ -235,10 +234,9 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
         return rec
 
     def settle(rec):
-        """Pack the layer for the CPU kernel now (RewriteLinears takes it from cpu.packed_for's cache) and trim
-        the heap: done layer by layer, the peak holds one layer's temporaries, not every layer's."""
-        if takes_int4pack(rec, settings.kernels):
-            cpu.packed_for(rec)
+        """Pack the layer for its CPU kernel now (RewriteLinears takes it from the packing cache) and trim the heap:
+        done layer by layer, the peak holds one layer's temporaries, not every layer's."""
+        pack_for_cpu(rec, settings.kernels)
         release_freed_memory(TRIM_SLACK)
 
     sites = linear_sites(gm)
@@ -273,6 +271,9 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
         rewrite(gm)
         for layer in report.layers:
             layer.runtime = rewrite.runtimes.get(layer.fqn, "")
+        for reason in sorted(set(rewrite.reasons.values())):
+            n = sum(r == reason for r in rewrite.reasons.values())
+            report.notes.append(f"CPU kernel of {n} integer layer(s): {reason}")
         fold = FoldActScales()
         fold(gm)
         report.notes.extend(fold.notes)

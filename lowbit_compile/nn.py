@@ -6,8 +6,9 @@ buffers are the packed record. Tied weights stay with the module that still uses
 its float weight when a tied lm_head is swapped).
 
 These modules run the reference ops: the exporters build on them. `swap_linears(..., fast=True)` puts the CPU
-fast forms in their place: an Int4PackLinear (CPU int4 kernel, `lowbit::int4pack_linear`, bfloat16 activations
-inside the op) for each integer record the kernel can take (kernels/cpu.py), an FP4PackLinear
+fast forms in their place: for each integer record the CPU kernel kernels/cpu_caps.py chooses here, a
+NativeLinear (native 2/3/4-bit kernels, `lowbit::native_linear`) or an Int4PackLinear (CPU int4 kernel,
+`lowbit::int4pack_linear`, bfloat16 activations inside the op, kernels/cpu.py), and an FP4PackLinear
 (`lowbit::fp4pack_linear`, the same kernel, kernels/cpu_fp4.py) for each FP4 record on the CPU.
 
 An FP4 W4A4 module applies its per-channel activation exponents at run time (`act_shift`); folding them
@@ -26,7 +27,7 @@ import torch
 from . import hadamard, kernels  # noqa: F401  (registers the ops)
 from .checkpoint import Checkpoint, FP4QuantizedLinear, QuantizedLinear
 from .errors import LowbitError
-from .kernels import cpu, cpu_fp4
+from .kernels import cpu, cpu_caps, cpu_fp4, cpu_native
 
 
 class LowbitLinear(torch.nn.Module):
@@ -93,6 +94,7 @@ class Int4PackLinear(torch.nn.Module):
         self.fqn = rec.fqn
         self.in_features, self.out_features = rec.in_features, rec.out_features
         self.bits, self.group_size = rec.bits, w.group_size  # the record's width; the kernel's group size
+        self.prefill_rows, self.prefill_bf16 = w.prefill_rows, w.prefill_bf16
         self.runtime = w.describe()
         self.register_buffer("packed", w.packed)
         self.register_buffer("scales_zeros", w.scales_zeros)
@@ -110,7 +112,53 @@ class Int4PackLinear(torch.nn.Module):
         rot_in = [getattr(self, f"rot_in_{i}") for i in range(self.n_rot_in)]
         rot_out = [getattr(self, f"rot_out_{i}") for i in range(self.n_rot_out)]
         return torch.ops.lowbit.int4pack_linear(x, self.packed, self.scales_zeros, self.su, self.sv, rot_in, rot_out,
-                                                self.bias, self.in_features, self.out_features, self.group_size)
+                                                self.bias, self.in_features, self.out_features, self.group_size,
+                                                self.prefill_rows, self.prefill_bf16)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} as "
+                f"{self.runtime}, rotated={self.su is not None}")
+
+
+class _Rotations(torch.nn.Module):
+    """Holds the Kronecker rotation blocks of a CPU fast form as non-persistent buffers (constants of the
+    transform size, not part of the state dict)."""
+
+    def _register_rotations(self, rec) -> None:
+        self.n_rot_in = self.n_rot_out = 0
+        for side, n, on in (("in", rec.in_features, rec.su is not None), ("out", rec.out_features,
+                                                                           getattr(rec, "sv", None) is not None)):
+            blocks = cpu.rotation_blocks(n) if on else ()
+            setattr(self, f"n_rot_{side}", len(blocks))
+            for i, b in enumerate(blocks):
+                self.register_buffer(f"rot_{side}_{i}", b, persistent=False)
+
+    def _rotations(self):
+        return ([getattr(self, f"rot_in_{i}") for i in range(self.n_rot_in)],
+                [getattr(self, f"rot_out_{i}") for i in range(self.n_rot_out)])
+
+
+class NativeLinear(_Rotations):
+    """The native CPU form of an integer record (kernels/cpu_native.py): codes at their own width in the native
+    layout, one `lowbit::native_linear` call (int8 activations for few rows, a float32 GEMM for prefill)."""
+
+    def __init__(self, rec: QuantizedLinear, bias: torch.Tensor | None = None):
+        super().__init__()
+        w = cpu_native.pack_native(rec)
+        self.fqn = rec.fqn
+        self.in_features, self.out_features, self.bits, self.zero = rec.in_features, rec.out_features, w.bits, w.zero
+        self.runtime = w.describe()
+        self.register_buffer("packed", w.packed)
+        self.register_buffer("scales", w.scales)
+        self.register_buffer("su", None if rec.su is None else rec.su.clone())
+        self.register_buffer("sv", None if rec.sv is None else rec.sv.clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._register_rotations(rec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rot_in, rot_out = self._rotations()
+        return torch.ops.lowbit.native_linear(x, self.packed, self.scales, self.su, self.sv, rot_in, rot_out,
+                                              self.bias, self.bits, self.zero, self.in_features, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} as "
@@ -129,6 +177,7 @@ class FP4PackLinear(torch.nn.Module):
         self.in_features, self.out_features = rec.in_features, rec.out_features
         self.w_format, self.a_format = rec.w_format, rec.a_format
         self.group_size, self.digit_base = w.group_size, w.digit_base
+        self.prefill_rows, self.prefill_bf16 = w.prefill_rows, w.prefill_bf16
         self.runtime = w.describe()
         self.register_buffer("packed", w.packed)
         self.register_buffer("scales_zeros", w.scales_zeros)
@@ -146,7 +195,8 @@ class FP4PackLinear(torch.nn.Module):
         rot_in = [getattr(self, f"rot_in_{i}") for i in range(self.n_rot_in)]
         return torch.ops.lowbit.fp4pack_linear(x, self.packed, self.scales_zeros, self.row_scale, self.su, rot_in,
                                                self.act_shift, self.act_scale, self.a_format, self.bias,
-                                               self.in_features, self.out_features, self.group_size, self.digit_base)
+                                               self.in_features, self.out_features, self.group_size, self.digit_base,
+                                               self.prefill_rows, self.prefill_bf16)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fp4 w:{self.w_format} "
@@ -161,7 +211,10 @@ def lowbit_module(rec, bias: torch.Tensor | None = None, fast: bool = False) -> 
             return FP4PackLinear(rec, bias)
         return LowbitFP4Linear(rec, bias)
     if isinstance(rec, QuantizedLinear):
-        if fast and cpu.unsupported_reason(rec) is None:
+        kernel = cpu_caps.choose_for(rec).kernel if fast else "reference"
+        if kernel == "native":
+            return NativeLinear(rec, bias)
+        if kernel == "int4pack":
             return Int4PackLinear(rec, bias)
         return LowbitLinear(rec, bias)
     raise LowbitError(f"layer {getattr(rec, 'fqn', '?')}: not a quantized linear record ({type(rec).__name__})")

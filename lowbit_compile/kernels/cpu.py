@@ -42,13 +42,14 @@ from torch import Tensor
 
 from .. import formats, hadamard
 from ..errors import LowbitError
+from . import cpu_caps
 from .reference import linear_fake
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
 K_ALIGN = 32  # input features are padded to a multiple of this (the smallest kernel group)
 N_ALIGN = 64  # output features are padded to whole kernel blocks (64 on AVX512, 32 on AVX2)
 MAX_BLOCK = 128  # largest Sylvester block of the Kronecker rotation (one float32 matmul per block)
-DEQUANT_MIN_ROWS = 256  # from this many rows on, decode the weights once per call and use a bfloat16 GEMM
+DEQUANT_MIN_ROWS = 256  # with fast bfloat16: from this many rows on, decode once per call into a bfloat16 GEMM
 DEQUANT_TILE_BYTES = 4 << 20  # decoded weight tile (bfloat16) per GEMM call on that path
 RUNTIME_NAME = "int4pack"
 
@@ -108,6 +109,11 @@ class Int4Pack:
     in_features: int
     out_features: int
     source_bits: int  # the record's width (2, 3 or 4): codes were widened to 4 bits
+    # From how many rows on the op decodes the weight once per call and runs a GEMM, and whether in bfloat16 (else
+    # float32): decided by what this CPU has (cpu_caps) when the layer is packed, and passed to the op as arguments,
+    # so a compiled graph (and Inductor's caches, keyed by the graph) carries the choice it was made with.
+    prefill_rows: int = DEQUANT_MIN_ROWS
+    prefill_bf16: bool = True
 
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
@@ -156,7 +162,12 @@ def pack_int4(rec) -> Int4Pack:
     s[:n] = per_group
     scales_zeros = torch.stack([s.t(), torch.zeros_like(s.t())], dim=-1).to(torch.bfloat16).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return Int4Pack(packed, scales_zeros, g if g0 else 0, k, n, rec.bits)
+    return Int4Pack(packed, scales_zeros, g if g0 else 0, k, n, rec.bits, *prefill_choice())
+
+
+def prefill_choice() -> tuple[int, bool]:
+    """(prefill_rows, prefill_bf16) for this CPU: see Int4Pack."""
+    return dequant_min_rows(), cpu_caps.prefill_dtype() == torch.bfloat16
 
 
 @functools.cache
@@ -249,23 +260,29 @@ def dequant_tiles(n_pad: int, k_pad: int) -> list[tuple[int, int]]:
     return [(c, min(c + tile, n_pad)) for c in range(0, n_pad, tile)]
 
 
+def dequant_min_rows() -> int:
+    """From this many rows on, decode the weights once per call and run a GEMM (in cpu_caps.prefill_dtype()): 256
+    where bfloat16 is fast; 8 where the GEMM is float32 (the int4 kernel's bfloat16 rows are slow there)."""
+    return DEQUANT_MIN_ROWS if cpu_caps.prefill_dtype() == torch.bfloat16 else 8
+
+
 def _matmul_dequantized(h: Tensor, packed: Tensor, scales_zeros: Tensor, group_size: int) -> Tensor:
-    """h (rows, k_pad) bfloat16 times the decoded weight, tile by tile, float32 (rows, n_pad). Per-row scales
-    (group_size 0): the GEMM runs on the exact codes q − 8 and the scale multiplies its output; per group:
-    on (q − 8)·s rounded to bfloat16."""
+    """h (rows, k_pad) bfloat16 or float32 times the decoded weight in h's dtype, tile by tile, float32 (rows,
+    n_pad). Per-row scales (group_size 0): the GEMM runs on the exact codes q − 8 and the scale multiplies its
+    output; per group: on (q − 8)·s rounded to h's dtype."""
     n_pad, k_pad = packed.shape[0], packed.shape[1] * 2
     if group_size:
-        outs = [(h @ dequantize_t(packed, scales_zeros, group_size, torch.bfloat16, c)).to(torch.float32)
+        outs = [(h @ dequantize_t(packed, scales_zeros, group_size, h.dtype, c)).to(torch.float32)
                 for c in dequant_tiles(n_pad, k_pad)]
     else:
         s = scales_zeros[0, :, 0].to(torch.float32)
-        outs = [(h @ signed_codes_t(packed, c).to(torch.bfloat16)).to(torch.float32) * s[c[0]:c[1]]
+        outs = [(h @ signed_codes_t(packed, c).to(h.dtype)).to(torch.float32) * s[c[0]:c[1]]
                 for c in dequant_tiles(n_pad, k_pad)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def int4pack_linear_impl(x, packed, scales_zeros, su, sv, rot_in, rot_out, bias, in_features, out_features,
-                         group_size):
+                         group_size, prefill_rows, prefill_bf16):
     lead = x.shape[:-1]
     h = x.reshape(-1, in_features).to(torch.float32)
     if su is not None:
@@ -273,12 +290,12 @@ def int4pack_linear_impl(x, packed, scales_zeros, su, sv, rot_in, rot_out, bias,
     k_pad = packed.shape[1] * 2
     if k_pad != in_features:
         h = torch.nn.functional.pad(h, (0, k_pad - in_features))
-    h = h.to(torch.bfloat16)
-    if h.shape[0] >= DEQUANT_MIN_ROWS:
-        y = _matmul_dequantized(h, packed, scales_zeros, group_size)
+    if h.shape[0] >= prefill_rows:
+        y = _matmul_dequantized(h.to(torch.bfloat16 if prefill_bf16 else torch.float32), packed, scales_zeros,
+                                group_size)
     else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(h, packed, kernel_group(packed, scales_zeros, group_size),
-                                                       scales_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(h.to(torch.bfloat16), packed,
+                                                       kernel_group(packed, scales_zeros, group_size), scales_zeros)
     y = y[:, :out_features].to(torch.float32)
     if sv is not None:
         y = kron_apply(y, rot_out, transpose=True) * sv
@@ -300,16 +317,20 @@ def int4pack_linear(
     in_features: int,
     out_features: int,
     group_size: int,
+    prefill_rows: int,
+    prefill_bf16: bool,
 ) -> Tensor:
     """y = sv ⊙ Tₘᵀ(Ŵ' · Tₙ(su ⊙ x)) + bias on the CPU int4 kernel; Ŵ' as packed by `pack_int4`, Tₙ / Tₘ the
     Kronecker products of `rot_in` / `rot_out` (from `rotation_blocks`; empty when su / sv is None); group_size
-    the kernel's group size, or 0 for one scale per row."""
+    the kernel's group size, or 0 for one scale per row; from prefill_rows rows on, a decoded GEMM in bfloat16
+    (prefill_bf16) or float32."""
     return int4pack_linear_impl(x, packed, scales_zeros, su, sv, rot_in, rot_out, bias, in_features,
-                                out_features, group_size)
+                                out_features, group_size, prefill_rows, prefill_bf16)
 
 
 @int4pack_linear.register_fake
-def _(x, packed, scales_zeros, su, sv, rot_in, rot_out, bias, in_features, out_features, group_size):
+def _(x, packed, scales_zeros, su, sv, rot_in, rot_out, bias, in_features, out_features, group_size, prefill_rows,
+      prefill_bf16):
     return linear_fake("int4pack_linear", x, in_features, out_features)
 
 
@@ -335,7 +356,7 @@ decompose_under_compile(int4pack_linear, int4pack_linear_impl)
 
 
 def _setup(ctx, inputs, output):
-    x, packed, scales_zeros, su, sv, rot_in, rot_out, bias, in_features, out_features, group_size = inputs
+    x, packed, scales_zeros, su, sv, rot_in, rot_out, bias, in_features, out_features, group_size, *_ = inputs
     ctx.save_for_backward(packed, scales_zeros, su, sv, *rot_in, *rot_out)
     ctx.meta = (len(rot_in), in_features, out_features, group_size, bias is not None, x.dtype)
 
@@ -353,7 +374,7 @@ def _backward(ctx, grad):
     if su is not None:  # h = T (su ⊙ x)  ->  dx = su ⊙ Tᵀ dh
         g = kron_apply(g, rot_in, transpose=True) * su
     g = g.to(dtype).reshape(grad.shape[:-1] + (in_features,))
-    return g, None, None, None, None, [None] * len(rot_in), [None] * len(rot_out), g_bias, None, None, None
+    return g, None, None, None, None, [None] * len(rot_in), [None] * len(rot_out), g_bias, None, None, None, None, None
 
 
 int4pack_linear.register_autograd(_backward, setup_context=_setup)
@@ -363,4 +384,5 @@ def op_args(w: Int4Pack, su: Tensor | None, sv: Tensor | None, bias: Tensor | No
     """Everything but x for `lowbit::int4pack_linear`, in order."""
     rot_in = list(rotation_blocks(w.in_features)) if su is not None else []
     rot_out = list(rotation_blocks(w.out_features)) if sv is not None else []
-    return (w.packed, w.scales_zeros, su, sv, rot_in, rot_out, bias, w.in_features, w.out_features, w.group_size)
+    return (w.packed, w.scales_zeros, su, sv, rot_in, rot_out, bias, w.in_features, w.out_features, w.group_size,
+            w.prefill_rows, w.prefill_bf16)

@@ -21,7 +21,8 @@ fp4-rot layers rotate their input inside the op with the Kronecker blocks of `cp
 
 Memory: 4 bits per weight for E1M2, 8 for E2M1/E3M0 (two digits), plus bfloat16 kernel scales; the checkpoint and
 the exported files keep 4-bit codes. Prefill (many rows) decodes the digits once per call into a bfloat16 weight
-(exact: the bias-0 values) and runs a bfloat16 GEMM, as `cpu.int4pack_linear` does.
+(exact: the bias-0 values) and runs a bfloat16 GEMM, as `cpu.int4pack_linear` does; on a CPU without fast
+bfloat16 (cpu_caps.prefill_dtype) the weight and the GEMM are float32, from cpu.dequant_min_rows() rows on.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class FP4Pack:
     in_features: int
     out_features: int
     w_format: str
+    prefill_rows: int = cpu.DEQUANT_MIN_ROWS  # as cpu.Int4Pack: decided at packing time, passed to the op
+    prefill_bf16: bool = True
 
     @property
     def parts(self) -> int:
@@ -116,27 +119,28 @@ def pack_fp4(qweight: Tensor, w_scales: Tensor, w_format: str, in_features: int,
     scales_zeros = torch.stack([s, torch.zeros_like(s)], dim=-1).to(torch.bfloat16).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     row_scale = w_scales.reshape(-1).to(torch.float32).contiguous()
-    return FP4Pack(packed, scales_zeros, row_scale, g, base if parts == 2 else 0, k, n, f4.fp4_format(w_format).name)
+    return FP4Pack(packed, scales_zeros, row_scale, g, base if parts == 2 else 0, k, n, f4.fp4_format(w_format).name,
+                   *cpu.prefill_choice())
 
 
 # ----------------------------------------------------------------------------- the computation
 
 
 def _matmul_dequantized(h: Tensor, packed: Tensor, parts: int, base: int) -> Tensor:
-    """h (rows, k_pad) bfloat16 times the bias-0 FP4 values / c, float32 (rows, n_pad): the digits combine exactly
-    in int8 (|a·B + b| ≤ 7·15 + 7), convert exactly to bfloat16, one GEMM per column tile."""
+    """h (rows, k_pad) bfloat16 or float32 times the bias-0 FP4 values / c, float32 (rows, n_pad): the digits
+    combine exactly in int8 (|a·B + b| ≤ 7·15 + 7), convert exactly to h's dtype, one GEMM per column tile."""
     n_pad, k_pad = packed.shape[0] // parts, packed.shape[1] * 2
     outs = []
     for c0, c1 in cpu.dequant_tiles(n_pad, k_pad):
         v = cpu.signed_codes_t(packed, (c0, c1))
         if parts == 2:
             v = v * base + cpu.signed_codes_t(packed, (n_pad + c0, n_pad + c1))
-        outs.append((h @ v.to(torch.bfloat16)).to(torch.float32))
+        outs.append((h @ v.to(h.dtype)).to(torch.float32))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def fp4pack_linear_impl(x, packed, scales_zeros, row_scale, su, rot_in, act_shift, act_scale, a_format, bias,
-                        in_features, out_features, group_size, digit_base):
+                        in_features, out_features, group_size, digit_base, prefill_rows, prefill_bf16):
     parts = 2 if digit_base else 1
     lead = x.shape[:-1]
     h = x.reshape(-1, in_features).to(torch.float32)
@@ -152,12 +156,13 @@ def fp4pack_linear_impl(x, packed, scales_zeros, row_scale, su, rot_in, act_shif
     k_pad = packed.shape[1] * 2
     if k_pad != in_features:
         h = torch.nn.functional.pad(h, (0, k_pad - in_features))
-    h = h.to(torch.bfloat16)
     n_pad = packed.shape[0] // parts
-    if h.shape[0] >= cpu.DEQUANT_MIN_ROWS:  # values / c in the GEMM, c (the last part's kernel scale) after
-        y = _matmul_dequantized(h, packed, parts, digit_base) * scales_zeros[0, -1, 0].to(torch.float32)
+    if h.shape[0] >= prefill_rows:  # values / c in the GEMM, c (the last part's kernel scale) after
+        y = _matmul_dequantized(h.to(torch.bfloat16 if prefill_bf16 else torch.float32), packed, parts, digit_base) \
+            * scales_zeros[0, -1, 0].to(torch.float32)
     else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(h, packed, group_size, scales_zeros).to(torch.float32)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(h.to(torch.bfloat16), packed, group_size,
+                                                       scales_zeros).to(torch.float32)
         if parts == 2:
             y = y[:, :n_pad] + y[:, n_pad:]
     y = y[:, :out_features] * post
@@ -182,6 +187,8 @@ def fp4pack_linear(
     out_features: int,
     group_size: int,
     digit_base: int,
+    prefill_rows: int,
+    prefill_bf16: bool,
 ) -> Tensor:
     """`lowbit::fp4_linear` (after the fp4-rot input rotation when su is given) on the CPU int4 kernel, with the
     weight as packed by `pack_fp4` (see the module docstring): digit_base B for two int4 digits per weight
@@ -190,12 +197,12 @@ def fp4pack_linear(
         raise LowbitError(f"fp4pack_linear: activation format {a_format!r} needs act_scale (None means W4A16: "
                           f"pass a_format=None)")
     return fp4pack_linear_impl(x, packed, scales_zeros, row_scale, su, rot_in, act_shift, act_scale, a_format, bias,
-                               in_features, out_features, group_size, digit_base)
+                               in_features, out_features, group_size, digit_base, prefill_rows, prefill_bf16)
 
 
 @fp4pack_linear.register_fake
 def _(x, packed, scales_zeros, row_scale, su, rot_in, act_shift, act_scale, a_format, bias, in_features,
-      out_features, group_size, digit_base):
+      out_features, group_size, digit_base, prefill_rows, prefill_bf16):
     return linear_fake("fp4pack_linear", x, in_features, out_features)
 
 
@@ -207,4 +214,4 @@ def op_args(w: FP4Pack, su: Tensor | None, act_shift: Tensor | None, act_scale: 
     """Everything but x for `lowbit::fp4pack_linear`, in order."""
     rot_in = list(cpu.rotation_blocks(w.in_features)) if su is not None else []
     return (w.packed, w.scales_zeros, w.row_scale, su, rot_in, act_shift, act_scale, a_format, bias, w.in_features,
-            w.out_features, w.group_size, w.digit_base)
+            w.out_features, w.group_size, w.digit_base, w.prefill_rows, w.prefill_bf16)

@@ -53,7 +53,7 @@ class FP4FastPath(PassBase):
                     add_constant(gm, p + "_fp4pack_scales_zeros", w.scales_zeros, node),
                     add_constant(gm, p + "_fp4pack_row_scale", w.row_scale, node), su,
                     blocks[in_features] if su is not None else [], act_shift, act_scale, a_format, bias,
-                    in_features, w.out_features, w.group_size, w.digit_base)
+                    in_features, w.out_features, w.group_size, w.digit_base, w.prefill_rows, w.prefill_bf16)
             with graph.inserting_before(node):
                 new = graph.call_function(FP4PACK_OP, args)
             new.meta.update(node.meta)

@@ -23,19 +23,28 @@ import torch
 from .. import hadamard
 from ..checkpoint import FP4QuantizedLinear, QuantizedLinear
 from ..errors import LowbitError
-from ..kernels import cpu  # importing it registers every lowbit op named below
+from ..kernels import cpu, cpu_caps, cpu_native  # importing them registers every lowbit op named below
 from .base import PassBase, PassResult, add_constant
 from .find_linears import TAG, linear_sites
 
 QUANTIZED_TAG = "lowbit_quantized"
 LOWBIT_LINEAR_OPS = (torch.ops.lowbit.rotated_linear.default, torch.ops.lowbit.fp4_linear.default,
-                     torch.ops.lowbit.int4pack_linear.default, torch.ops.lowbit.fp4pack_linear.default)
+                     torch.ops.lowbit.int4pack_linear.default, torch.ops.lowbit.fp4pack_linear.default,
+                     torch.ops.lowbit.native_linear.default)
 KERNELS = ("auto", "reference")
 
 
-def takes_int4pack(rec, kernels: str) -> bool:
-    """Whether RewriteLinears puts this record on `lowbit::int4pack_linear` (packed once, `cpu.packed_for`)."""
-    return kernels == "auto" and isinstance(rec, QuantizedLinear) and cpu.unsupported_reason(rec) is None
+def cpu_kernel(rec, kernels: str) -> str:
+    """Which op RewriteLinears gives this record: "native" (`lowbit::native_linear`), "int4pack"
+    (`lowbit::int4pack_linear`) or "reference" (kernels/cpu_caps.py decides, by what the CPU has)."""
+    return cpu_caps.choose_for(rec, kernels).kernel
+
+
+def pack_for_cpu(rec, kernels: str):
+    """The record in its CPU kernel's form, packed once per record (None on the reference ops): the backend calls
+    it layer by layer as it quantizes, so the packing temporaries of one layer are freed before the next."""
+    kernel = cpu_kernel(rec, kernels)
+    return cpu_native.packed_for(rec) if kernel == "native" else cpu.packed_for(rec) if kernel == "int4pack" else None
 
 
 def _buffer_prefix(fqn: str) -> str:
@@ -50,9 +59,8 @@ class RewriteLinears(PassBase):
         self.records = records
         self.kernels = kernels
         self.runtimes: dict[str, str] = {}  # fqn -> the op it runs and the bits per weight it holds in memory
+        self.reasons: dict[str, str] = {}  # fqn -> why that kernel (integer layers: kernels/cpu_caps.py)
 
-    def _fast(self, rec) -> bool:
-        return takes_int4pack(rec, self.kernels)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -98,20 +106,31 @@ class RewriteLinears(PassBase):
                         bias = graph.get_attr(f"{node.target}.bias")
             else:
                 bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            if self._fast(rec):  # CPU int4 kernel: only the packed form becomes a constant
-                w = cpu.packed_for(rec)
-                args = (x, constant(p + "_packed", w.packed, node), constant(p + "_scales_zeros", w.scales_zeros, node),
-                        constant(p + "_su", rec.su, node) if rec.su is not None else None,
-                        constant(p + "_sv", rec.sv, node) if rec.sv is not None else None,
-                        block_nodes(rec.in_features) if rec.su is not None else [],
-                        block_nodes(rec.out_features) if rec.sv is not None else [],
-                        bias, rec.in_features, rec.out_features, w.group_size)
+            choice = cpu_caps.choose_for(rec, self.kernels)
+            if choice.kernel in ("native", "int4pack"):  # a CPU kernel: only the packed form becomes a constant
+                w = pack_for_cpu(rec, self.kernels)
+                su = constant(p + "_su", rec.su, node) if rec.su is not None else None
+                sv = constant(p + "_sv", rec.sv, node) if rec.sv is not None else None
+                rot_in = block_nodes(rec.in_features) if rec.su is not None else []
+                rot_out = block_nodes(rec.out_features) if rec.sv is not None else []
+                if choice.kernel == "native":
+                    op = torch.ops.lowbit.native_linear.default
+                    args = (x, constant(p + "_packed", w.packed, node), constant(p + "_scales", w.scales, node),
+                            su, sv, rot_in, rot_out, bias, w.bits, w.zero, rec.in_features, rec.out_features)
+                else:
+                    op = torch.ops.lowbit.int4pack_linear.default
+                    args = (x, constant(p + "_packed", w.packed, node),
+                            constant(p + "_scales_zeros", w.scales_zeros, node), su, sv, rot_in, rot_out, bias,
+                            rec.in_features, rec.out_features, w.group_size, w.prefill_rows, w.prefill_bf16)
                 with graph.inserting_before(node):
-                    new = graph.call_function(torch.ops.lowbit.int4pack_linear.default, args)
+                    new = graph.call_function(op, args)
                 _replace(graph, node, new, site.fqn)
                 self.runtimes[site.fqn] = w.describe()
+                self.reasons[site.fqn] = choice.reason
                 modified = True
                 continue
+            if isinstance(rec, QuantizedLinear):
+                self.reasons[site.fqn] = choice.reason
             qw = constant(p + "_qweight", rec.qweight, node)
             if isinstance(rec, FP4QuantizedLinear):
                 opt = {n: None if getattr(rec, n) is None else constant(f"{p}_{n}", getattr(rec, n), node)

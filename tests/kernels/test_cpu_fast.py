@@ -21,7 +21,7 @@ from tinymodels import exported_llama, tiny_llama
 
 import lowbit_compile as lb
 from lowbit_compile import formats, hadamard
-from lowbit_compile.kernels import cpu
+from lowbit_compile.kernels import cpu, cpu_caps
 from lowbit_compile.nn import Int4PackLinear, LowbitLinear, swap_linears
 from lowbit_compile.passes import RewriteLinears, count_quantized
 from lowbit_compile.quantize.layer import quantize_weight
@@ -32,6 +32,13 @@ pytestmark = pytest.mark.skipif(cpu.packed_block_n() is None, reason="no decodab
 U = 2.0**-8  # bfloat16 unit roundoff
 FACTOR = 2.0  # allowed error / expected rms error, per row
 OP = torch.ops.lowbit.int4pack_linear
+
+
+def use_dtype(monkeypatch, dtype):
+    """Run the prefill path in `dtype` (cpu_caps.prefill_dtype: bfloat16 where it is fast, float32 elsewhere) from
+    8 rows on, whatever this CPU is: each capability's path is tested on every machine."""
+    monkeypatch.setattr(cpu_caps, "prefill_dtype", lambda: dtype)
+    monkeypatch.setattr(cpu, "DEQUANT_MIN_ROWS", 8)
 
 
 @pytest.fixture(autouse=True)
@@ -119,20 +126,19 @@ def test_records_the_kernel_cannot_take_say_why():
 
 @pytest.mark.parametrize("recipe", ["w2", "w3", "w4", "w4-rtn", "w2-g32", "w3-rtn-g64"])
 @pytest.mark.parametrize("shape", [(344, 192), (96, 344), (64, 256)])
-@pytest.mark.parametrize("path", ["int4mm 1 row", "int4mm 7 rows", "dequantized"])
+@pytest.mark.parametrize("path", ["int4mm 1 row", "int4mm 7 rows", "dequantized bf16", "dequantized float32"])
 def test_op_matches_the_reference_op_to_bf16_precision(recipe, shape, path, monkeypatch):
     if parse_spec(recipe).group_size and shape[1] % parse_spec(recipe).group_size:
         pytest.skip("group size does not divide in_features")
     rec = _record(recipe, shape)
-    rows = {"int4mm 1 row": 1, "int4mm 7 rows": 7, "dequantized": 9}[path]
-    if path == "dequantized":
-        monkeypatch.setattr(cpu, "DEQUANT_MIN_ROWS", 8)
+    rows = 1 if path == "int4mm 1 row" else 7 if path == "int4mm 7 rows" else 9
+    use_dtype(monkeypatch, torch.float32 if path.endswith("float32") else torch.bfloat16)
     x = torch.randn(rows, shape[1])
     bias = torch.randn(shape[0])
     y = OP(x, *cpu.op_args(cpu.pack_int4(rec), rec.su, rec.sv, bias))
     y_ref = torch.ops.lowbit.rotated_linear(x, *_ref_args(rec, bias))
     assert y.shape == y_ref.shape and y.dtype == torch.float32
-    _assert_within_bound(y, y_ref, _row_bound(rec, x, dequantized=path == "dequantized"))
+    _assert_within_bound(y, y_ref, _row_bound(rec, x, dequantized=path.startswith("dequantized")))
 
 
 def test_the_bound_catches_a_one_percent_scale_error():
@@ -188,7 +194,13 @@ def _model_tolerance(y, y_ref, y_float):
     assert rel <= 4 * U and rel <= 0.1 * quant, (rel, quant)
 
 
-def test_swap_linears_fast_uses_the_cpu_modules_and_keeps_reference_by_default():
+@pytest.fixture
+def int4pack_chosen(monkeypatch):
+    """kernels/cpu_caps.py picks int4pack on CPUs with fast bfloat16; force it here so these tests run anywhere."""
+    monkeypatch.setenv(cpu_caps.KERNEL_ENV, "int4pack")
+
+
+def test_swap_linears_fast_uses_the_cpu_modules_and_keeps_reference_by_default(int4pack_chosen):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(192, 344), torch.nn.GELU(), torch.nn.Linear(344, 96)).eval()
     recs = {"0": quantize_weight("0", model[0].weight, parse_spec("w2")),
@@ -205,7 +217,7 @@ def test_swap_linears_fast_uses_the_cpu_modules_and_keeps_reference_by_default()
         swap_linears(model, recs, fast=True, make_module=lambda r, b: None)
 
 
-def test_rewrite_auto_puts_int4pack_ops_in_a_real_llama_export_graph():
+def test_rewrite_auto_puts_int4pack_ops_in_a_real_llama_export_graph(int4pack_chosen):
     model, ids, gm, names = exported_llama(layers=1)
     recs = {n: quantize_weight(n, model.get_submodule(n).weight, parse_spec("w3"), seed=0) for n in names}
     ref_gm = copy.deepcopy(gm)
@@ -223,8 +235,10 @@ def test_rewrite_auto_puts_int4pack_ops_in_a_real_llama_export_graph():
         RewriteLinears(recs, kernels="fast")
 
 
-def test_backend_uses_the_fast_path_through_inductor_by_default():
+def test_backend_uses_the_int4pack_path_through_inductor_where_chosen(int4pack_chosen, monkeypatch):
     from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(cpu_caps, "prefill_dtype", lambda: torch.bfloat16)  # 10 rows: the int4 kernel, anywhere
 
     torch._dynamo.reset()
     lb.reset()

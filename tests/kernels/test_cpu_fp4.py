@@ -18,7 +18,7 @@ from tinymodels import tiny_llama
 import lowbit_compile as lb
 from lowbit_compile import hadamard
 from lowbit_compile.formats import fp4 as f4
-from lowbit_compile.kernels import cpu, cpu_fp4
+from lowbit_compile.kernels import cpu, cpu_caps, cpu_fp4
 from lowbit_compile.kernels.fp4_ops import dequantize_fp4_weight, quantize_fp4_activations
 from lowbit_compile.nn import FP4PackLinear, LowbitFP4Linear, swap_linears
 from lowbit_compile.quantize import fp4 as q
@@ -104,13 +104,14 @@ def test_packed_digits_decode_to_the_reference_weight_exactly(fmt, shape):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("a_format", [None, "e2m1", "e1m2"])
-@pytest.mark.parametrize("path", ["int4mm 1 row", "int4mm 7 rows", "dequantized"])
+@pytest.mark.parametrize("path", ["int4mm 1 row", "int4mm 7 rows", "dequantized bf16", "dequantized float32"])
 def test_op_matches_the_reference_op_to_bf16_precision(fmt, a_format, path, monkeypatch):
     n, k = 96, 200
     qw, ws = _weights(fmt, n, k, seed=FORMATS.index(fmt))
-    rows = {"int4mm 1 row": 1, "int4mm 7 rows": 7, "dequantized": 9}[path]
-    if path == "dequantized":
-        monkeypatch.setattr(cpu, "DEQUANT_MIN_ROWS", 8)
+    rows = 1 if path == "int4mm 1 row" else 7 if path == "int4mm 7 rows" else 9
+    dtype = torch.float32 if path.endswith("float32") else torch.bfloat16
+    monkeypatch.setattr(cpu_caps, "prefill_dtype", lambda: dtype)
+    monkeypatch.setattr(cpu, "DEQUANT_MIN_ROWS", 8)
     x = torch.randn(rows, k) * 3
     shift = torch.randint(0, 3, (k,), dtype=torch.uint8)
     act_scale = None if a_format is None else f4.max_scaled_scale(x.abs().max() * 4, f4.fp4_format(a_format))

@@ -1,0 +1,124 @@
+"""What this CPU has, and which CPU kernel the integer linears take here, with the reason (shown in the report).
+
+Measured (docs/benchmarks.md): on a CPU without AVX-512-BF16 (most laptops and many cloud instances, "AVX2") a
+bfloat16 GEMM is emulated and 26x slower than float32, and the aten int4 kernel (`int4pack`, bfloat16 activations)
+is 0.47x float32 at one row; the native kernels (`kernels/native`: 2/3/4-bit codes read as stored, int8
+activations, float32 GEMM for prefill) are 0.09-0.23x at one row and ~0.97x at 512. With AVX-512-BF16 or AMX the
+int4 kernel's bfloat16 prefill GEMM (0.59x float32) beats a float32 one, so there the int4pack path stays.
+
+    choose(bits, group_size, device) -> Choice(kernel, reason)
+
+- "native" where the native library is built and the CPU has no fast bfloat16;
+- "int4pack" where bfloat16 is fast (its prefill runs in bfloat16), or the native library is not available (its
+  prefill then decodes into float32: `prefill_dtype`);
+- "reference" for what neither takes (8 bits, group sizes that are not multiples of 32, non-CPU weights).
+
+A CPU with AVX-512 but without AVX-512-BF16 is the case a rule cannot decide (oneDNN's bfloat16 there is neither
+native nor as slow as on AVX2): `fast_bf16` times one bfloat16 and one float32 GEMM once per process and keeps the
+faster. LOWBIT_CPU_KERNEL=native|int4pack|reference forces a choice where it applies (benchmarks, bisecting).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+KERNEL_ENV = "LOWBIT_CPU_KERNEL"
+KERNELS = ("native", "int4pack", "reference")
+
+
+@dataclass(frozen=True)
+class Choice:
+    kernel: str  # one of KERNELS
+    reason: str
+
+
+@functools.cache
+def features() -> dict:
+    """The CPU features that decide the kernel (torch's own probes: no native build needed)."""
+    cpu = torch.cpu
+    return {"capability": torch.backends.cpu.get_cpu_capability(),
+            "avx2": cpu._is_avx2_supported(), "avx512": cpu._is_avx512_supported(),
+            "avx512_bf16": cpu._is_avx512_bf16_supported(), "amx": cpu._is_amx_tile_supported(),
+            "vnni": cpu._is_vnni_supported()}
+
+
+def _time(fn, reps: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@functools.cache
+def fast_bf16() -> tuple[bool, str]:
+    """(whether bfloat16 GEMMs are at least as fast as float32 here, why)."""
+    f = features()
+    if f["amx"] or f["avx512_bf16"]:
+        return True, "AMX" if f["amx"] else "AVX-512-BF16"
+    if not f["avx512"]:
+        return False, f"{f['capability']} without AVX-512-BF16: bfloat16 GEMMs are emulated"
+    a, b = torch.randn(256, 1024), torch.randn(1024, 1024)
+    t32 = _time(lambda: a @ b)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    t16 = _time(lambda: a16 @ b16)
+    fast = t16 <= t32
+    return fast, f"AVX-512 without BF16, measured: a bfloat16 GEMM takes {t16 / t32:.2f}x float32"
+
+
+def prefill_dtype() -> torch.dtype:
+    """The dtype the int4pack paths decode weights into for prefill GEMMs."""
+    return torch.bfloat16 if fast_bf16()[0] else torch.float32
+
+
+def choose(bits: int, group_size: int, device: torch.device | str = "cpu") -> Choice:
+    """The CPU kernel for an integer layer (see the module docstring)."""
+    from . import native
+
+    if torch.device(device).type != "cpu":
+        return Choice("reference", f"weights on {torch.device(device).type}")
+    if bits not in (2, 3, 4):
+        return Choice("reference", f"int{bits} has no CPU fast path")
+    if group_size and group_size % 32:
+        return Choice("reference", f"group size {group_size} is not a multiple of 32")
+    forced = os.environ.get(KERNEL_ENV, "")
+    if forced:
+        if forced not in KERNELS:
+            from ..errors import LowbitError
+
+            raise LowbitError(f"{KERNEL_ENV}={forced!r}: valid values are {KERNELS}")
+        if forced != "native" or native.available():
+            return Choice(forced, f"{KERNEL_ENV}={forced}")
+    bf16, why = fast_bf16()
+    if bf16 and _int4pack_layout_known():
+        return Choice("int4pack", f"{why}: bfloat16 prefill GEMMs")
+    if native.available():
+        return Choice("native", f"{why}: native {bits}-bit kernel, float32 prefill")
+    if not _int4pack_layout_known():
+        return Choice("reference", f"native kernels unavailable ({native.unavailable_reason()[:200]}) and this CPU's "
+                                   f"int4pack weight layout is not one we can decode")
+    return Choice("int4pack", f"{why}, native kernels unavailable ({native.unavailable_reason()[:200]}): "
+                              f"int4pack with float32 prefill")
+
+
+def _int4pack_layout_known() -> bool:
+    from . import cpu
+
+    return cpu.packed_block_n() is not None
+
+
+def choose_for(rec, kernels: str = "auto") -> Choice:
+    """The kernel of a record: integer records by `choose` (kernels="auto"), everything else and kernels="reference"
+    on the reference ops (FP4 records find their CPU kernel later, in passes/fp4_fast_path)."""
+    if kernels == "reference":
+        return Choice("reference", "kernels='reference'")
+    if getattr(rec, "kind", None) != "int":
+        return Choice("reference", "FP4: see fp4_fast_path")
+    return choose(rec.bits, rec.group_size, rec.qweight.device)

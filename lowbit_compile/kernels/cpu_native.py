@@ -1,0 +1,158 @@
+"""The integer lowbit linears on the native CPU kernels: `lowbit::native_linear`, chosen at rewrite time
+(cpu_caps.choose) where bfloat16 is not fast.
+
+The record's codes are repacked once into the native layout (kernels/native: 2/3/4 bits per weight as stored,
+rows padded to 128 codes) with float32 scales; the grid's zero ((2^b − 1)/2 at 2/3 bits, 8 at 4) is the kernel's.
+The randomized Hadamard transforms run as in `cpu.int4pack_linear` (Kronecker blocks, float32 matmuls):
+
+    y = sv ⊙ Tₘᵀ(native(Tₙ(su ⊙ x))) + bias
+
+native(): rows below the kernel's prefill threshold quantize the (rotated) activations to int8 per block of 32
+and sum code × int8 products exactly in int32 (error: the activation rounding, about 0.5 % of an output's size on
+Gaussian data; tests/kernels/test_cpu_native.py); from the threshold on (prompts), tiles of weight rows are decoded
+to float32 and multiplied by the float32 GEMM, so the prefill result is the reference's up to float32 rounding.
+
+Under torch.compile the op is decomposed into its ATen ops and the `lowbit_native::linear` extern call
+(`cpu.decompose_under_compile`), so Inductor fuses the sign flips, rotations and bias around it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import formats
+from ..errors import LowbitError
+from . import cpu, native
+from .reference import linear_fake
+
+RUNTIME_NAME = "native"
+ACT = "int8"  # the decode activations: int8 per block of 32 (kernels/native)
+
+
+@dataclass
+class NativePack:
+    """A record's weights in the native kernels' form: what `lowbit::native_linear` takes."""
+
+    packed: Tensor  # uint8 (out_features, Kp·bits/8), kernels/native layout
+    scales: Tensor  # float32 (out_features, groups)
+    bits: int
+    zero: float
+    in_features: int
+    out_features: int
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales.numel() * 4
+
+    def bits_per_weight(self) -> float:
+        """Bits per weight as held in memory (codes padded to 128 per row + float32 scales)."""
+        return 8 * self.nbytes() / (self.in_features * self.out_features)
+
+    def describe(self) -> str:
+        isa = native.capabilities()["selected"]
+        return f"{RUNTIME_NAME} int{self.bits} ({isa}, {ACT} activations) {self.bits_per_weight():.2f} b/w in memory"
+
+
+def pack_native(rec) -> NativePack:
+    """A 2/3/4-bit QuantizedLinear's codes in the native layout."""
+    if rec.bits not in (2, 3, 4):
+        raise LowbitError(f"layer {rec.fqn}: int{rec.bits} has no native kernel")
+    codes = formats.unpack(rec.qweight, rec.bits, rec.in_features).to(torch.uint8)
+    return NativePack(native.pack(codes.contiguous(), rec.bits), rec.scales.to(torch.float32).contiguous(), rec.bits,
+                      formats.int_format(rec.bits).zero, rec.in_features, rec.out_features)
+
+
+_PACKED: dict[int, tuple] = {}  # id(record) -> (weakref to it, its NativePack)
+
+
+def packed_for(rec) -> NativePack:
+    """`pack_native(rec)`, once per record object (a recompile for a new shape reuses it)."""
+    hit = _PACKED.get(id(rec))
+    if hit is not None and hit[0]() is rec:
+        return hit[1]
+    w = pack_native(rec)
+    key = id(rec)
+    _PACKED[key] = (weakref.ref(rec, lambda _: _PACKED.pop(key, None)), w)
+    return w
+
+
+def native_linear_impl(x, packed, scales, su, sv, rot_in, rot_out, bias, bits, zero, in_features, out_features):
+    lead = x.shape[:-1]
+    h = x.reshape(-1, in_features).to(torch.float32)
+    if su is not None:
+        h = cpu.kron_apply(h * su, rot_in)
+    y = torch.ops.lowbit_native.linear(h, packed, scales, bits, zero, out_features, in_features, ACT, -1, "auto")
+    if sv is not None:
+        y = cpu.kron_apply(y, rot_out, transpose=True) * sv
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*lead, out_features)
+
+
+@torch.library.custom_op("lowbit::native_linear", mutates_args=())
+def native_linear(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    su: Tensor | None,
+    sv: Tensor | None,
+    rot_in: list[Tensor],
+    rot_out: list[Tensor],
+    bias: Tensor | None,
+    bits: int,
+    zero: float,
+    in_features: int,
+    out_features: int,
+) -> Tensor:
+    """y = sv ⊙ Tₘᵀ(Ŵ' · Tₙ(su ⊙ x)) + bias on the native kernels; Ŵ'[n, k] = (code − zero)·scales[n, group] as
+    packed by `pack_native`; Tₙ / Tₘ the Kronecker products of `rot_in` / `rot_out` (cpu.rotation_blocks)."""
+    return native_linear_impl(x, packed, scales, su, sv, rot_in, rot_out, bias, bits, zero, in_features,
+                              out_features)
+
+
+@native_linear.register_fake
+def _(x, packed, scales, su, sv, rot_in, rot_out, bias, bits, zero, in_features, out_features):
+    return linear_fake("native_linear", x, in_features, out_features)
+
+
+def dequantize(packed: Tensor, scales: Tensor, bits: int, zero: float, in_features: int, out_features: int) -> Tensor:
+    """The float32 weight (out_features, in_features) the kernel applies."""
+    codes = native.unpack(packed, bits, out_features, in_features).to(torch.float32)
+    groups = scales.shape[1]
+    w = (codes - zero).view(out_features, groups, in_features // groups) * scales.unsqueeze(-1)
+    return w.reshape(out_features, in_features)
+
+
+def _setup(ctx, inputs, output):
+    x, packed, scales, su, sv, rot_in, rot_out, bias, bits, zero, in_features, out_features = inputs
+    ctx.save_for_backward(packed, scales, su, sv, *rot_in, *rot_out)
+    ctx.meta = (len(rot_in), bits, zero, in_features, out_features, bias is not None, x.dtype)
+
+
+def _backward(ctx, grad):
+    packed, scales, su, sv, *blocks = ctx.saved_tensors
+    n_in, bits, zero, in_features, out_features, has_bias, dtype = ctx.meta
+    rot_in, rot_out = blocks[:n_in], blocks[n_in:]
+    g = grad.reshape(-1, out_features).to(torch.float32)
+    g_bias = g.sum(0) if has_bias else None
+    if sv is not None:
+        g = cpu.kron_apply(g * sv, rot_out)
+    g = g @ dequantize(packed, scales, bits, zero, in_features, out_features)
+    if su is not None:
+        g = cpu.kron_apply(g, rot_in, transpose=True) * su
+    g = g.to(dtype).reshape(grad.shape[:-1] + (in_features,))
+    return g, None, None, None, None, [None] * len(rot_in), [None] * len(rot_out), g_bias, None, None, None, None
+
+
+native_linear.register_autograd(_backward, setup_context=_setup)
+cpu.decompose_under_compile(native_linear, native_linear_impl)
+
+
+def op_args(w: NativePack, su: Tensor | None, sv: Tensor | None, bias: Tensor | None):
+    """Everything but x for `lowbit::native_linear`, in order."""
+    rot_in = list(cpu.rotation_blocks(w.in_features)) if su is not None else []
+    rot_out = list(cpu.rotation_blocks(w.out_features)) if sv is not None else []
+    return (w.packed, w.scales, su, sv, rot_in, rot_out, bias, w.bits, w.zero, w.in_features, w.out_features)
