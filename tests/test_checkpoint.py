@@ -7,7 +7,7 @@ import torch
 import lowbit_compile as lb
 from lowbit_compile.checkpoint import Checkpoint, weight_digest
 
-pytestmark = pytest.mark.usefixtures("fresh_compiler")
+pytestmark = [pytest.mark.usefixtures("fresh_compiler"), pytest.mark.drift]
 
 
 def _mlp(seed=0):

@@ -58,6 +58,7 @@ def test_fp4_quantize_records_share_exponents_per_input(llama_fp4):
     assert ck.bits_per_weight() < 32
 
 
+@pytest.mark.drift
 def test_fp4_checkpoint_compiles_to_the_same_outputs_as_swapped_modules(llama_fp4, tmp_path):
     model, ck = llama_fp4
     ck.save(tmp_path / "ck")

@@ -34,6 +34,7 @@ def test_quantize_records_every_block_linear_with_its_proxy_loss(llama_ckpt):
     assert "lm_head" in ck.table() and "int3 quip" in ck.table()
 
 
+@pytest.mark.drift
 def test_save_load_rewrite_reproduces_outputs_bit_for_bit(llama_ckpt, tmp_path):
     model, ck = llama_ckpt
     ck.save(tmp_path / "ck")

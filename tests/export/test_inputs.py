@@ -9,7 +9,7 @@ from lowbit_compile.export.inputs import free_dims, split_inputs, widen_size_one
 from lowbit_compile.quantize.layer import quantize_weight
 from lowbit_compile.recipe import parse_spec
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.drift]
 
 
 def _mlp(width=192):

@@ -205,6 +205,7 @@ LLAMA_PLANS = {
 }
 
 
+@pytest.mark.drift
 @pytest.mark.parametrize("plan", list(LLAMA_PLANS))
 def test_tiny_llama(tmp_path, plan):
     model = tiny_llama(layers=1)
@@ -269,6 +270,7 @@ def _check_minilm(model, recs, inputs, other, path, **options):
     return res
 
 
+@pytest.mark.drift
 @pytest.mark.slow
 def test_minilm_2bit(tmp_path, real_minilm):
     """The whole real model at w2 (randomized Hadamard on every linear: K = 384 = 12·32, 1536 = 12·128): file bytes
