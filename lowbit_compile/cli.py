@@ -1,9 +1,9 @@
 """The `lowbit` command.
 
-    lowbit quantize MODEL_DIR --recipe R [--calibration FILE] -o OUT   quantize a save_pretrained folder
+    lowbit quantize MODEL --recipe R [--calibration FILE] -o OUT   quantize a save_pretrained folder or a .gguf
     lowbit inspect OUT [--plot FILE]                                   the plan: format, bits, losses, importance
     lowbit export OUT --to pte|onnx [-o FILE]                          ExecuTorch / ONNX file, verified in its runtime
-    lowbit eval OUT [--text FILE]                                      quality against the float model
+    lowbit eval OUT [--text FILE]                                      quality against float (cosine; ppl and KL)
     lowbit demo                                                        the real all-MiniLM-L6-v2, end to end
 
 Exit codes: 0 done, 1 failed (one line on stderr saying what to do; --debug shows the traceback), 2 bad
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a transformers model folder")
-    q.add_argument("model_dir", help="a folder written by save_pretrained (model and tokenizer)")
+    q.add_argument("model_dir", help="a folder written by save_pretrained (model and tokenizer), or a .gguf file")
     q.add_argument("--recipe", "-r", required=True,
                    help="w2|w3|w4|w8[-rtn|-quip|-optq][-gN], fp4, fp4-rot, w4a16-fp4, or a budget like 2.5bpw")
     q.add_argument("--calibration", "-c", default=None,
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", parents=[common], help="quality of the quantized model against float")
     v.add_argument("checkpoint")
     v.add_argument("--text", default=None, help="text file, one sample per line (default: held-out "
-                                                "standard-library sentences)")
+                                                "standard-library text; causal LMs: perplexity and KL to float)")
     v.add_argument("--limit", type=int, default=64, help="at most this many samples")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -187,7 +187,7 @@ def cmd_eval(args, say) -> None:
 
     ckpt = lb.Checkpoint.load(args.checkpoint)
     loaded = load_source(ckpt)
-    texts = read_texts(args.text, args.limit)
+    texts = read_texts(args.text, args.limit) if args.text is not None or not loaded.causal else None
     quant = lb.swap_linears(loaded.model, ckpt.records)
     result = compare(loaded.model, quant, loaded.tokenizer, texts, loaded.causal)
     result["bits_per_weight"] = ckpt.bits_per_weight()

