@@ -342,8 +342,19 @@ def test_the_backend_refuses_a_checkpoint_of_another_model():
         compiled(Net(h=48), {"checkpoint": ck}, x)
     with pytest.raises(Exception, match=r"layers\.3\.up: a linear of this model that the checkpoint does not know"):
         compiled(Net(blocks=4), {"checkpoint": ck}, x)
+    # a block compiled on its own names its linears "up", "down"; the same weights are found by their digest
+    block = Net().layers[0]
+    with torch.no_grad():
+        ref = lb.swap_linears(block, {k[len("layers.0."):]: v for k, v in ck.records.items()
+                                      if k.startswith("layers.0.")})(x)
+    assert torch.equal(compiled(block, {"checkpoint": ck}, x), ref)
+    assert {r.fqn for r in lb.last_report().quantized} == {"layers.0.up", "layers.0.down"}
+    other = Net().layers[0]  # the block of another model: nothing matches, by name or by content
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
     with pytest.raises(Exception, match=r"no linear of this model is in the checkpoint \(compile or export the module"):
-        compiled(Net().layers[0], {"checkpoint": ck}, x)  # a submodule: its linears are named "up", "down"
+        compiled(other, {"checkpoint": ck}, x)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         torch.compile(Net(h=48), backend="lowbit", options={"checkpoint": ck, "fallback": True,
