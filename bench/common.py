@@ -18,8 +18,20 @@ OUT = os.environ.get("LOWBIT_BENCH_OUT", "bench-out")
 
 
 def machine() -> str:
+    """Architecture, cores, torch, threads, and the CPU capability every timing depends on (with the CPU kernel
+    the integer layers take here: kernels/cpu_caps.py)."""
     return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+            f"{torch.get_num_threads()} threads, {capability()}")
+
+
+def capability() -> str:
+    """'CPU capability AVX2 (integer layers: native kernels, avx2)'; ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA /
+    LOWBIT_NATIVE_ISA emulate a smaller CPU (python -m bench --isa avx2)."""
+    from lowbit_compile.kernels import cpu_caps, native
+
+    kernel = cpu_caps.choose(4, 0).kernel
+    isa = f", {native.capabilities()['selected']}" if kernel == "native" else ""
+    return f"CPU capability {torch.backends.cpu.get_cpu_capability()} (integer layers: {kernel} kernels{isa})"
 
 
 def versions() -> str:

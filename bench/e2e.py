@@ -7,11 +7,11 @@ each as float eager, torch.compile (Inductor) in float, and torch.compile(backen
   compilation per variant) and measures exactly a decode step. tokens/s = 1 / median step time.
 - MiniLM: 32 held-out sentences padded to 64 tokens per call; sentences/s = 32 / median call time. The lowbit
   row also gives the cosine of its sentence embeddings to float's.
-- Memory: "weights MB" counts the tensors each variant computes with (the lowbit graph's packed int4 buffers,
-  bfloat16 scales and rotation blocks, plus the float parameters it still reads: embeddings, norms, a float
-  head); "linears MB" only the linear layers. Process memory is measured per variant in a fresh process (--rss):
-  RSS once the model is built and a prompt prefilled (before compiling), the peak (VmHWM) over compiling and three
-  calls, RSS after them, and RSS after gc + glibc malloc_trim(0) ("live"): what the process still uses once the
+- Memory: "weights MB" counts the tensors each variant computes with (the lowbit graph's packed codes in the layout of
+  the CPU kernel chosen here, scales and rotation blocks, plus the float parameters it still reads: embeddings, norms,
+  a float head); "linears MB" only the linear layers. Process memory is measured per variant in a fresh process
+  (--rss): RSS once the model is built and a prompt prefilled (before compiling), the peak (VmHWM) over compiling and
+  three calls, RSS after them, and RSS after gc + glibc malloc_trim(0) ("live"): what the process still uses once the
   allocator's free pages are handed back, so "after" minus "live" is freed memory the allocator kept. The lowbit
   process still holds the float model too, since torch.compile keeps the module it wraps.
 
@@ -39,13 +39,12 @@ BATCH, SEQ = 32, 64
 VARIANTS = {  # name -> torch.compile arguments (None: the eager model)
     "float32 eager": None,
     "float32 torch.compile (Inductor)": {},
-    "lowbit w4 (int4pack), head float": {"backend": "lowbit", "options": {"recipe": "w4"}},
-    "lowbit w4 (int4pack), head w4": {"backend": "lowbit", "options": {"recipe": "w4", "overrides": {"lm_head": "w4"}}},
-    "lowbit w2 (int4pack, widened), head w2": {"backend": "lowbit",
-                                               "options": {"recipe": "w2", "overrides": {"lm_head": "w2"}}},
+    "lowbit w4, head float": {"backend": "lowbit", "options": {"recipe": "w4"}},
+    "lowbit w4, head w4": {"backend": "lowbit", "options": {"recipe": "w4", "overrides": {"lm_head": "w4"}}},
+    "lowbit w2, head w2": {"backend": "lowbit", "options": {"recipe": "w2", "overrides": {"lm_head": "w2"}}},
 }
-QUICK_VARIANTS = ["float32 eager", "float32 torch.compile (Inductor)", "lowbit w4 (int4pack), head float"]
-MINILM_VARIANTS = ["float32 eager", "float32 torch.compile (Inductor)", "lowbit w4 (int4pack), head float"]
+QUICK_VARIANTS = ["float32 eager", "float32 torch.compile (Inductor)", "lowbit w4, head float"]
+MINILM_VARIANTS = ["float32 eager", "float32 torch.compile (Inductor)", "lowbit w4, head float", "lowbit w2, head w2"]
 
 
 def build_llama(layers: int):
@@ -86,6 +85,7 @@ def _minilm_batch(tok):
 def weight_bytes(model, report=None) -> tuple[int, int]:
     """(all weights, linear weights) the variant computes with, in bytes (see the module docstring)."""
     from lowbit_compile.kernels import cpu
+    from lowbit_compile.passes.rewrite_linears import pack_for_cpu
 
     records = report.records if report is not None else {}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -95,9 +95,10 @@ def weight_bytes(model, report=None) -> tuple[int, int]:
     lin = sum(m.weight.numel() * m.weight.element_size() for f, m in linears.items() if f not in records)
     blocks = {}
     for rec in records.values():
-        w = cpu.packed_for(rec)
-        total += w.nbytes()
-        lin += w.nbytes()
+        w = pack_for_cpu(rec, "auto")  # the form the compiled graph holds (the packing cache: no second copy)
+        nbytes = w.nbytes() if w is not None else rec.qweight.numel() + rec.scales.numel() * rec.scales.element_size()
+        total += nbytes
+        lin += nbytes
         for n, on in ((rec.in_features, rec.su is not None), (rec.out_features, rec.sv is not None)):
             if on:
                 blocks.update({id(b): b.numel() * b.element_size() for b in cpu.rotation_blocks(n)})

@@ -41,9 +41,10 @@ class Choice:
 def features() -> dict:
     """The CPU features that decide the kernel (torch's own probes: no native build needed)."""
     cpu = torch.cpu
-    return {"capability": torch.backends.cpu.get_cpu_capability(),
-            "avx2": cpu._is_avx2_supported(), "avx512": cpu._is_avx512_supported(),
-            "avx512_bf16": cpu._is_avx512_bf16_supported(), "amx": cpu._is_amx_tile_supported(),
+    capability = torch.backends.cpu.get_cpu_capability()
+    wide = capability.startswith("AVX512")  # ATEN_CPU_CAPABILITY=avx2 (an emulated smaller CPU) caps what we use
+    return {"capability": capability, "avx2": cpu._is_avx2_supported(), "avx512": wide and cpu._is_avx512_supported(),
+            "avx512_bf16": wide and cpu._is_avx512_bf16_supported(), "amx": wide and cpu._is_amx_tile_supported(),
             "vnni": cpu._is_vnni_supported()}
 
 
