@@ -17,6 +17,15 @@ Tolerances, per output y_n, with u = 2⁻²⁴ (float32 unit roundoff) and Ŵ th
      d·q), so |error| ≤ Σ_k |Ŵ[n,k]|·d_k/2·(1 + 10⁻⁴) + the float32 term above. It is a worst case, about √K
      looser than the typical error, which a 1 % scale error does not exceed on random data; check 1 is the
      one that can catch it.
+
+`hadamard` (y = c·(F ⊗ H_P)(s ⊙ x), n = K·P, L = log₂P) against hadamard.apply in float64. Each output is a sum
+of K·P terms c·F[a, b]·(±z[b, i]) with z = s ⊙ x (sign flips exact). The fast Walsh–Hadamard transform sums the P
+terms of a row in a tree of depth L, the factor's product adds K more roundings per term (K − 1 additions and the
+product; with FMA fewer), the scale one, and the scale c itself and, for an int8 factor, the float32 F_K = H/√K the
+reference holds differ from the exact values by one rounding each. Any order of such a sum errs by at most
+γ_d·Σ|terms| with d the roundings a term goes through (Higham, Accuracy and Stability, §4.2), so
+|y − ŷ|[a, j] ≤ γ_{L+K+3} · c · Σ_b |F[a, b]| · Σ_i |z[b, i]|, the same for every j (transposed: Fᵀ, z = x).
+Worst case, √n-ish above the typical error; a 10⁻⁴ scale error or one flipped factor sign fails it.
 """
 
 import os
@@ -307,6 +316,185 @@ def test_torch_compile_inductor_calls_the_op_for_a_fresh_shape():
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="inductor")
     for shape in ((3, 256), (5, 7, 256)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(compiled(x), f(x))
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------- rotation
+
+# n = K·P: powers of two (K = 1), Paley factors of 12, 36, 44 (float32), 344 and 500 (int8, as
+# cpu.rotation_blocks keeps factors above 128), P from 1 (344) to 4096 (49152)
+ROTATION_SIZES = [8, 64, 192, 344, 576, 1024, 1536, 2816, 4096, 11008, 32000]
+
+
+def _factor(n):
+    from lowbit_compile.kernels import cpu, cpu_native
+
+    return cpu_native.factor_block(list(cpu.rotation_blocks(n)), n)
+
+
+def _rotation_bound(x, signs, n, transpose):
+    """γ_{L+K+3}·c·Σ_b|F[a, b]|·Σ_i|z[b, i]| per output (module docstring), float64 (rows, n)."""
+    from lowbit_compile import hadamard
+
+    plan = hadamard.plan(n)
+    k, p = plan.factor_size, plan.pow2
+    d = (p.bit_length() - 1) + k + 3
+    gamma = d * U / (1 - d * U)
+    z = x.double() if transpose else (x * signs).double()
+    row_sums = z.abs().view(-1, k, p).sum(-1)  # Σ_i |z[b, i]|, (rows, K)
+    f = hadamard.factor(n)
+    f_abs = torch.ones(1, 1, dtype=torch.float64) if f is None else f.double().abs()
+    per_row = row_sums @ (f_abs if transpose else f_abs.t()) / p**0.5  # (rows, K)
+    return gamma * per_row.repeat_interleave(p, dim=-1)
+
+
+def _rotation_reference(x, signs, n, transpose):
+    from lowbit_compile import hadamard
+
+    f = hadamard.factor(n)
+    return hadamard.apply(x.double(), signs.double(), None if f is None else f.double(), inverse=transpose)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("n", ROTATION_SIZES)
+def test_hadamard_matches_the_float64_reference_within_the_derived_bound(n, transpose, isa):
+    from lowbit_compile import hadamard
+
+    x = torch.randn(3, n) * torch.rand(1, n) * 3
+    signs = hadamard.random_signs(n, n)
+    y = OPS.hadamard(x, signs, _factor(n), transpose, isa)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    err = (y.double() - _rotation_reference(x, signs, n, transpose)).abs()
+    bound = _rotation_bound(x, signs, n, transpose)
+    assert (err <= bound).all(), float((err / bound).max())
+
+
+def test_the_rotation_bound_catches_a_small_scale_error_and_a_flipped_factor_sign():
+    from lowbit_compile import hadamard
+
+    n = 192  # F_12 ⊗ H_16/4
+    x = torch.randn(4, n)
+    signs = hadamard.random_signs(n, 1)
+    ref, bound = _rotation_reference(x, signs, n, False), _rotation_bound(x, signs, n, False)
+    scaled = OPS.hadamard(x, signs, _factor(n), False).double() * (1 + 1e-4)
+    assert ((scaled - ref).abs() > bound).float().mean() > 0.5
+    f = _factor(n).clone()
+    f[3, 5] = -f[3, 5]
+    flipped = OPS.hadamard(x, signs, f, False).double()
+    assert ((flipped - ref).abs() > bound).any()
+
+
+def test_an_int8_factor_is_its_float_form_scaled():
+    from lowbit_compile import hadamard
+
+    n = 32000  # F_500 as ±1 int8
+    x = torch.randn(2, n)
+    signs = hadamard.random_signs(n, 3)
+    f8 = _factor(n)
+    assert f8.dtype == torch.int8
+    f32 = hadamard.factor(n)
+    for transpose in (False, True):
+        a = OPS.hadamard(x, signs, f8, transpose).double()
+        b = OPS.hadamard(x, signs, f32, transpose).double()
+        assert ((a - b).abs() <= 2 * _rotation_bound(x, signs, n, transpose)).all()
+
+
+def test_hadamard_is_bit_identical_across_isas_without_a_factor_and_across_thread_counts():
+    """H_P is the same additions in the same order everywhere; the factor's rows split over threads (one row of a
+    large factor) or the rows of x do not change any output's arithmetic."""
+    from lowbit_compile import hadamard
+
+    for n in (8, 1024, 4096, 32000):
+        x = torch.randn(3, n)
+        signs = hadamard.random_signs(n, 2)
+        ref = OPS.hadamard(x, signs, _factor(n), False, "scalar")
+        ref_rows = [OPS.hadamard(x[i:i + 1], signs, _factor(n), False) for i in range(3)]
+        if _factor(n) is None:
+            for isa in ISAS:
+                assert torch.equal(OPS.hadamard(x, signs, None, False, isa), ref)
+        torch.set_num_threads(2)
+        try:
+            rows_2 = [OPS.hadamard(x[i:i + 1], signs, _factor(n), False) for i in range(3)]
+            both = OPS.hadamard(x, signs, _factor(n), False)
+        finally:
+            torch.set_num_threads(1)
+        assert all(torch.equal(a, b) for a, b in zip(ref_rows, rows_2))
+        assert torch.equal(both, torch.cat(ref_rows))
+
+
+def test_hadamard_round_trip_and_leading_dimensions():
+    from lowbit_compile import hadamard
+
+    n = 2816
+    x = torch.randn(2, 3, n)
+    signs = hadamard.random_signs(n, 4)
+    y = OPS.hadamard(x, signs, _factor(n), False)
+    assert y.shape == (2, 3, n)
+    back = OPS.hadamard(y, signs, _factor(n), True)
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-5 * float(x.abs().max()))
+    assert OPS.hadamard(torch.randn(0, n), signs, _factor(n)).shape == (0, n)
+    assert torch.equal(OPS.hadamard(x[..., ::2].repeat_interleave(2, -1), None, _factor(n)),
+                       OPS.hadamard(x[..., ::2].repeat_interleave(2, -1).contiguous(), None, _factor(n)))
+
+
+def test_hadamard_rejects_bad_arguments():
+    x = torch.randn(2, 192)
+    f = _factor(192)
+    with pytest.raises(RuntimeError, match="x must be a float32"):
+        OPS.hadamard(x.double(), None, f)
+    with pytest.raises(RuntimeError, match="does not fit n=192"):
+        OPS.hadamard(x, None, _factor(576))
+    with pytest.raises(RuntimeError, match="square float32"):
+        OPS.hadamard(x, None, f[:, :6])
+    with pytest.raises(RuntimeError, match=r"signs must be float32 \(n=192\)"):
+        OPS.hadamard(x, torch.ones(96), f)
+
+
+def test_rotated_linear_is_the_three_ops_bit_for_bit():
+    from lowbit_compile import hadamard
+
+    n, k, bits = 344, 576, 3
+    codes, scales = _layer(n, k, 1, bits)
+    packed = native.pack(codes, bits)
+    su, sv, bias = hadamard.random_signs(k, 1), hadamard.random_signs(n, 2), torch.randn(n)
+    for m in (1, 3, 300):  # decode; int8 rows; the prefill GEMM
+        x = torch.randn(m, k)
+        h = OPS.hadamard(x, su, _factor(k))
+        three = OPS.hadamard(OPS.linear(h, packed, scales, bits, _zero(bits), n, k), sv, _factor(n), True) + bias
+        one = OPS.rotated_linear(x, packed, scales, bits, _zero(bits), n, k, su, _factor(k), sv, _factor(n), bias)
+        assert torch.equal(one, three)
+    x = torch.randn(2, k)
+    plain = OPS.rotated_linear(x, packed, scales, bits, _zero(bits), n, k)
+    assert torch.equal(plain, OPS.linear(x, packed, scales, bits, _zero(bits), n, k))
+    with pytest.raises(RuntimeError, match="factor_in without su"):
+        OPS.rotated_linear(x, packed, scales, bits, _zero(bits), n, k, None, _factor(k))
+
+
+def test_rotation_opcheck_and_compile():
+    from lowbit_compile import hadamard
+
+    for n in (64, 192, 32000):
+        for transpose in (False, True):
+            torch.library.opcheck(OPS.hadamard.default,
+                                  (torch.randn(2, n), hadamard.random_signs(n, 0), _factor(n), transpose))
+    codes, scales = _layer(12, 192, 2, 4)
+    packed = native.pack(codes, 4)
+    su, sv = hadamard.random_signs(192, 0), hadamard.random_signs(12, 1)
+    args = (packed, scales, 4, 8.0, 12, 192, su, _factor(192), sv, _factor(12), torch.randn(12))
+    for x in (torch.randn(3, 192), torch.randn(2, 2, 192)):
+        torch.library.opcheck(OPS.rotated_linear.default, (x, *args))
+
+    factor = _factor(192)
+
+    def f(x):
+        return torch.relu(OPS.hadamard(x * 2, su, factor, False)) + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="inductor")
+    for shape in ((3, 192), (5, 7, 192)):
         x = torch.randn(shape)
         torch.testing.assert_close(compiled(x), f(x))
     torch._dynamo.reset()

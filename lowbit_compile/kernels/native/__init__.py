@@ -24,10 +24,22 @@ The ops (schemas in csrc/ops.cpp, CPU kernels in csrc/kernels_*.cpp, fakes below
   at about the float32 cost; prefill_rows=0 keeps the int8 kernel.
   isa picks the code path: "auto" ($LOWBIT_NATIVE_ISA when set, else the best this CPU has), "scalar", "avx2",
   "avx512"; asking for one the CPU lacks is an error.
+- `hadamard(x float32 (..., n), signs float32 (n) or None, factor or None, transpose=False, isa="auto") -> float32
+  (..., n)`: the randomized Hadamard transform of hadamard.py on the last dimension, n = K·P with P a power of two
+  and T = F_K ⊗ H_P/√P: y = T(signs ⊙ x), or with transpose y = signs ⊙ Tᵀx (hadamard.apply's inverse). factor is
+  F_K, float32 (orthonormal, as hadamard.factor(n) gives it), or int8 holding the ±1 entries of a Hadamard matrix
+  of order K (F_K = factor/√K, as cpu.rotation_blocks keeps factors above 128); None for K = 1. H_P runs as the
+  fast Walsh–Hadamard transform (P·log₂P additions, in registers for the first three stages), F_K as a small dense
+  product; the result equals hadamard.apply's to float32 rounding (bound: tests/kernels/test_native.py).
+- `rotated_linear(x, packed, scales, bits, zero, N, K, su=None, factor_in=None, sv=None, factor_out=None, bias=None,
+  act="int8", prefill_rows=-1, isa="auto") -> float32 (..., N)`: one call for a whole rotated layer,
+  y = hadamard(linear(hadamard(x, su, factor_in)), sv, factor_out, transpose=True) + bias, bit for bit; a side
+  whose signs are None is not rotated. At one row the three separate calls cost as much again as the rotations.
 - `cpu_features() -> int[]`, `resolve_isa(isa) -> int`: what `capabilities()` reads;
   `default_prefill_rows(act, bits) -> int`: the rows from which prefill_rows=-1 takes the GEMM path.
 
-Rows of the output are split over torch's intra-op threads (at::parallel_for); the prefill GEMM is torch's.
+Rows of the output are split over torch's intra-op threads (at::parallel_for); the prefill GEMM is torch's. A
+single row of `hadamard` with a large factor splits the factor's output rows instead.
 
 Build: `torch.utils.cpp_extension.load` (needs a C++ compiler torch's headers accept,
 g++ or clang, and the `ninja` package) into a directory named by
@@ -57,7 +69,7 @@ import torch
 NAMESPACE = "lowbit_native"
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = ("ops.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")
-HEADERS = ("lowbit_native.h", "kernels_simd.inc")
+HEADERS = ("lowbit_native.h", "kernels_simd.inc", "hadamard_simd.inc")
 CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-Wall")
 ISAS = ("scalar", "avx2", "avx512")
 FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "amx_tile",
@@ -208,6 +220,25 @@ def _register_fakes() -> None:
         torch._check(x.dtype == torch.float32, lambda: f"linear: x must be float32, got {x.dtype}")
         return x.new_empty((*x.shape[:-1], N))
 
+    @torch.library.register_fake(f"{NAMESPACE}::hadamard")
+    def _hadamard_fake(x, signs, factor, transpose=False, isa="auto"):
+        torch._check(x.dtype == torch.float32, lambda: f"hadamard: x must be float32, got {x.dtype}")
+        n = x.shape[-1]
+        if signs is not None:
+            torch._check(signs.shape == (n,), lambda: f"hadamard: signs {tuple(signs.shape)} for n={n}")
+        if factor is not None:
+            k = factor.shape[0]
+            torch._check(factor.shape == (k, k) and n % k == 0,
+                         lambda: f"hadamard: factor {tuple(factor.shape)} does not fit n={n}")
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(f"{NAMESPACE}::rotated_linear")
+    def _rotated_linear_fake(x, packed, scales, bits, zero, N, K, su=None, factor_in=None, sv=None, factor_out=None,
+                             bias=None, act="int8", prefill_rows=PREFILL_ROWS, isa="auto"):
+        torch._check(x.shape[-1] == K, lambda: f"rotated_linear: x has {x.shape[-1]} features, the weight expects {K}")
+        torch._check(x.dtype == torch.float32, lambda: f"rotated_linear: x must be float32, got {x.dtype}")
+        return x.new_empty((*x.shape[:-1], N))
+
 
 # ------------------------------------------------------------------------------------------ Python wrappers
 
@@ -226,3 +257,19 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: in
            act: str = "int8", prefill_rows: int = PREFILL_ROWS, isa: str = "auto") -> torch.Tensor:
     load()
     return torch.ops.lowbit_native.linear(x, packed, scales, bits, zero, n, k, act, prefill_rows, isa)
+
+
+def hadamard(x: torch.Tensor, signs: torch.Tensor | None, factor: torch.Tensor | None, transpose: bool = False,
+             isa: str = "auto") -> torch.Tensor:
+    load()
+    return torch.ops.lowbit_native.hadamard(x, signs, factor, transpose, isa)
+
+
+def rotated_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int, zero: float, n: int, k: int,
+                   su: torch.Tensor | None = None, factor_in: torch.Tensor | None = None,
+                   sv: torch.Tensor | None = None, factor_out: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, act: str = "int8", prefill_rows: int = PREFILL_ROWS,
+                   isa: str = "auto") -> torch.Tensor:
+    load()
+    return torch.ops.lowbit_native.rotated_linear(x, packed, scales, bits, zero, n, k, su, factor_in, sv, factor_out,
+                                                  bias, act, prefill_rows, isa)

@@ -75,8 +75,46 @@ void dot_float(const Weights& w, int64_t n0, int64_t n1, const float* x, int64_t
   }
 }
 
+// ------------------------------------------------------------------------------------------------ rotation
+
+// H_p v in place: butterflies (a, b) -> (a + b, a − b) at distances 1, 2, 4, ..., the order the SIMD kernels keep,
+// so that the power-of-two part is bit-identical on every instruction set.
+void fwht_inplace(float* v, int64_t p) {
+  for (int64_t h = 1; h < p; h *= 2)
+    for (int64_t i = 0; i < p; i += 2 * h)
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = v[j], b = v[j + h];
+        v[j] = a + b;
+        v[j + h] = a - b;
+      }
+}
+
+void fwht(const Rotation& r, const float* x, float* w) {
+  const bool pre = r.signs != nullptr && !r.transpose;
+  for (int64_t i = 0; i < r.n; ++i) w[i] = pre ? x[i] * r.signs[i] : x[i];
+  for (int64_t a = 0; a < r.k; ++a) fwht_inplace(w + a * r.p, r.p);
+  if (r.k == 1) {
+    const bool post = r.signs != nullptr && r.transpose;
+    for (int64_t i = 0; i < r.n; ++i) w[i] = post ? w[i] * r.scale * r.signs[i] : w[i] * r.scale;
+  }
+}
+
+void mix(const Rotation& r, const float* w, int64_t a0, int64_t a1, float* y) {
+  const int64_t k = r.k, p = r.p;
+  const bool post = r.signs != nullptr && r.transpose;
+  for (int64_t a = a0; a < a1; ++a) {
+    float* ya = y + a * p;
+    for (int64_t j = 0; j < p; ++j) ya[j] = 0.f;
+    for (int64_t b = 0; b < k; ++b) {
+      const float f = r.f(a, b);
+      for (int64_t j = 0; j < p; ++j) ya[j] += f * w[b * p + j];
+    }
+    for (int64_t j = 0; j < p; ++j) ya[j] = post ? ya[j] * r.scale * r.signs[a * p + j] : ya[j] * r.scale;
+  }
+}
+
 }  // namespace
 
-Kernels scalar_kernels() { return Kernels{dot_int8, decode_rows, dot_float}; }
+Kernels scalar_kernels() { return Kernels{dot_int8, decode_rows, dot_float, fwht, mix}; }
 
 }  // namespace lowbit_native

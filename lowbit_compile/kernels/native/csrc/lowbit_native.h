@@ -45,6 +45,26 @@ struct QuantizedRow {
   const float* gsum;   // groups values
 };
 
+// A randomized Hadamard transform of a row of n = k·p values, p a power of two: with T = c · (F ⊗ H_p),
+//   forward:    y = T (signs ⊙ x)
+//   transpose:  y = signs ⊙ Tᵀ x
+// where H_p is the Sylvester matrix (±1, applied as the unnormalized fast Walsh–Hadamard transform, p·log₂p
+// additions), F a dense k × k matrix, row-major (none when k = 1): float32 (orthonormal) or int8 (the ±1 entries of
+// a Hadamard matrix), and c the scale: 1/√p for a float32 F, 1/√(k·p) for an int8 one. The index of x is a·p + j:
+// F mixes the k rows of p values, H_p each row.
+struct Rotation {
+  int64_t n, k, p;
+  const float* signs;      // n values, or nullptr
+  const float* factor;     // k·k values, or nullptr
+  const int8_t* factor8;   // k·k values, or nullptr (at most one of factor, factor8; neither when k = 1)
+  float scale;
+  bool transpose;
+  float f(int64_t a, int64_t b) const {  // F(a, b) as mix uses it: transposed when transpose is set
+    const int64_t i = transpose ? b * k + a : a * k + b;
+    return factor ? factor[i] : static_cast<float>(factor8[i]);
+  }
+};
+
 // The kernels one instruction set provides. Rows [n0, n1) of the weight; everything else read-only.
 struct Kernels {
   // y[m * ldy + n] = Σ_g s[n, g] · (Σ_{b in g} d_m[b] · Σ_{k in b} c[n, k] q_m[k] − zero · gsum_m[g]), for m < rows.
@@ -57,6 +77,13 @@ struct Kernels {
   // l < 8), the order in which the SIMD kernels find the codes in 32-bit lanes (see interleave_block).
   void (*dot_float)(const Weights& w, int64_t n0, int64_t n1, const float* x, int64_t ldx, int64_t rows, float* y,
                     int64_t ldy);
+  // The randomized Hadamard transform of one row (Rotation), in two steps so that rows of a large factor can be
+  // split over threads: fwht writes w = H_p (signs ⊙ x) (forward) or H_p x (transpose) per row of p values; with
+  // k = 1 it finishes the transform itself (scale, and signs when transposed): w is then y (w may be x). mix writes
+  // rows [a0, a1) of the k × p output: y[a] = c · Σ_b F(a, b) · w[b] (· signs when transposed), F(a, b) as
+  // Rotation::f gives it.
+  void (*fwht)(const Rotation& r, const float* x, float* w);
+  void (*mix)(const Rotation& r, const float* w, int64_t a0, int64_t a1, float* y);
 };
 
 Kernels scalar_kernels();

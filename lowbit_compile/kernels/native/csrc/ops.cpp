@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -312,6 +313,99 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at:
   return y.view(out_shape);
 }
 
+// ----------------------------------------------------------------------------------------------- rotation
+
+// Output rows of the factor given to one thread at M = 1: a few hundred thousand multiply-adds, or the thread's
+// start costs more than it saves.
+constexpr int64_t kMixGrainMacs = 1 << 18;
+
+at::Tensor hadamard(const at::Tensor& x_in, const c10::optional<at::Tensor>& signs_in,
+                    const c10::optional<at::Tensor>& factor_in, bool transpose, c10::string_view isa_name) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 1 && x_in.size(-1) >= 1 && x_in.device().is_cpu(),
+              "lowbit_native.hadamard: x must be a float32 CPU tensor (..., n), got ", x_in.scalar_type(), " ",
+              x_in.sizes(), " on ", x_in.device());
+  const int64_t n = x_in.size(-1);
+  at::Tensor factor;
+  int64_t k = 1;
+  if (factor_in.has_value()) {
+    const at::Tensor& f = *factor_in;
+    TORCH_CHECK(f.dim() == 2 && f.size(0) == f.size(1) && f.size(0) >= 1 &&
+                    (f.scalar_type() == at::kFloat || f.scalar_type() == at::kChar) && f.device().is_cpu(),
+                "lowbit_native.hadamard: factor must be a square float32 (orthonormal) or int8 (±1) CPU matrix, got ",
+                f.scalar_type(), " ", f.sizes());
+    k = f.size(0);
+    factor = f.contiguous();
+  }
+  const int64_t p = n / k;
+  TORCH_CHECK(n % k == 0 && (p & (p - 1)) == 0, "lowbit_native.hadamard: a factor of size ", k,
+              " does not fit n=", n, ": n must be the factor's size times a power of two (hadamard.plan(n))");
+  at::Tensor signs;
+  if (signs_in.has_value()) {
+    TORCH_CHECK(signs_in->scalar_type() == at::kFloat && signs_in->dim() == 1 && signs_in->size(0) == n &&
+                    signs_in->device().is_cpu(),
+                "lowbit_native.hadamard: signs must be float32 (n=", n, "), got ", signs_in->scalar_type(), " ",
+                signs_in->sizes());
+    signs = signs_in->contiguous();
+  }
+  const Kernels kern = kernels_for(resolve(isa_name));
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const int64_t m = x.numel() / n;
+  if (m == 0) return y;
+  const bool int8_factor = factor.defined() && factor.scalar_type() == at::kChar;  // ±1: the 1/√k joins the scale
+  const Rotation rot{n, k, p, signs.defined() ? signs.data_ptr<float>() : nullptr,
+                     factor.defined() && !int8_factor ? factor.data_ptr<float>() : nullptr,
+                     int8_factor ? factor.data_ptr<int8_t>() : nullptr,
+                     static_cast<float>(1.0 / std::sqrt(static_cast<double>(int8_factor ? n : p))), transpose};
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (k == 1) {
+    at::parallel_for(0, m, std::max<int64_t>(1, (1 << 14) / n), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) kern.fwht(rot, xp + i * n, yp + i * n);
+    });
+    return y;
+  }
+  if (m == 1) {  // one row (decode): the factor's output rows are split over the threads
+    std::unique_ptr<float[]> work(new float[n]);
+    kern.fwht(rot, xp, work.get());
+    const int64_t blocks = (k + 7) / 8, grain = std::max<int64_t>(1, kMixGrainMacs / (8 * k * p));
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {  // whole blocks of the kernel's 8 rows
+      kern.mix(rot, work.get(), 8 * b0, std::min(k, 8 * b1), yp);
+    });
+    return y;
+  }
+  at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+    std::unique_ptr<float[]> work(new float[n]);
+    for (int64_t i = r0; i < r1; ++i) {
+      kern.fwht(rot, xp + i * n, work.get());
+      kern.mix(rot, work.get(), 0, k, yp + i * n);
+    }
+  });
+  return y;
+}
+
+// y = sv ⊙ T_Nᵀ(linear(T_K(su ⊙ x))) + bias: the whole rotated linear in one call (no rotation on a side whose
+// signs are None). At one row the per-call cost of the three ops (Python, dispatcher, an output each) is as large
+// as the rotations themselves.
+at::Tensor rotated_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t bits,
+                          double zero, int64_t n, int64_t k, const c10::optional<at::Tensor>& su,
+                          const c10::optional<at::Tensor>& factor_in, const c10::optional<at::Tensor>& sv,
+                          const c10::optional<at::Tensor>& factor_out, const c10::optional<at::Tensor>& bias,
+                          c10::string_view act, int64_t prefill_rows, c10::string_view isa) {
+  TORCH_CHECK(su.has_value() || !factor_in.has_value(), "lowbit_native.rotated_linear: factor_in without su");
+  TORCH_CHECK(sv.has_value() || !factor_out.has_value(), "lowbit_native.rotated_linear: factor_out without sv");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == n),
+              "lowbit_native.rotated_linear: bias must be float32 (N=", n, ")");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == k,
+              "lowbit_native.rotated_linear: x must be float32 (..., K=", k, "), got ", x.scalar_type(), " ",
+              x.sizes());
+  const at::Tensor h = su.has_value() ? hadamard(x, su, factor_in, false, isa) : x;
+  at::Tensor y = linear(h, packed, scales, bits, zero, n, k, act, prefill_rows, isa);
+  if (sv.has_value()) y = hadamard(y, sv, factor_out, true, isa);
+  if (bias.has_value()) y.add_(*bias);
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lowbit_native, m) {
@@ -319,6 +413,11 @@ TORCH_LIBRARY(lowbit_native, m) {
   m.def("unpack(Tensor packed, int bits, int N, int K) -> Tensor");
   m.def(
       "linear(Tensor x, Tensor packed, Tensor scales, int bits, float zero, int N, int K, str act=\"int8\", "
+      "int prefill_rows=-1, str isa=\"auto\") -> Tensor");
+  m.def("hadamard(Tensor x, Tensor? signs, Tensor? factor, bool transpose=False, str isa=\"auto\") -> Tensor");
+  m.def(
+      "rotated_linear(Tensor x, Tensor packed, Tensor scales, int bits, float zero, int N, int K, Tensor? su=None, "
+      "Tensor? factor_in=None, Tensor? sv=None, Tensor? factor_out=None, Tensor? bias=None, str act=\"int8\", "
       "int prefill_rows=-1, str isa=\"auto\") -> Tensor");
   m.def("cpu_features() -> int[]", &cpu_features);
   m.def("resolve_isa(str isa=\"auto\") -> int", &resolve_isa);
@@ -329,6 +428,8 @@ TORCH_LIBRARY_IMPL(lowbit_native, CPU, m) {
   m.impl("pack", &pack);
   m.impl("unpack", &unpack);
   m.impl("linear", &linear);
+  m.impl("hadamard", &hadamard);
+  m.impl("rotated_linear", &rotated_linear);
 }
 
 }  // namespace lowbit_native
