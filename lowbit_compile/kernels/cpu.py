@@ -43,6 +43,7 @@ from torch import Tensor
 from .. import formats, hadamard
 from ..errors import LowbitError
 from . import cpu_caps
+from .int4pack_layout import packed_block_n, unpack_codes_t
 from .reference import linear_fake
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
@@ -59,31 +60,6 @@ def _round_up(n: int, m: int) -> int:
 
 
 # ----------------------------------------------------------------------------- packing (once, at rewrite time)
-
-
-@functools.cache
-def packed_block_n() -> int | None:
-    """The kernel's weight layout on this CPU: rows come in blocks of B (64 on AVX512, 32 on AVX2), stored as
-    (N/B, K, B/2) bytes whose low nibbles are rows 0..B/2-1 of the block and high nibbles rows B/2..B-1. Found by
-    packing a probe; None when the layout is none of these (then no fast path: we could not decode it)."""
-    n, k = 64, 64
-    q = (torch.arange(n * k, dtype=torch.int32).reshape(n, k) * 7 + 3) % 16
-    try:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    except RuntimeError:
-        return None
-    for b in (64, 32):
-        if torch.equal(_unpack_codes_t(packed, b).t(), q.to(torch.uint8)):
-            return b
-    return None
-
-
-def _unpack_codes_t(packed: Tensor, block_n: int) -> Tensor:
-    """(N, K/2) int4pack bytes -> codes transposed, (K, N) uint8."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    b = packed.view(n // block_n, k, block_n // 2)
-    c = torch.cat([b & 15, b >> 4], dim=-1)  # (N/B, K, B): column j of block i is row i·B + j
-    return c.permute(1, 0, 2).reshape(k, n)
 
 
 def unsupported_reason(rec) -> str | None:
@@ -233,7 +209,7 @@ def signed_codes_t(packed: Tensor, cols: tuple[int, int]) -> Tensor:
     """Codes q − 8 of output columns [start, stop) (whole kernel blocks), transposed: int8 (k_pad, stop − start),
     in byte-wide passes; the caller converts (exactly) to a float type."""
     start, stop = cols
-    return _unpack_codes_t(packed[start:stop], packed_block_n()).view(torch.int8) - 8
+    return unpack_codes_t(packed[start:stop], packed_block_n()).view(torch.int8) - 8
 
 
 def dequantize_t(packed: Tensor, scales_zeros: Tensor, group_size: int, dtype: torch.dtype,
@@ -243,7 +219,7 @@ def dequantize_t(packed: Tensor, scales_zeros: Tensor, group_size: int, dtype: t
     group_size = kernel_group(packed, scales_zeros, group_size)
     block_n = packed_block_n()
     start, stop = cols or (0, packed.shape[0])
-    codes = _unpack_codes_t(packed[start:stop], block_n)
+    codes = unpack_codes_t(packed[start:stop], block_n)
     k_pad, n = codes.shape
     s = scales_zeros[:, start:stop, 0].unsqueeze(1)
     z = scales_zeros[:, start:stop, 1].unsqueeze(1)

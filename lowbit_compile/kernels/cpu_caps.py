@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import int4pack_layout
+
 KERNEL_ENV = "LOWBIT_CPU_KERNEL"
 KERNELS = ("native", "int4pack", "reference")
 
@@ -110,9 +112,7 @@ def choose(bits: int, group_size: int, device: torch.device | str = "cpu") -> Ch
 
 
 def _int4pack_layout_known() -> bool:
-    from . import cpu
-
-    return cpu.packed_block_n() is not None
+    return int4pack_layout.packed_block_n() is not None
 
 
 def choose_for(rec, kernels: str = "auto") -> Choice:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lowbit_compile.errors import LowbitError
-from lowbit_compile.kernels import cpu, cpu_caps, native
+from lowbit_compile.kernels import cpu, cpu_caps, int4pack_layout, native
 
 AVX2 = {"capability": "AVX2", "avx2": True, "avx512": False, "avx512_bf16": False, "amx": False, "vnni": False}
 AVX512 = {**AVX2, "capability": "AVX512", "avx512": True, "vnni": True}
@@ -20,7 +20,7 @@ def cpu_is(monkeypatch):
         monkeypatch.setattr(cpu_caps, "features", lambda: features)
         monkeypatch.setattr(native, "available", lambda: native_ok)
         monkeypatch.setattr(native, "unavailable_reason", lambda: "" if native_ok else "no compiler")
-        monkeypatch.setattr(cpu, "packed_block_n", lambda: 64 if int4pack_ok else None)
+        monkeypatch.setattr(int4pack_layout, "packed_block_n", lambda: 64 if int4pack_ok else None)
         if bf16_time is not None:  # seconds of (float32, bfloat16) GEMM: the measured case
             times = iter(bf16_time)
             monkeypatch.setattr(cpu_caps, "_time", lambda fn, reps=3: next(times))
