@@ -9,7 +9,7 @@ To keep 50+ configurations affordable on 2 cores, a mix is evaluated by loading 
 weight into the float model's linear (the weight LowbitLinear applies); two mixes are also run through
 lb.swap_linears (LowbitLinear, the lowbit::rotated_linear op) and the difference is reported.
 (b) The solver at 2.5 / 3.0 / 3.25 bits per weight (unit = linear and block, three loss definitions), first as
-the same non-sequential mix, then the real pipeline: mixed.quantize_mixed, i.e. lb.quantize with the plan and
+the same non-sequential mix, then the real pipeline: pipeline.quantize_mixed, i.e. lb.quantize with the plan and
 sequential calibration, against uniform lb.quantize runs.
 
 Metric: mean cosine similarity of sentence embeddings to the float model on 64 held-out sentences (bench.common).
@@ -26,8 +26,8 @@ import random
 import time
 
 import lowbit_compile as lb
-from lowbit_compile.mixed import measure, plan_from, quantize_mixed
-from lowbit_compile.pipeline import default_calibration
+from lowbit_compile.mixed import measure, plan_from
+from lowbit_compile.pipeline import default_calibration, quantize_mixed
 from lowbit_compile.plot import plot_curves
 
 from .common import OUT, cosine_to_float, machine, markdown_table, minilm_eval, publish

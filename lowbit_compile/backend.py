@@ -13,6 +13,7 @@ inserted, one run, removed); FP4 layers fed the same input are quantized togethe
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import logging
@@ -29,20 +30,20 @@ from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .memory import TRIM_SLACK, release_freed_memory
 from .passes import (
+    REWRITE,
     FindLinears,
-    FoldActScales,
-    FP4FastPath,
     InsertObservers,
-    RewriteLinears,
+    PassContext,
     count_quantized,
+    layer_meta,
     linear_sites,
     observed_stats,
     remove_observers,
 )
-from .passes.base import get_attr_tensor
+from .passes.base import FOLD, KERNEL_REASON, RUNTIME, get_attr_tensor
 from .passes.find_linears import TAG
 from .passes.rewrite_linears import KERNELS, pack_for_cpu
-from .quantize.layer import check_group_size, quantize_fp4_group, quantize_weight
+from .quantize.core import Layer, precheck, quantize_linears
 from .recipe import Recipe
 from .report import LayerReport, Report
 
@@ -96,7 +97,8 @@ class BackendSettings:
 
 
 class _WeightCache:
-    """Quantized records keyed by (weight identity, layer, spec, seed); invalid once the weight changes."""
+    """Quantized records keyed by (weight identity, layer, spec, seed); invalid once the weight changes.
+    `get(weight, key, make) -> (record, hit)`: the cache the core (quantize/core.py) takes."""
 
     def __init__(self):
         self._entries: dict[tuple, tuple] = {}
@@ -110,8 +112,9 @@ class _WeightCache:
             self.hits += 1
             return hit[2], True
         rec = make()
-        self._entries[k] = (weakref.ref(w), w._version, rec)
-        self.quantized += 1
+        if rec is not None:  # None: nothing was made (no calibration data reached the layer)
+            self._entries[k] = (weakref.ref(w), w._version, rec)
+            self.quantized += 1
         return rec, False
 
     def clear(self):
@@ -120,7 +123,8 @@ class _WeightCache:
 
 
 CACHE = _WeightCache()
-REPORTS: list[Report] = []
+MAX_REPORTS = 64
+REPORTS: collections.deque[Report] = collections.deque(maxlen=MAX_REPORTS)  # the latest graphs' reports
 _calibration_logged = False
 
 
@@ -194,7 +198,8 @@ def _match_checkpoint(ckpt: Checkpoint, sites: list, weight_of) -> list:
 
 
 def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSettings):
-    """Tag, quantize (or take from the checkpoint) and rewrite the linears of a Dynamo graph."""
+    """Tag, quantize (the core, quantize/core.py; or take from the checkpoint) and rewrite the linears of a Dynamo
+    graph."""
     recipe, ckpt = settings._recipe, settings._checkpoint
     FindLinears()(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -202,8 +207,6 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
     nodes = {n.name: n for n in gm.graph.nodes}
     report = Report()
     records = {}
-    stats = None
-    fp4_done: dict = {}  # FP4 records of this graph, made group by group
 
     def weight_of(site):
         w = _weight_value(gm, nodes[site.weight_node], examples)
@@ -212,82 +215,53 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
                               f"{site.weight_name}; compile the model itself, not a functional wrapper")
         return w
 
-    def make(w, fqn, spec):
-        nonlocal stats
-        if spec.needs_calibration and stats is None:  # only on a cache miss: a recompile never calibrates again
-            stats = _first_call_hessians(gm, example_inputs)
-        if spec.method == "fp4":
-            if fqn not in fp4_done:  # the whole group of FP4 linears fed the same input, at once
-                acc = stats[fqn]
-                group = {}
-                for _, s in linear_sites(gm):
-                    s_spec = recipe.spec_for(s.fqn)[0]
-                    if stats.get(s.fqn) is acc and s_spec is not None and s_spec.method == "fp4":
-                        group[s.fqn] = (weight_of(s), s_spec)
-                fp4_done.update(quantize_fp4_group(group, acc.sample, acc.absmax, recipe.seed))
-                release_freed_memory(TRIM_SLACK)
-            return fp4_done[fqn]
-        hessian = stats[fqn].hessian() if spec.needs_calibration else None
-        rec = quantize_weight(fqn, w, spec, recipe.seed, hessian=hessian)
-        del hessian
-        settle(rec)
-        return rec
-
-    def settle(rec):
-        """Pack the layer for its CPU kernel now (RewriteLinears takes it from the packing cache) and trim the heap:
-        done layer by layer, the peak holds one layer's temporaries, not every layer's."""
+    def settle(fqn, rec):
+        """Pack the layer for its CPU kernel as soon as it exists (RewriteLinears takes it from the packing cache):
+        layer by layer, the peak holds one layer's temporaries, not every layer's."""
+        records[fqn] = rec
         pack_for_cpu(rec, settings.kernels)
-        release_freed_memory(TRIM_SLACK)
 
     sites = linear_sites(gm)
-    if ckpt is None:  # a bad weight or group size fails before the first call is calibrated, not after
-        for _, site in sites:
-            spec = recipe.spec_for(site.fqn)[0]
-            if spec is not None:
-                check_group_size(site.fqn, site.in_features, spec)
     if ckpt is not None:
-        sites = _match_checkpoint(ckpt, sites, weight_of)
-    for _, site in sites:
-        shape = (site.out_features, site.in_features)
-        if ckpt is not None:
-            _from_checkpoint(ckpt, site, shape, report, records)
+        for _, site in _match_checkpoint(ckpt, sites, weight_of):
+            _from_checkpoint(ckpt, site, (site.out_features, site.in_features), report, records)
             if site.fqn in records:
-                settle(records[site.fqn])
-            continue
-        spec, why = recipe.spec_for(site.fqn)
-        if spec is None:
-            report.layers.append(LayerReport(site.fqn, shape, "float", reason=why))
-            continue
-        w = weight_of(site)
-        rec, cached = CACHE.get(w, (site.fqn, spec, recipe.seed),
-                                lambda w=w, fqn=site.fqn, spec=spec: make(w, fqn, spec))
-        records[site.fqn] = rec
-        report.layers.append(LayerReport(site.fqn, shape, "quantized", spec.describe(), rec.bits_per_weight(),
-                                         rec.weight_error, why, cached))
+                settle(site.fqn, records[site.fqn])
+                release_freed_memory(TRIM_SLACK)
+    else:
+        calibrated: dict = {}
+
+        def stats_of(fqn):  # the first call's observers: run once, only when a layer needs data and is not cached
+            if not calibrated:
+                calibrated.update(_first_call_hessians(gm, example_inputs))
+            return calibrated.get(fqn)
+
+        layers = [Layer(s.fqn, lambda s=s: weight_of(s), lambda fqn=s.fqn: stats_of(fqn), group=node.args[0].name,
+                        shape=(s.out_features, s.in_features)) for node, s in sites]
+        precheck(layers, recipe, weights=False)  # a bad group size fails before the first call is calibrated
+        for row in quantize_linears(layers, recipe, cache=CACHE.get, on_record=settle):
+            if row.quantized:
+                report.layers.append(LayerReport(row.fqn, row.shape, "quantized", row.spec.describe(),
+                                                 row.record.bits_per_weight(), row.record.weight_error, row.reason,
+                                                 row.cached))
+            else:
+                report.layers.append(LayerReport(row.fqn, row.shape, "float", reason=row.reason))
     if not report.layers:
         report.notes.append("no linear layer with a constant weight in this graph: nothing was quantized")
     if records:
-        rewrite = RewriteLinears(records, settings.kernels)
-        rewrite(gm)
+        REWRITE(gm, PassContext(records, settings.kernels))
+        done = layer_meta(gm)
         for layer in report.layers:
-            layer.runtime = rewrite.runtimes.get(layer.fqn, "")
-        for reason in sorted(set(rewrite.reasons.values())):
-            n = sum(r == reason for r in rewrite.reasons.values())
-            report.notes.append(f"CPU kernel of {n} integer layer(s): {reason}")
-        fold = FoldActScales()
-        fold(gm)
-        report.notes.extend(fold.notes)
-        if settings.kernels == "auto":  # FP4 linears in their final (folded) form onto the CPU int4 kernel
-            fast = FP4FastPath()
-            fast(gm)
-            for layer in report.layers:
-                layer.runtime = fast.runtimes.get(layer.fqn, layer.runtime)
+            layer.runtime = done.get(layer.fqn, {}).get(RUNTIME, "")
+        reasons = [m[KERNEL_REASON] for m in done.values() if KERNEL_REASON in m]
+        report.notes += [f"CPU kernel of {reasons.count(r)} integer layer(s): {r}" for r in sorted(set(reasons))]
+        report.notes += [f"layer {fqn}: {m[FOLD]}" for fqn, m in done.items() if FOLD in m]
     for rec in records.values():
         report.notes.extend(getattr(rec, "notes", ()))
-    report.records = records
+    report.records = weakref.WeakValueDictionary(records)  # the graph and the weight cache keep them, not reports
     report.rewritten = count_quantized(gm)
     if records:
-        release_freed_memory()  # the int4pack packing's temporaries (and the last layer's)
+        release_freed_memory()  # the packing's temporaries (and the last layer's)
     return gm, report
 
 

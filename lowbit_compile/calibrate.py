@@ -104,6 +104,47 @@ class CalibrationSummary:
                 "blocks": self.blocks, "lim": self.lim}
 
 
+# ----------------------------------------------------------------------------- calibration inputs
+
+
+def default_calibration(tokenizer, n_sentences: int = 128, batch_size: int = 16, max_length: int = 128):
+    """Batches of English sentences from the standard library's docstrings (no download)."""
+    from .data import stdlib_sentences
+
+    if tokenizer is None:
+        raise LowbitError("calibration='stdlib' needs the model's tokenizer: pass tokenizer=...")
+    return tokenize(tokenizer, stdlib_sentences("calibration", limit=n_sentences), batch_size, max_length)
+
+
+def tokenize(tokenizer, texts, batch_size: int = 16, max_length: int = 128) -> list[dict]:
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise LowbitError("the calibration text is empty: give at least one non-empty line")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+
+
+def resolve_calibration(calibration, tokenizer):
+    """Batches from what lb.quantize accepts as calibration (None when given None)."""
+    if isinstance(calibration, str):
+        if calibration == "stdlib":
+            return default_calibration(tokenizer)
+        with open(calibration) as f:  # a text file, one sample per line
+            return tokenize(tokenizer, f.read().splitlines()) if tokenizer else _no_tokenizer(calibration)
+    if calibration is not None:
+        items = list(calibration)
+        if items and all(isinstance(t, str) for t in items):
+            return tokenize(tokenizer, items) if tokenizer else _no_tokenizer("a list of strings")
+        return items
+    return None
+
+
+def _no_tokenizer(what):
+    raise LowbitError(f"calibration from {what} needs the model's tokenizer: pass tokenizer=...")
+
+
 # ----------------------------------------------------------------------------- model structure
 
 

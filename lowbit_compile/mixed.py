@@ -6,8 +6,8 @@ float-model Hessians to measure their proxy loss and exact stored bits; nothing 
 and ZD are collected on the way, and each linear's output sensitivity (importance.output_sensitivity) from a
 few backward passes. Phase 2 (`plan_from`) groups linears into units (a linear, the linears sharing one input
 such as q/k/v, or a whole block), applies pins and runs the budget solver (quantize/allocate.py).
-`quantize_mixed` then runs lb.quantize with the plan, sequentially, and stores the plan in
-`checkpoint.meta["mixed"]`.
+`pipeline.quantize_mixed` (lb.quantize with a budget recipe) then quantizes with the plan, sequentially, and stores
+the plan in `checkpoint.meta["mixed"]`.
 
 The budget covers every linear the plan decides: output heads kept in float by default (`lm_head`) are
 outside it unless a pin names them; a linear pinned to float counts at its dtype's width (32 bits for float32).
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .calibrate import calibrate_blocks, find_blocks, named_linears
+from .calibrate import calibrate_blocks, find_blocks, named_linears, resolve_calibration
 from .errors import LowbitError
 from .quantize.allocate import Option, Unit, solve
 from .quantize.importance import lim_scores, measure_candidates, output_energy, output_sensitivity, zd_scores
@@ -106,10 +106,8 @@ def measure(model: torch.nn.Module, calibration, candidates=DEFAULT_CANDIDATES, 
             progress: bool = True) -> Measurements:
     """Phase 1: quantize every linear at every candidate on float-model statistics (non-sequential), score
     blocks (LIM, ZD) and linears (output sensitivity on the first `sensitivity_batches` batches; 0 skips it)."""
-    from .pipeline import _resolve_calibration
-
     specs = candidate_specs(candidates)
-    batches = _resolve_calibration(calibration, tokenizer)
+    batches = resolve_calibration(calibration, tokenizer)
     if batches is None:
         raise LowbitError("mixed precision measures each layer's proxy loss on calibration data: pass "
                           "calibration=[batch, ...], a list of strings with tokenizer=..., or 'stdlib'")
@@ -222,7 +220,7 @@ class PlanReport:
         return self.bits / self.weights
 
     def as_dict(self) -> dict:
-        """JSON-ready; quantize_mixed stores it in checkpoint.meta["mixed"]."""
+        """JSON-ready; pipeline.quantize_mixed stores it in checkpoint.meta["mixed"]."""
         keys = ("target_bpw", "unit", "loss", "candidates", "rows", "excluded", "lim", "zd", "bits", "budget",
                 "weights", "predicted_loss", "exact")
         return {k: getattr(self, k) for k in keys} | {"bits_per_weight": self.bits_per_weight}
@@ -249,7 +247,7 @@ class PlanReport:
         """PNG: bits per linear over its candidate losses, and LIM/ZD per block (plot.plot_plan)."""
         from .plot import plot_plan
 
-        return plot_plan(self, path)
+        return plot_plan(self.as_dict(), path)
 
 
 def _num(v) -> str:
@@ -293,31 +291,3 @@ def plan_mixed(model: torch.nn.Module, calibration, target_bpw: float, candidate
     meas = measure(model, calibration, candidates, pins, tokenizer=tokenizer, seed=seed,
                    sensitivity_batches=4 if loss == "output" else 0, progress=progress)
     return plan_from(meas, target_bpw, unit, loss)
-
-
-def quantize_mixed(model: torch.nn.Module, calibration, target_bpw: float, candidates=DEFAULT_CANDIDATES,
-                   unit: str = "linear", pins=None, *, tokenizer=None, seed: int = 0, loss: str = "output",
-                   measurements: Measurements | None = None, report_path: str | None = None,
-                   progress: bool = True):
-    """Plan (reusing `measurements` when given), then lb.quantize with the plan, calibrating sequentially.
-    The plan goes to checkpoint.meta["mixed"]; with report_path the table is written there and the plot
-    beside it (same name, .png)."""
-    import os
-
-    from .pipeline import _resolve_calibration, quantize
-
-    batches = _resolve_calibration(calibration, tokenizer)
-    if measurements is None:
-        measurements = measure(model, batches, candidates, pins, seed=seed,
-                               sensitivity_batches=4 if loss == "output" else 0, progress=progress)
-    plan, report = plan_from(measurements, target_bpw, unit, loss)
-    ckpt = quantize(model, plan_recipe(plan, target_bpw, seed), batches, seed=seed, progress=progress)
-    ckpt.meta["mixed"] = report.as_dict()
-    if progress:
-        print(report.table())
-    if report_path:
-        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-        with open(report_path, "w") as f:
-            f.write(report.table() + "\n")
-        report.plot(os.path.splitext(report_path)[0] + ".png")
-    return ckpt

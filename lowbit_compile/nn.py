@@ -25,9 +25,11 @@ from collections.abc import Mapping
 import torch
 
 from . import hadamard, kernels  # noqa: F401  (registers the ops)
-from .checkpoint import Checkpoint, FP4QuantizedLinear, QuantizedLinear
+from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .kernels import cpu, cpu_caps, cpu_fp4, cpu_native
+from .kernels.specs import FP4_LINEAR, FP4PACK_LINEAR, HADAMARD, INT4PACK_LINEAR, NATIVE_LINEAR, ROTATED_LINEAR
+from .quantize.records import FP4QuantizedLinear, QuantizedLinear
 
 
 class LowbitLinear(torch.nn.Module):
@@ -46,9 +48,9 @@ class LowbitLinear(torch.nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.lowbit.rotated_linear(x, self.qweight, self.scales, self.su, self.sv, self.had_in,
-                                               self.had_out, self.bias, self.bits, self.in_features,
-                                               self.group_size)
+        return ROTATED_LINEAR(x=x, qweight=self.qweight, scales=self.scales, su=self.su, sv=self.sv,
+                              had_in=self.had_in, had_out=self.had_out, bias=self.bias, bits=self.bits,
+                              in_features=self.in_features, group_size=self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, "
@@ -74,50 +76,14 @@ class LowbitFP4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.su is not None:
-            x = torch.ops.lowbit.hadamard(x, self.su, self.had_in)
-        return torch.ops.lowbit.fp4_linear(x, self.qweight, self.w_scales, self.act_shift, self.act_scale,
-                                           self.w_format, self.a_format, self.bias, self.in_features)
+            x = HADAMARD(x=x, signs=self.su, factor=self.had_in)
+        return FP4_LINEAR(x=x, qweight=self.qweight, w_scales=self.w_scales, act_shift=self.act_shift,
+                          act_scale=self.act_scale, w_format=self.w_format, a_format=self.a_format, bias=self.bias,
+                          in_features=self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fp4 w:{self.w_format} "
                 f"a:{self.a_format or 'float'}, act_shift={self.act_shift is not None}, rotated={self.su is not None}")
-
-
-class Int4PackLinear(torch.nn.Module):
-    """The CPU fast form of an integer record: codes widened into the int4 kernel's layout (2/3-bit records take
-    4 bits per weight in memory), one `lowbit::int4pack_linear` call. Results match LowbitLinear to bfloat16
-    activation precision (kernels/cpu.py)."""
-
-    def __init__(self, rec: QuantizedLinear, bias: torch.Tensor | None = None):
-        super().__init__()
-        w = cpu.pack_int4(rec)
-        self.fqn = rec.fqn
-        self.in_features, self.out_features = rec.in_features, rec.out_features
-        self.bits, self.group_size = rec.bits, w.group_size  # the record's width; the kernel's group size
-        self.prefill_rows, self.prefill_bf16 = w.prefill_rows, w.prefill_bf16
-        self.runtime = w.describe()
-        self.register_buffer("packed", w.packed)
-        self.register_buffer("scales_zeros", w.scales_zeros)
-        self.register_buffer("su", None if rec.su is None else rec.su.clone())
-        self.register_buffer("sv", None if rec.sv is None else rec.sv.clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.n_rot_in = self.n_rot_out = 0
-        for side, n, on in (("in", rec.in_features, rec.su is not None), ("out", rec.out_features, rec.sv is not None)):
-            blocks = cpu.rotation_blocks(n) if on else ()
-            setattr(self, f"n_rot_{side}", len(blocks))
-            for i, b in enumerate(blocks):  # constants of the transform size, not part of the state dict
-                self.register_buffer(f"rot_{side}_{i}", b, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rot_in = [getattr(self, f"rot_in_{i}") for i in range(self.n_rot_in)]
-        rot_out = [getattr(self, f"rot_out_{i}") for i in range(self.n_rot_out)]
-        return torch.ops.lowbit.int4pack_linear(x, self.packed, self.scales_zeros, self.su, self.sv, rot_in, rot_out,
-                                                self.bias, self.in_features, self.out_features, self.group_size,
-                                                self.prefill_rows, self.prefill_bf16)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} as "
-                f"{self.runtime}, rotated={self.su is not None}")
 
 
 class _Rotations(torch.nn.Module):
@@ -136,6 +102,38 @@ class _Rotations(torch.nn.Module):
     def _rotations(self):
         return ([getattr(self, f"rot_in_{i}") for i in range(self.n_rot_in)],
                 [getattr(self, f"rot_out_{i}") for i in range(self.n_rot_out)])
+
+
+class Int4PackLinear(_Rotations):
+    """The CPU fast form of an integer record: codes widened into the int4 kernel's layout (2/3-bit records take
+    4 bits per weight in memory), one `lowbit::int4pack_linear` call. Results match LowbitLinear to bfloat16
+    activation precision (kernels/cpu.py)."""
+
+    def __init__(self, rec: QuantizedLinear, bias: torch.Tensor | None = None):
+        super().__init__()
+        w = cpu.pack_int4(rec)
+        self.fqn = rec.fqn
+        self.in_features, self.out_features = rec.in_features, rec.out_features
+        self.bits, self.group_size = rec.bits, w.group_size  # the record's width; the kernel's group size
+        self.prefill_rows, self.prefill_bf16 = w.prefill_rows, w.prefill_bf16
+        self.runtime = w.describe()
+        self.register_buffer("packed", w.packed)
+        self.register_buffer("scales_zeros", w.scales_zeros)
+        self.register_buffer("su", None if rec.su is None else rec.su.clone())
+        self.register_buffer("sv", None if rec.sv is None else rec.sv.clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._register_rotations(rec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rot_in, rot_out = self._rotations()
+        return INT4PACK_LINEAR(x=x, packed=self.packed, scales_zeros=self.scales_zeros, su=self.su, sv=self.sv,
+                               rot_in=rot_in, rot_out=rot_out, bias=self.bias, in_features=self.in_features,
+                               out_features=self.out_features, group_size=self.group_size,
+                               prefill_rows=self.prefill_rows, prefill_bf16=self.prefill_bf16)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} as "
+                f"{self.runtime}, rotated={self.su is not None}")
 
 
 class NativeLinear(_Rotations):
@@ -157,15 +155,16 @@ class NativeLinear(_Rotations):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rot_in, rot_out = self._rotations()
-        return torch.ops.lowbit.native_linear(x, self.packed, self.scales, self.su, self.sv, rot_in, rot_out,
-                                              self.bias, self.bits, self.zero, self.in_features, self.out_features)
+        return NATIVE_LINEAR(x=x, packed=self.packed, scales=self.scales, su=self.su, sv=self.sv, rot_in=rot_in,
+                             rot_out=rot_out, bias=self.bias, bits=self.bits, zero=self.zero,
+                             in_features=self.in_features, out_features=self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} as "
                 f"{self.runtime}, rotated={self.su is not None}")
 
 
-class FP4PackLinear(torch.nn.Module):
+class FP4PackLinear(_Rotations):
     """The CPU fast form of an FP4 record: codes as int4 digits (kernels/cpu_fp4.py), one
     `lowbit::fp4pack_linear` call that also applies the fp4-rot rotation and the activation exponents. Results
     match LowbitFP4Linear to bfloat16 precision."""
@@ -186,17 +185,16 @@ class FP4PackLinear(torch.nn.Module):
         self.register_buffer("act_shift", None if rec.act_exponents is None else rec.act_exponents.clone())
         self.register_buffer("act_scale", None if rec.act_scale is None else rec.act_scale.clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        blocks = cpu.rotation_blocks(rec.in_features) if rec.su is not None else ()
-        self.n_rot_in = len(blocks)
-        for i, b in enumerate(blocks):
-            self.register_buffer(f"rot_in_{i}", b, persistent=False)
+        self._register_rotations(rec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rot_in = [getattr(self, f"rot_in_{i}") for i in range(self.n_rot_in)]
-        return torch.ops.lowbit.fp4pack_linear(x, self.packed, self.scales_zeros, self.row_scale, self.su, rot_in,
-                                               self.act_shift, self.act_scale, self.a_format, self.bias,
-                                               self.in_features, self.out_features, self.group_size, self.digit_base,
-                                               self.prefill_rows, self.prefill_bf16)
+        rot_in, _ = self._rotations()
+        return FP4PACK_LINEAR(x=x, packed=self.packed, scales_zeros=self.scales_zeros, row_scale=self.row_scale,
+                              su=self.su, rot_in=rot_in, act_shift=self.act_shift, act_scale=self.act_scale,
+                              a_format=self.a_format, bias=self.bias, in_features=self.in_features,
+                              out_features=self.out_features, group_size=self.group_size,
+                              digit_base=self.digit_base, prefill_rows=self.prefill_rows,
+                              prefill_bf16=self.prefill_bf16)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fp4 w:{self.w_format} "

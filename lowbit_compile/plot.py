@@ -27,11 +27,12 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def plot_plan(report, path: str) -> str:
-    """Per linear: the bits per weight the plan gave it (bars, coloured by format) over the loss the solver saw
-    for each candidate (log scale); per block: LIM and ZD. Returns the path."""
+def plot_plan(report: dict, path: str) -> str:
+    """A mixed-precision plan in its JSON form (mixed.PlanReport.as_dict(), checkpoint.meta["mixed"]): per linear,
+    the bits per weight the plan gave it (bars, coloured by format) over the loss the solver saw for each candidate
+    (log scale); per block: LIM and ZD. Returns the path."""
     plt = _pyplot()
-    rows = report.rows
+    rows = report["rows"]
     if not rows:
         raise LowbitError("the plan has no layers to plot")
     fig, (ax_bits, ax_loss, ax_block) = plt.subplots(3, 1, figsize=(max(8, 0.28 * len(rows) + 3), 10),
@@ -41,19 +42,19 @@ def plot_plan(report, path: str) -> str:
     formats = sorted({r["format"] for r in rows})
     colors = {f: plt.cm.viridis(i / max(1, len(formats) - 1)) for i, f in enumerate(formats)}
     ax_bits.bar(x, [r["bits_per_weight"] for r in rows], color=[colors[r["format"]] for r in rows])
-    ax_bits.axhline(report.target_bpw, color="red", ls="--", lw=1, label=f"target {report.target_bpw}")
-    ax_bits.axhline(report.bits_per_weight, color="black", ls=":", lw=1,
-                    label=f"reached {report.bits_per_weight:.3f}")
+    ax_bits.axhline(report["target_bpw"], color="red", ls="--", lw=1, label=f"target {report['target_bpw']}")
+    ax_bits.axhline(report["bits_per_weight"], color="black", ls=":", lw=1,
+                    label=f"reached {report['bits_per_weight']:.3f}")
     for f in formats:
         ax_bits.bar([0], [0], color=colors[f], label=f)
     ax_bits.set_ylabel("bits / weight (stored)")
-    ax_bits.set_title(f"mixed precision plan: unit={report.unit}, loss={report.loss}")
+    ax_bits.set_title(f"mixed precision plan: unit={report['unit']}, loss={report['loss']}")
     ax_bits.legend(fontsize=8, ncol=len(formats) + 2, loc="upper left")
     ax_bits.set_ylim(0, max(r["bits_per_weight"] for r in rows) * 1.3)
-    for c in report.candidates:
+    for c in report["candidates"]:
         ax_loss.plot(x, [r["losses"].get(c) or float("nan") for r in rows], "o-", ms=3, label=c)
     ax_loss.set_yscale("log")
-    ax_loss.set_ylabel(f"{report.loss} loss (solver's)")
+    ax_loss.set_ylabel(f"{report['loss']} loss (solver's)")
     ax_loss.legend(fontsize=8)
     short = [_short(r["fqn"].removeprefix(_common_prefix([r["fqn"] for r in rows]))) for r in rows]
     for ax in (ax_bits, ax_loss):
@@ -65,13 +66,13 @@ def plot_plan(report, path: str) -> str:
     ax_bits.set_xticklabels([])
     ax_loss.set_xticklabels(short, rotation=90, fontsize=7)
     ax_loss.set_xlabel("linear (block boundaries in grey)")
-    blocks = list(report.lim or report.zd)
+    blocks = list(report["lim"] or report["zd"])
     if blocks:
         bx = range(len(blocks))
-        ax_block.plot(bx, [report.lim.get(b, float("nan")) for b in blocks], "o-", label="LIM (1 − cos in/out)")
+        ax_block.plot(bx, [report["lim"].get(b, float("nan")) for b in blocks], "o-", label="LIM (1 − cos in/out)")
         ax_block.set_ylabel("LIM")
         ax_z = ax_block.twinx()
-        ax_z.plot(bx, [report.zd.get(b, float("nan")) for b in blocks], "s--", color="tab:orange",
+        ax_z.plot(bx, [report["zd"].get(b, float("nan")) for b in blocks], "s--", color="tab:orange",
                   label="ZD (share |z| > 1)")
         ax_z.set_ylabel("ZD")
         ax_block.set_xticks(list(bx))
@@ -88,10 +89,7 @@ def plot_checkpoint(ckpt, path: str) -> str:
     and, when calibration recorded it, LIM per block. Returns the path."""
     mixed = (ckpt.meta or {}).get("mixed")
     if mixed:
-        from .mixed import PlanReport
-
-        fields = {k: mixed[k] for k in PlanReport.__dataclass_fields__}
-        return plot_plan(PlanReport(**fields), path)
+        return plot_plan(mixed, path)
     plan = list(ckpt.plan)
     if not plan:
         raise LowbitError("the checkpoint has no layers to plot")

@@ -9,7 +9,8 @@ import torch
 
 import lowbit_compile as lb
 from lowbit_compile.errors import LowbitError
-from lowbit_compile.mixed import build_units, measure, plan_from, plan_recipe, quantize_mixed
+from lowbit_compile.mixed import build_units, measure, plan_from, plan_recipe
+from lowbit_compile.pipeline import quantize_mixed
 from lowbit_compile.recipe import parse_spec
 
 CANDIDATES = ("w2-rtn", "w3-rtn", "w4-rtn")

@@ -22,6 +22,7 @@ from lowbit_compile import pipeline
 from lowbit_compile.checkpoint import Checkpoint, QuantizedLinear
 from lowbit_compile.errors import LowbitError
 from lowbit_compile.io import atomic_outputs, atomic_write, atomic_write_bytes
+from lowbit_compile.quantize import core
 from lowbit_compile.quantize.layer import quantize_fp4_group, quantize_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_compiler")  # conftest fixtures
@@ -528,14 +529,14 @@ def _interrupt_at(monkeypatch, prefix):
             raise KeyboardInterrupt  # what Ctrl-C raises
         return real(fqn, *a, **k)
 
-    monkeypatch.setattr(pipeline, "quantize_weight", flaky)
+    monkeypatch.setattr(core, "quantize_weight", flaky)
     return calls
 
 
 def _counting(monkeypatch):
     calls = []
     real = quantize_weight
-    monkeypatch.setattr(pipeline, "quantize_weight", lambda fqn, *a, **k: (calls.append(fqn), real(fqn, *a, **k))[1])
+    monkeypatch.setattr(core, "quantize_weight", lambda fqn, *a, **k: (calls.append(fqn), real(fqn, *a, **k))[1])
     return calls
 
 
@@ -570,10 +571,10 @@ def test_an_interrupted_fp4_run_resumes_byte_identically(tmp_path, monkeypatch):
             raise RuntimeError("out of memory")
         return real(group, *a, **k)
 
-    monkeypatch.setattr(pipeline, "quantize_fp4_group", flaky)
+    monkeypatch.setattr(core, "quantize_fp4_group", flaky)
     with pytest.raises(RuntimeError):
         lb.quantize(net, "fp4", batches, progress=False, work_dir=tmp_path / "work")
-    monkeypatch.setattr(pipeline, "quantize_fp4_group", real)
+    monkeypatch.setattr(core, "quantize_fp4_group", real)
     ck = lb.quantize(net, "fp4", batches, progress=False, work_dir=tmp_path / "work")
     assert read(ck.save(tmp_path / "resumed")) == expected  # block 1 saw block 0's W4A4 modules, as before
 

@@ -7,8 +7,15 @@ import re
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["PassBase", "PassResult", "LINEAR_TARGETS", "source_to_fqn", "source_root", "fake_mode_of",
-           "get_attr_tensor", "add_constant"]
+__all__ = ["PassBase", "PassResult", "LINEAR_TARGETS", "QUANTIZED_TAG", "RUNTIME", "KERNEL_REASON", "FOLD",
+           "source_to_fqn", "source_root", "fake_mode_of", "get_attr_tensor", "add_constant", "buffer_prefix",
+           "layer_meta"]
+
+# What the passes leave in node.meta of a lowbit linear op (the backend's report is built from these):
+QUANTIZED_TAG = "lowbit_quantized"  # the layer's FQN
+RUNTIME = "lowbit_runtime"  # the op it runs and the bits per weight it holds in memory
+KERNEL_REASON = "lowbit_kernel_reason"  # why that CPU kernel (integer layers: kernels/cpu_caps.py)
+FOLD = "lowbit_fold"  # FP4 W4A4: where its activation exponents went (passes/fold_act_scales.py)
 
 # Linear call targets: the Dynamo graph (torch._C._nn.linear / F.linear) and torch.export (aten.linear).
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
@@ -100,3 +107,19 @@ def add_constant(gm: torch.fx.GraphModule, name: str, t: torch.Tensor, before: t
     fake_mode = fake_mode_of(gm)
     n.meta["val"] = fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t
     return n
+
+
+def buffer_prefix(fqn: str) -> str:
+    """The prefix of the graph buffers a pass adds for a layer: `_lowbit_` + the FQN with non-identifier
+    characters replaced."""
+    return "_lowbit_" + re.sub(r"[^0-9a-zA-Z_]", "_", fqn)
+
+
+def layer_meta(gm: torch.fx.GraphModule) -> dict[str, dict]:
+    """{layer FQN: what the passes left in its op node's meta (RUNTIME, KERNEL_REASON, FOLD)}, from the final graph."""
+    out: dict[str, dict] = {}
+    for node in gm.graph.nodes:
+        if QUANTIZED_TAG in node.meta:
+            out.setdefault(node.meta[QUANTIZED_TAG], {}).update(
+                {k: node.meta[k] for k in (RUNTIME, KERNEL_REASON, FOLD) if k in node.meta})
+    return out

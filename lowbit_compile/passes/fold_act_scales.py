@@ -33,11 +33,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .. import kernels  # noqa: F401  (registers lowbit::fp4_linear)
-from .base import PassBase, PassResult, add_constant, get_attr_tensor, source_to_fqn
-from .rewrite_linears import QUANTIZED_TAG
+from ..kernels.specs import FP4_LINEAR
+from .base import FOLD, QUANTIZED_TAG, PassBase, PassResult, add_constant, get_attr_tensor, source_to_fqn
 
-FP4_OP = torch.ops.lowbit.fp4_linear.default
 aten = torch.ops.aten
 
 _LAYER_NORMS = (torch.nn.functional.layer_norm, torch.layer_norm, aten.layer_norm.default)
@@ -79,7 +77,7 @@ class _NoProducer(_NoFold):
 
 
 def _is_fp4(n) -> bool:
-    return isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target is FP4_OP
+    return FP4_LINEAR.is_call(n)
 
 
 def _is_identity(n: torch.fx.Node) -> bool:
@@ -348,16 +346,17 @@ class FoldActScales(PassBase):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         self.notes, self.folded, self.kept = [], {}, {}
         graph = gm.graph
-        consumers = [n for n in graph.nodes if _is_fp4(n) and len(n.args) > 3 and n.args[3] is not None]
+        consumers = [n for n in graph.nodes if _is_fp4(n) and FP4_LINEAR.args_of(n)["act_shift"] is not None]
         norm_groups: dict[tuple, list] = {}
         row_folds = []
         for c in consumers:
             layer = _layer(c)
-            k = self._const(gm, c.args[3])
+            args = FP4_LINEAR.args_of(c)
+            k = self._const(gm, args["act_shift"])
             if k is None:
                 self.kept[layer] = "its act_shift is not a constant of the graph"
                 continue
-            x = c.args[0]
+            x = args["x"]
             channels = k.numel()
             try:
                 norm, chain, consts = self._norm_producer(gm, x, channels)
@@ -396,7 +395,15 @@ class FoldActScales(PassBase):
             self.notes.append(f"layer {layer}: activation exponents folded into {where}")
         for layer, why in self.kept.items():
             self.notes.append(f"layer {layer}: activation exponents kept as a run-time shift ({why})")
+        for c in consumers:  # what happened to each consumer, in its node's meta too
+            layer = _layer(c)
+            c.meta[FOLD] = (f"activation exponents folded into {self.folded[layer]}" if layer in self.folded else
+                            f"activation exponents kept as a run-time shift ({self.kept.get(layer, '?')})")
         return PassResult(gm, modified)
+
+    @classmethod
+    def from_context(cls, ctx) -> FoldActScales:
+        return cls(ctx.constants)
 
     def _fold_norm(self, gm, norm: torch.fx.Node, members) -> None:
         graph = gm.graph
@@ -420,8 +427,7 @@ class FoldActScales(PassBase):
                 if old not in memo:
                     with graph.inserting_before(c):
                         memo[old] = graph.node_copy(old, lambda a: memo.get(a, a))
-            x = c.args[0]
-            c.args = (memo[x], *c.args[1:3], None, *c.args[4:])
+            FP4_LINEAR.update(c, x=memo[FP4_LINEAR.args_of(c)["x"]], act_shift=None)
             self.folded[_layer(c)] = f"a folded copy of {norm.name}"
         for _, chain, _, _ in members:
             for old in reversed(chain):
@@ -445,11 +451,12 @@ class FoldActScales(PassBase):
         s = torch.where(used, hi, torch.zeros_like(hi))
         mult = torch.ldexp(torch.ones(rows, dtype=torch.float64), s)
         producer = _layer(p)
-        w_scales = self._const(gm, p.args[2])
+        p_args = FP4_LINEAR.args_of(p)
+        w_scales = self._const(gm, p_args["w_scales"])
         if w_scales is None:
             raise _NoFold(f"the row scales of {producer} are not constants of the graph")
         new_scales = self._scaled(w_scales, mult.reshape(-1, 1), f"the row scales of {producer}")
-        bias = p.args[7] if len(p.args) > 7 else None
+        bias = p_args["bias"]
         new_bias = None
         if bias is not None:
             b = self._const(gm, bias)
@@ -457,12 +464,11 @@ class FoldActScales(PassBase):
                 raise _NoFold(f"the bias of {producer} is not a constant of the graph")
             new_bias = self._scaled(b, mult, f"the bias of {producer}")
         prefix = "_lowbit_fold_" + re.sub(r"[^0-9a-zA-Z_]", "_", p.name)
-        args = list(p.args)
-        args[2] = add_constant(gm, _fresh_name(gm, prefix + "_w_scales"), new_scales, p)
+        changes = {"w_scales": add_constant(gm, _fresh_name(gm, prefix + "_w_scales"), new_scales, p)}
         if new_bias is not None:
-            args[7] = add_constant(gm, _fresh_name(gm, prefix + "_bias"), new_bias, p)
-        p.args = tuple(args)
-        c.args = (*c.args[:3], None, *c.args[4:])
+            changes["bias"] = add_constant(gm, _fresh_name(gm, prefix + "_bias"), new_bias, p)
+        FP4_LINEAR.update(p, **changes)
+        FP4_LINEAR.update(c, act_shift=None)
         self.folded[_layer(c)] = f"the output rows of {producer}"
         self._erase_unused_shift_constants(gm)
 

@@ -5,7 +5,8 @@ The kernel is chosen here, per layer: with kernels="auto" an integer record whos
 and fit the int4 kernel becomes `lowbit::int4pack_linear` (kernels/cpu.py: codes widened to the kernel's 4-bit
 layout, bfloat16 activations inside the op); kernels="reference" keeps the reference ops everywhere. (FP4 linears
 move to their CPU kernel later, in fp4_fast_path, once fold_act_scales has given them their final form.)
-`runtimes[fqn]` says what each layer runs and how many bits per weight it holds in memory.
+Each new op node carries in its meta (passes/base.py) the layer's FQN, what it runs and how many bits per weight it
+holds in memory, and for integer layers why that kernel.
 
 Packed codes, scales, sign vectors and activation exponents become buffers of the GraphModule (get_attr
 nodes); the dense Hadamard factors (and the int4pack path's rotation blocks) are shared by every layer of the
@@ -15,22 +16,18 @@ serving it in float.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 
 from .. import hadamard
-from ..checkpoint import FP4QuantizedLinear, QuantizedLinear
 from ..errors import LowbitError
 from ..kernels import cpu, cpu_caps, cpu_native  # importing them registers every lowbit op named below
-from .base import PassBase, PassResult, add_constant
+from ..kernels.specs import FP4_LINEAR, HADAMARD, INT4PACK_LINEAR, LINEAR_OPS, NATIVE_LINEAR, ROTATED_LINEAR
+from ..quantize.records import FP4QuantizedLinear, QuantizedLinear
+from .base import KERNEL_REASON, QUANTIZED_TAG, RUNTIME, PassBase, PassResult, add_constant, buffer_prefix
 from .find_linears import TAG, linear_sites
 
-QUANTIZED_TAG = "lowbit_quantized"
-LOWBIT_LINEAR_OPS = (torch.ops.lowbit.rotated_linear.default, torch.ops.lowbit.fp4_linear.default,
-                     torch.ops.lowbit.int4pack_linear.default, torch.ops.lowbit.fp4pack_linear.default,
-                     torch.ops.lowbit.native_linear.default)
 KERNELS = ("auto", "reference")
 
 
@@ -47,10 +44,6 @@ def pack_for_cpu(rec, kernels: str):
     return cpu_native.packed_for(rec) if kernel == "native" else cpu.packed_for(rec) if kernel == "int4pack" else None
 
 
-def _buffer_prefix(fqn: str) -> str:
-    return "_lowbit_" + re.sub(r"[^0-9a-zA-Z_]", "_", fqn)
-
-
 class RewriteLinears(PassBase):
     def __init__(self, records: Mapping[str, QuantizedLinear | FP4QuantizedLinear], kernels: str = "reference"):
         super().__init__()
@@ -58,9 +51,10 @@ class RewriteLinears(PassBase):
             raise LowbitError(f"rewrite_linears: kernels={kernels!r}; valid values are {KERNELS}")
         self.records = records
         self.kernels = kernels
-        self.runtimes: dict[str, str] = {}  # fqn -> the op it runs and the bits per weight it holds in memory
-        self.reasons: dict[str, str] = {}  # fqn -> why that kernel (integer layers: kernels/cpu_caps.py)
 
+    @classmethod
+    def from_context(cls, ctx) -> RewriteLinears:
+        return cls(ctx.records, ctx.kernels)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -97,7 +91,7 @@ class RewriteLinears(PassBase):
                     f"the graph's weight is {site.out_features}x{site.in_features}; the checkpoint belongs to "
                     f"another model"
                 )
-            p = _buffer_prefix(site.fqn)
+            p = buffer_prefix(site.fqn)
             x = node.args[0] if node.args else node.kwargs["input"]
             if node.op == "call_module":
                 bias = None
@@ -107,30 +101,27 @@ class RewriteLinears(PassBase):
             else:
                 bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             choice = cpu_caps.choose_for(rec, self.kernels)
+            meta = {KERNEL_REASON: choice.reason} if isinstance(rec, QuantizedLinear) else {}
             if choice.kernel in ("native", "int4pack"):  # a CPU kernel: only the packed form becomes a constant
                 w = pack_for_cpu(rec, self.kernels)
-                su = constant(p + "_su", rec.su, node) if rec.su is not None else None
-                sv = constant(p + "_sv", rec.sv, node) if rec.sv is not None else None
-                rot_in = block_nodes(rec.in_features) if rec.su is not None else []
-                rot_out = block_nodes(rec.out_features) if rec.sv is not None else []
-                if choice.kernel == "native":
-                    op = torch.ops.lowbit.native_linear.default
-                    args = (x, constant(p + "_packed", w.packed, node), constant(p + "_scales", w.scales, node),
-                            su, sv, rot_in, rot_out, bias, w.bits, w.zero, rec.in_features, rec.out_features)
-                else:
-                    op = torch.ops.lowbit.int4pack_linear.default
-                    args = (x, constant(p + "_packed", w.packed, node),
-                            constant(p + "_scales_zeros", w.scales_zeros, node), su, sv, rot_in, rot_out, bias,
-                            rec.in_features, rec.out_features, w.group_size, w.prefill_rows, w.prefill_bf16)
+                common = dict(x=x, packed=constant(p + "_packed", w.packed, node),
+                              su=constant(p + "_su", rec.su, node) if rec.su is not None else None,
+                              sv=constant(p + "_sv", rec.sv, node) if rec.sv is not None else None,
+                              rot_in=block_nodes(rec.in_features) if rec.su is not None else [],
+                              rot_out=block_nodes(rec.out_features) if rec.sv is not None else [],
+                              bias=bias, in_features=rec.in_features, out_features=rec.out_features)
                 with graph.inserting_before(node):
-                    new = graph.call_function(op, args)
-                _replace(graph, node, new, site.fqn)
-                self.runtimes[site.fqn] = w.describe()
-                self.reasons[site.fqn] = choice.reason
+                    if choice.kernel == "native":
+                        new = NATIVE_LINEAR.node(graph, **common, scales=constant(p + "_scales", w.scales, node),
+                                                 bits=w.bits, zero=w.zero)
+                    else:
+                        new = INT4PACK_LINEAR.node(graph, **common,
+                                                   scales_zeros=constant(p + "_scales_zeros", w.scales_zeros, node),
+                                                   group_size=w.group_size, prefill_rows=w.prefill_rows,
+                                                   prefill_bf16=w.prefill_bf16)
+                _replace(graph, node, new, site.fqn, {RUNTIME: w.describe(), **meta})
                 modified = True
                 continue
-            if isinstance(rec, QuantizedLinear):
-                self.reasons[site.fqn] = choice.reason
             qw = constant(p + "_qweight", rec.qweight, node)
             if isinstance(rec, FP4QuantizedLinear):
                 opt = {n: None if getattr(rec, n) is None else constant(f"{p}_{n}", getattr(rec, n), node)
@@ -140,34 +131,29 @@ class RewriteLinears(PassBase):
                     if key not in rotations:
                         su = constant(p + "_su", rec.su, node)
                         with graph.inserting_before(node):
-                            rotations[key] = graph.call_function(
-                                torch.ops.lowbit.hadamard.default, (x, su, factor_node(rec.in_features)))
+                            rotations[key] = HADAMARD.node(graph, x=x, signs=su, factor=factor_node(rec.in_features))
                         rotations[key].meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value",
                                                                                               "tensor_meta")})
                     x = rotations[key]
+                w_scales = constant(p + "_w_scales", rec.w_scales, node)
                 with graph.inserting_before(node):
-                    new = graph.call_function(
-                        torch.ops.lowbit.fp4_linear.default,
-                        (x, qw, constant(p + "_w_scales", rec.w_scales, node), opt["act_exponents"],
-                         opt["act_scale"], rec.w_format, rec.a_format, bias, rec.in_features),
-                    )
-                _replace(graph, node, new, site.fqn)
-                self.runtimes[site.fqn] = f"fp4_linear {rec.bits_per_weight():.2f} b/w in memory"
+                    new = FP4_LINEAR.node(graph, x=x, qweight=qw, w_scales=w_scales, act_shift=opt["act_exponents"],
+                                          act_scale=opt["act_scale"], w_format=rec.w_format, a_format=rec.a_format,
+                                          bias=bias, in_features=rec.in_features)
+                runtime = f"fp4_linear {rec.bits_per_weight():.2f} b/w in memory"
+                _replace(graph, node, new, site.fqn, {RUNTIME: runtime})
                 modified = True
                 continue
-            sc = constant(p + "_scales", rec.scales, node)
+            scales = constant(p + "_scales", rec.scales, node)
             su = constant(p + "_su", rec.su, node) if rec.su is not None else None
             sv = constant(p + "_sv", rec.sv, node) if rec.sv is not None else None
-
-            had_in = factor_node(rec.in_features) if su is not None else None
-            had_out = factor_node(rec.out_features) if sv is not None else None
             with graph.inserting_before(node):
-                new = graph.call_function(
-                    torch.ops.lowbit.rotated_linear.default,
-                    (x, qw, sc, su, sv, had_in, had_out, bias, rec.bits, rec.in_features, rec.group_size),
-                )
-            _replace(graph, node, new, site.fqn)
-            self.runtimes[site.fqn] = f"rotated_linear {rec.bits_per_weight():.2f} b/w in memory"
+                new = ROTATED_LINEAR.node(graph, x=x, qweight=qw, scales=scales, su=su, sv=sv,
+                                          had_in=factor_node(rec.in_features) if su is not None else None,
+                                          had_out=factor_node(rec.out_features) if sv is not None else None, bias=bias,
+                                          bits=rec.bits, in_features=rec.in_features, group_size=rec.group_size)
+            _replace(graph, node, new, site.fqn,
+                     {RUNTIME: f"rotated_linear {rec.bits_per_weight():.2f} b/w in memory", **meta})
             modified = True
         if modified:
             graph.lint()
@@ -175,13 +161,14 @@ class RewriteLinears(PassBase):
         return PassResult(gm, modified)
 
 
-def _replace(graph: torch.fx.Graph, node: torch.fx.Node, new: torch.fx.Node, fqn: str) -> None:
+def _replace(graph: torch.fx.Graph, node: torch.fx.Node, new: torch.fx.Node, fqn: str, meta: dict) -> None:
     new.meta.update({k: v for k, v in node.meta.items() if k != TAG})
     new.meta[QUANTIZED_TAG] = fqn
+    new.meta.update(meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
 
 
 def count_quantized(gm: torch.fx.GraphModule) -> int:
-    """Number of lowbit linear ops (rotated_linear, fp4_linear, int4pack_linear, fp4pack_linear) in the graph."""
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in LOWBIT_LINEAR_OPS)
+    """Number of lowbit linear ops (kernels/specs.LINEAR_OPS) in the graph."""
+    return sum(1 for n in gm.graph.nodes if any(spec.is_call(n) for spec in LINEAR_OPS))

@@ -14,11 +14,11 @@ from collections.abc import Mapping
 import torch
 
 from .. import formats
-from ..checkpoint import FP4QuantizedLinear, QuantizedLinear, weight_digest
 from ..errors import LowbitError
 from ..formats import fp4 as f4
 from ..recipe import LayerSpec, parse_spec
 from .incoherence import Transform, layer_seed
+from .records import FP4QuantizedLinear, QuantizedLinear, weight_digest
 from .rtn import quantize_rtn
 
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 
 from .. import formats
-from ..checkpoint import QuantizedLinear
 from ..errors import LowbitError
 from ..formats import IntFormat
 from .incoherence import Transform, layer_seed
 from .ldlq import LDL, all_finite, check_hessian, damp_hessian, greedy_refine, ldlq_factored
+from .records import QuantizedLinear
 from .rtn import search_scales
 
 # Candidate scales, as multiples of the per-group MSE-optimal (round-to-nearest) scale. LDLQ's feedback

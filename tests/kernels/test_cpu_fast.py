@@ -23,7 +23,8 @@ import lowbit_compile as lb
 from lowbit_compile import formats, hadamard
 from lowbit_compile.kernels import cpu, cpu_caps
 from lowbit_compile.nn import Int4PackLinear, LowbitLinear, swap_linears
-from lowbit_compile.passes import RewriteLinears, count_quantized
+from lowbit_compile.passes import RewriteLinears, count_quantized, layer_meta
+from lowbit_compile.passes.base import RUNTIME
 from lowbit_compile.quantize.layer import quantize_weight
 from lowbit_compile.recipe import parse_spec
 
@@ -228,7 +229,7 @@ def test_rewrite_auto_puts_int4pack_ops_in_a_real_llama_export_graph(int4pack_ch
     assert targets.count(OP.default) == 7 == count_quantized(gm)
     assert torch.ops.lowbit.rotated_linear.default not in targets
     assert not any(name.endswith("_qweight") for name, _ in gm.named_buffers())  # only the packed form is held
-    assert all(rewrite.runtimes[n].startswith("int4pack") for n in names)
+    assert all(layer_meta(gm)[n][RUNTIME].startswith("int4pack") for n in names)
     with torch.no_grad():
         _model_tolerance(gm(ids).logits, ref_gm(ids).logits, model(ids).logits)
     with pytest.raises(lb.LowbitError, match="kernels='fast'"):

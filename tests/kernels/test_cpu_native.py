@@ -18,7 +18,8 @@ from tinymodels import exported_llama, tiny_llama
 import lowbit_compile as lb
 from lowbit_compile.kernels import cpu, cpu_caps, cpu_native, native
 from lowbit_compile.nn import NativeLinear, swap_linears
-from lowbit_compile.passes import RewriteLinears, count_quantized
+from lowbit_compile.passes import RewriteLinears, count_quantized, layer_meta
+from lowbit_compile.passes.base import KERNEL_REASON, RUNTIME
 from lowbit_compile.quantize.layer import quantize_weight
 from lowbit_compile.recipe import parse_spec
 
@@ -156,8 +157,9 @@ def test_rewrite_puts_native_ops_in_a_real_llama_export_graph(native_chosen):
     rewrite(gm)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(OP.default) == 7 == count_quantized(gm)
-    assert all(rewrite.runtimes[n].startswith("native int2") for n in names)
-    assert set(rewrite.reasons.values()) == {f"{cpu_caps.KERNEL_ENV}=native"}
+    done = layer_meta(gm)
+    assert all(done[n][RUNTIME].startswith("native int2") for n in names)
+    assert {done[n][KERNEL_REASON] for n in names} == {f"{cpu_caps.KERNEL_ENV}=native"}
 
 
 def test_backend_runs_native_kernels_through_inductor(native_chosen):

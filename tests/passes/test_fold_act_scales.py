@@ -10,12 +10,12 @@ from tinymodels import minilm, tiny_llama
 from torch.fx.passes.shape_prop import ShapeProp
 
 import lowbit_compile as lb
+from lowbit_compile.kernels.specs import FP4_LINEAR
 from lowbit_compile.passes import FindLinears, FoldActScales, RewriteLinears
 from lowbit_compile.quantize import fp4 as q
 from lowbit_compile.quantize.layer import quantize_fp4_group
 from lowbit_compile.recipe import parse_spec
 
-FP4 = torch.ops.lowbit.fp4_linear.default
 N = 48
 
 # Bit-exact comparisons with the swapped modules run the reference ops (kernels="reference"); the CPU fast paths are
@@ -39,7 +39,8 @@ def _small_search(monkeypatch):
 
 def _shifts(gm):
     """{layer: whether its fp4_linear still has a run-time shift}"""
-    return {n.meta.get("lowbit_quantized", n.name): n.args[3] is not None for n in gm.graph.nodes if n.target is FP4}
+    return {n.meta.get("lowbit_quantized", n.name): FP4_LINEAR.args_of(n)["act_shift"] is not None
+            for n in gm.graph.nodes if FP4_LINEAR.is_call(n)}
 
 
 class GatedBlock(torch.nn.Module):

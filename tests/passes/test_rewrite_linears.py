@@ -4,6 +4,7 @@ from tinymodels import exported_llama, with_weights
 
 import lowbit_compile  # noqa: F401
 from lowbit_compile.errors import LowbitError
+from lowbit_compile.kernels.specs import ROTATED_LINEAR
 from lowbit_compile.passes import FindLinears, RewriteLinears, count_quantized, linear_sites
 from lowbit_compile.quantize.layer import quantize_weight
 from lowbit_compile.recipe import parse_spec
@@ -47,8 +48,9 @@ def test_rewrite_on_a_real_llama_export_graph_keeps_meta_val_valid():
     recs = _records(model, names, "w3")
     RewriteLinears(recs)(gm)
     assert count_quantized(gm) == 14
-    ops = [n for n in gm.graph.nodes if n.target is torch.ops.lowbit.rotated_linear.default]
-    assert all(tuple(n.meta["val"].shape)[-1] == n.args[1].meta["val"].shape[0] for n in ops)
+    ops = [n for n in gm.graph.nodes if ROTATED_LINEAR.is_call(n)]
+    assert all(tuple(n.meta["val"].shape)[-1] == ROTATED_LINEAR.args_of(n)["qweight"].meta["val"].shape[0]
+               for n in ops)
     with torch.no_grad():
         assert torch.allclose(gm(ids).logits, with_weights(model, recs)(ids).logits, atol=1e-4)
 
