@@ -24,7 +24,11 @@ best arrangement follows from sorting |x|, and only the 29 norm-12 vectors are t
 
 Residual formats (`E8Format`): 3 bits = E8P + a 1-bit E8 codebook (the 241 points of E8 with norm² ≤ 2 and 15
 of the 16 points ±2e_i) on the residual; 4 bits = E8P + E8P on the residual. The residual codebook is scaled by
-1/ratio, a constant of the format: ŵ = s·(C₁[c₁] + C₂[c₂]/ratio) with one scale s per row.
+1/ratio, a constant of the format: ŵ = s·(C₁[c₁] + C₂[c₂]/ratio) with one scale s per row. Measured MSE on
+Gaussian rows of 512 with per-row scales (scalar grids: round to nearest with the clipping search of rtn.py):
+2 bits E8P 0.0918 vs int2 0.1192; 3 bits E8P + E8 ball 0.0297, E8P + a sign bit per weight (ŵ = s·(C₁ ± 1/4))
+0.0325, int3 0.0373; 4 bits E8P + E8P 0.0085 vs int4 0.0116. The ball beats the sign residual, so it is the
+3-bit design.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from ..errors import LowbitError
 
 DIM = 8  # weights per code
 N_CODES = 1 << 16
-_CHUNK = 8192  # rows of x per encode step: bounds the (2, rows, 29, 8) float64 temporaries at ~30 MB
+_CHUNK = 4096  # rows of x per encode step: the cost per vector is least at a few thousand (temporaries stay in cache)
 
 # QuIP#'s 29 norm-12 absolute vectors (five 3/2, three ½), given by the positions of their ½ entries, in the
 # order of quip-sharp's lib/codebook/latticee8_padded12_rvq4bit.py (that list, unlike the first E8P release,
@@ -100,7 +104,8 @@ class _EncodeTables:
     type_parity: torch.Tensor  # (7,) int32
     key_to_abs: torch.Tensor  # (3^8,) float64: level key Σ digit_i·3^(7−i) -> abs index (-1: not in the grid)
     norm12: torch.Tensor  # (29, 8) float64
-    norm12_halves: torch.Tensor  # (29, 3) int64: positions of the ½ entries
+    norm12_halves: torch.Tensor  # (87,) int64: positions of the ½ entries, 3 per vector
+    twelve: torch.Tensor  # (29,) float64: their squared norms
     abs64: torch.Tensor  # (256, 8) float64
     parity: torch.Tensor  # (256,) int32
     pow3: torch.Tensor  # (8,) float64: 3^(7−i)
@@ -123,7 +128,8 @@ def _encode_tables() -> _EncodeTables:
     return _EncodeTables(
         levels=torch.cat([digits + 0.5, n12]), type_digits=digits, type_norm2=(digits + 0.5).square().sum(dim=-1),
         type_parity=torch.tensor([b % 2 for _, b in _TYPES], dtype=torch.int32), key_to_abs=key_to_abs,
-        norm12=grid[N_SHELL:].contiguous(), norm12_halves=torch.tensor(_NORM12_HALVES), abs64=grid,
+        norm12=grid[N_SHELL:].contiguous(), norm12_halves=torch.tensor(_NORM12_HALVES).flatten(),
+        twelve=torch.full((len(_NORM12_HALVES),), 12.0, dtype=torch.float64), abs64=grid,
         parity=abs_parity().to(torch.int32), pow3=pow3, bit=torch.where(k == 0, 0, 1 << k).to(torch.int32),
         prio_pos=torch.where(k == 0, 8, 8 - k).to(torch.int32),
         prio_step=torch.where(k == 0, 0, 8 + 2 * k).to(torch.int32),
@@ -158,32 +164,35 @@ def _encode_rows(x: torch.Tensor) -> torch.Tensor:
     # |y| go to the lexicographically smallest arrangement (= lowest index): larger levels on later coordinates,
     # which the stable sort of the flipped |y| gives.
     v, order = u.flip(-1).sort(dim=-1, descending=True, stable=True)
-    vmin = v[:, -1:]
+    vmin = v[:, -1]
     dots = v @ t.levels.t()
-    best = t.type_norm2 - 2 * dots[:, :7] + 2 * vmin * (q.unsqueeze(-1) != t.type_parity)
-    idx = t.key_to_abs[(t.pow3[order] @ t.type_digits.t()).to(torch.int64)]
-    low = best.amin(dim=-1, keepdim=True)
-    abs_idx = (idx + (best != low) * 256.0).amin(dim=-1).to(torch.int32)  # ties: the lowest absolute index
-    # The 29 norm-12 vectors (odd parity) can only win where their sorted arrangement, without the parity
-    # penalty, beats the shell (they lose ties: their indices are higher); only those rows try them one by one.
-    rows = torch.nonzero(12 - 2 * dots[:, 7] < low.squeeze(-1)).squeeze(-1)
+    best = t.type_norm2 - 2 * dots[:, :7] + 2 * vmin.unsqueeze(-1) * (q.unsqueeze(-1) != t.type_parity)
+    idx = torch.take(t.key_to_abs, (torch.take(t.pow3, order) @ t.type_digits.t()).to(torch.int64))
+    low = best.amin(dim=-1)
+    abs_idx = (idx + (best != low.unsqueeze(-1)) * 256.0).amin(dim=-1).to(torch.int32)  # ties: lowest index
+    # The 29 norm-12 vectors (odd parity) lose ties (their indices are higher) and score no better than the best
+    # arrangement of (3/2)⁵(½)³ among all 56, sorted like a shell type: only rows where that bound beats the
+    # shell try them one by one.
+    even = q == 0
+    rows = torch.nonzero(12 - 2 * dots[:, 7] + 2 * vmin * even < low).squeeze(-1)
     if rows.numel():
-        ur = u[rows]
-        s12 = 12 - 2 * (ur @ t.norm12.t())
+        ur = u.index_select(0, rows)
+        s12 = torch.addmm(t.twelve, ur, t.norm12.t(), alpha=-2)
         # min_i a_i·|y_i| = min(½·least |y| over the ½ entries, 3/2·min|y|): the smallest |y| either sits on a
         # ½ entry or carries 3/2 and is then the least of the 3/2 terms.
-        pen = torch.minimum(0.5 * ur[:, t.norm12_halves].amin(dim=-1), 1.5 * vmin[rows])
-        s12 += 4 * pen * (q[rows] == 0).unsqueeze(-1)
+        halves = ur.index_select(1, t.norm12_halves).view(-1, len(_NORM12_HALVES), 3).amin(dim=-1)
+        pen = torch.minimum(0.5 * halves, 1.5 * vmin.index_select(0, rows).unsqueeze(-1))
+        s12 += 4 * pen * even.index_select(0, rows).unsqueeze(-1)
         low12, arg12 = s12.min(dim=-1)  # ties: the first, the lowest index
-        win = low12 < low[rows, 0]
+        win = low12 < low.index_select(0, rows)
         abs_idx[rows[win]] = (N_SHELL + arg12[win]).to(torch.int32)
-        low[rows[win], 0] = low12[win]
+        low[rows[win]] = low12[win]
     # Signs: those of y, and on a parity mismatch one flip where a_i·|y_i| is least (ties: lowest code).
-    c = t.abs64[abs_idx] * u
+    c = t.abs64.index_select(0, abs_idx) * u
     prio = (c == c.amin(dim=-1, keepdim=True)) * (t.prio_pos + neg * t.prio_step)
-    toggle = (q != t.parity[abs_idx]) * t.bit[prio.argmax(dim=-1)]
+    toggle = (q != t.parity.index_select(0, abs_idx)) * t.bit.index_select(0, prio.argmax(dim=-1))
     codes = (abs_idx << 8) | ((neg.to(torch.int32) * t.bit).sum(dim=-1, dtype=torch.int32) ^ toggle)
-    dist = y.square().sum(dim=-1) + low.squeeze(-1)  # ‖y − σ⊙a‖²
+    dist = y.square().sum(dim=-1) + low  # ‖y − σ⊙a‖²
     c0, c1 = codes[:n], codes[n:] | 1
     take = (dist[n:] < dist[:n]) | ((dist[n:] == dist[:n]) & (c1 < c0))
     return torch.where(take, c1, c0)
@@ -199,7 +208,7 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     float64 rounding can be ordered differently from exact arithmetic.
     """
     _check_vectors(x, "e8p.encode")
-    flat = x.detach().reshape(-1, DIM).to(torch.float64)
+    flat = x.detach().reshape(-1, DIM).to(torch.float64, memory_format=torch.contiguous_format)  # strided: 2x slower
     out = torch.empty(flat.shape[0], dtype=torch.int32)
     for i in range(0, flat.shape[0], _CHUNK):
         out[i:i + _CHUNK] = _encode_rows(flat[i:i + _CHUNK]).to(torch.int32)
@@ -308,7 +317,7 @@ def encode_ball(x: torch.Tensor) -> torch.Tensor:
     """Nearest point of `e8_ball()` for each 8-vector of x (..., 8): codes (...) int32 in [0, 255]; exact in
     float64 like `encode`, ties to the lowest code."""
     _check_vectors(x, "e8p.encode_ball")
-    flat = x.detach().reshape(-1, DIM).to(torch.float64)
+    flat = x.detach().reshape(-1, DIM).to(torch.float64, memory_format=torch.contiguous_format)  # strided: 2x slower
     out = torch.empty(flat.shape[0], dtype=torch.int32)
     for i in range(0, flat.shape[0], _CHUNK):
         out[i:i + _CHUNK] = _encode_ball_rows(flat[i:i + _CHUNK])
@@ -316,6 +325,7 @@ def encode_ball(x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_ball(codes: torch.Tensor) -> torch.Tensor:
+    """Points (..., 8) float32 of `e8_ball` codes (...) in [0, 255]."""
     return e8_ball()[_check_codes(codes, 256, "e8p.decode_ball")]
 
 
@@ -324,8 +334,8 @@ def decode_ball(codes: torch.Tensor) -> torch.Tensor:
 E8_BITS = (2, 3, 4)
 # Scale of the residual codebook: ŵ = s·(C₁[c₁] + C₂[c₂]/ratio). Powers of two, so decoded values stay exact
 # sums of small dyadic numbers: 4 bits: 16·(C₁ + C₂/4) = 4·(4C₁) + 4C₂, odd integers in [-55, 55];
-# 3 bits: 4·(C₁ + C₂/2) = 4C₁ + 2C₂, integers in [-15, 15]. On Gaussian data the best free ratios (3.6, 2.05)
-# are no better than 4 and 2 once the scale is retuned (docs in quantize/e8.py).
+# 3 bits: 4·(C₁ + C₂/2) = 4C₁ + 2C₂, integers in [-15, 15]. On Gaussian data the best free ratios (3.6 and
+# 2.05: MSE 0.00848 and 0.02966) are no better than 4 and 2 (0.00845, 0.02969) once the scale is retuned.
 RESIDUAL_RATIO = {3: 2.0, 4: 4.0}
 # rms(row) / s at the least MSE on Gaussian rows (measured on 32768 vectors): the starting point of the scale
 # search. The 4-bit optimum is lower: the residual stage covers the large values that the first one clips.

@@ -38,9 +38,8 @@ from .ldlq import LDL, check_hessian, damp_hessian
 DEFAULT_BLOCK = 128  # columns per lazy feedback GEMM (16 codeword blocks), as ldlq.DEFAULT_BLOCK
 STACK_ROWS = 4096  # scale candidates run stacked up to this many rows per block LDLQ pass
 # Multiples of the Gaussian-optimal scale tried per row. As with scalar LDLQ, feedback widens the values to round,
-# so at 2 bits rows prefer larger scales than the MSE optimum; with a residual stage they prefer smaller ones
-# (the residual codebook covers what the first stage clips). Grids centred on what the rows of all-MiniLM-L6-v2
-# chose (report of issue 20); 1.0 is always a candidate.
+# so at 2 bits rows prefer scales 5-15% above the MSE optimum; with a residual stage, which covers what the first
+# one clips, they stay near it. Grids centred on what the rows of all-MiniLM-L6-v2 chose; 1.0 is always one.
 SCALE_GRID = {
     2: (1.0, 1.05, 1.1, 1.15, 1.2),
     3: (0.9, 0.95, 1.0, 1.05, 1.1),
