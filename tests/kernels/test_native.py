@@ -324,8 +324,9 @@ def test_torch_compile_inductor_calls_the_op_for_a_fresh_shape():
 # ----------------------------------------------------------------------------------------------- rotation
 
 # n = K·P: powers of two (K = 1), Paley factors of 12, 36, 44 (float32), 344 and 500 (int8, as
-# cpu.rotation_blocks keeps factors above 128), P from 1 (344) to 4096 (49152)
-ROTATION_SIZES = [8, 64, 192, 344, 576, 1024, 1536, 2816, 4096, 11008, 32000]
+# cpu.rotation_blocks keeps factors above 128), the random orthogonal 23 × 23 of 184 (K not a multiple of the
+# kernel's 4 rows), P from 1 (344) and 8 (96, 184: one vector per row) to 4096
+ROTATION_SIZES = [8, 64, 96, 184, 192, 344, 576, 1024, 1536, 2816, 4096, 11008, 32000]
 
 
 def _factor(n):

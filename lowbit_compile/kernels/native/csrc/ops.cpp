@@ -368,9 +368,9 @@ at::Tensor hadamard(const at::Tensor& x_in, const c10::optional<at::Tensor>& sig
   if (m == 1) {  // one row (decode): the factor's output rows are split over the threads
     std::unique_ptr<float[]> work(new float[n]);
     kern.fwht(rot, xp, work.get());
-    const int64_t blocks = (k + 7) / 8, grain = std::max<int64_t>(1, kMixGrainMacs / (8 * k * p));
-    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {  // whole blocks of the kernel's 8 rows
-      kern.mix(rot, work.get(), 8 * b0, std::min(k, 8 * b1), yp);
+    const int64_t blocks = (k + 3) / 4, grain = std::max<int64_t>(1, kMixGrainMacs / (4 * k * p));
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {  // whole blocks of the kernel's 4 rows
+      kern.mix(rot, work.get(), 4 * b0, std::min(k, 4 * b1), yp);
     });
     return y;
   }
