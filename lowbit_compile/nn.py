@@ -28,62 +28,57 @@ from . import hadamard, kernels  # noqa: F401  (registers the ops)
 from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .kernels import cpu, cpu_caps, cpu_fp4, cpu_native
-from .kernels.specs import FP4_LINEAR, FP4PACK_LINEAR, HADAMARD, INT4PACK_LINEAR, NATIVE_LINEAR, ROTATED_LINEAR
+from .kernels.specs import FP4PACK_LINEAR, HADAMARD, INT4PACK_LINEAR, NATIVE_LINEAR, unshared
 from .quantize.records import FP4QuantizedLinear, QuantizedLinear
 
 
-class LowbitLinear(torch.nn.Module):
-    def __init__(self, rec: QuantizedLinear, bias: torch.Tensor | None = None):
+class _LowbitModule(torch.nn.Module):
+    """A record as a module: its reference op (record.OP) with the op's tensor arguments as buffers and the others
+    as attributes, named as the op names them (record.op_arguments()); the record's input rotation, if any, runs
+    first (`lowbit::hadamard`, buffers su and had_in); then bias. A new record kind needs no module of its own."""
+
+    def __init__(self, rec, bias: torch.Tensor | None = None):
         super().__init__()
         self.fqn = rec.fqn
         self.in_features, self.out_features = rec.in_features, rec.out_features
-        self.bits, self.group_size = rec.bits, rec.group_size
-        self.register_buffer("qweight", rec.qweight.clone())
-        self.register_buffer("scales", rec.scales.clone())
-        rotated = rec.su is not None
-        self.register_buffer("su", rec.su.clone() if rotated else None)
-        self.register_buffer("sv", rec.sv.clone() if rec.sv is not None else None)
-        self.register_buffer("had_in", hadamard.factor(rec.in_features) if rotated else None)
-        self.register_buffer("had_out", hadamard.factor(rec.out_features) if rec.sv is not None else None)
+        self.op = rec.OP
+        args = {n: unshared(v) for n, v in rec.op_arguments().items()}
+        tensors = set(self.op.tensor_names)
+        self._scalars = [n for n in args if n not in tensors]
+        self._tensors = [n for n in args if n in tensors]
+        for name in self._tensors:
+            self.register_buffer(name, None if args[name] is None else args[name].clone())
+        for name in self._scalars:
+            setattr(self, name, args[name])
+        rotation = rec.input_rotation()
+        self._rotated_input = rotation is not None
+        if "su" not in self._tensors:  # every module has su and had_in (None: no rotation), as the exporters read
+            self.register_buffer("su", None if rotation is None else rotation[0].clone())
+            self.register_buffer("had_in", None if rotation is None else unshared(rotation[1]))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ROTATED_LINEAR(x=x, qweight=self.qweight, scales=self.scales, su=self.su, sv=self.sv,
-                              had_in=self.had_in, had_out=self.had_out, bias=self.bias, bits=self.bits,
-                              in_features=self.in_features, group_size=self.group_size)
+        if self._rotated_input:
+            x = HADAMARD(x=x, signs=self.su, factor=self.had_in)
+        return self.op(x=x, bias=self.bias, **{n: getattr(self, n) for n in self._tensors + self._scalars})
+
+
+class LowbitLinear(_LowbitModule):
+    """An integer record: one `lowbit::rotated_linear` call."""
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, "
                 f"group_size={self.group_size}, rotated={self.su is not None}")
 
 
-class LowbitFP4Linear(torch.nn.Module):
+class LowbitFP4Linear(_LowbitModule):
     """An LLM-FP4 linear: y = Q_a(x ⊙ 2**act_shift) · Ŵ'ᵀ + bias (see kernels/fp4_ops.py), after a
     randomized Hadamard rotation of x for rotated records (fp4-rot)."""
 
-    def __init__(self, rec: FP4QuantizedLinear, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.fqn = rec.fqn
-        self.in_features, self.out_features = rec.in_features, rec.out_features
-        self.w_format, self.a_format = rec.w_format, rec.a_format
-        self.register_buffer("qweight", rec.qweight.clone())
-        self.register_buffer("w_scales", rec.w_scales.clone())
-        self.register_buffer("act_shift", None if rec.act_exponents is None else rec.act_exponents.clone())
-        self.register_buffer("act_scale", None if rec.act_scale is None else rec.act_scale.clone())
-        self.register_buffer("su", None if rec.su is None else rec.su.clone())
-        self.register_buffer("had_in", hadamard.factor(rec.in_features) if rec.su is not None else None)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.su is not None:
-            x = HADAMARD(x=x, signs=self.su, factor=self.had_in)
-        return FP4_LINEAR(x=x, qweight=self.qweight, w_scales=self.w_scales, act_shift=self.act_shift,
-                          act_scale=self.act_scale, w_format=self.w_format, a_format=self.a_format, bias=self.bias,
-                          in_features=self.in_features)
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fp4 w:{self.w_format} "
-                f"a:{self.a_format or 'float'}, act_shift={self.act_shift is not None}, rotated={self.su is not None}")
+                f"a:{self.a_format or 'float'}, act_shift={self.act_shift is not None}, "
+                f"rotated={self._rotated_input}")
 
 
 class _Rotations(torch.nn.Module):

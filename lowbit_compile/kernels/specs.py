@@ -19,6 +19,19 @@ from ..errors import LowbitError
 
 
 @dataclass(frozen=True)
+class Shared:
+    """An argument value that every call with the same `name` shares (a transform factor of one size): a graph
+    holds it once."""
+
+    name: str
+    value: torch.Tensor | None
+
+
+def unshared(v):
+    return v.value if isinstance(v, Shared) else v
+
+
+@dataclass(frozen=True)
 class OpSpec:
     qualname: str  # "lowbit::fp4_linear"
 
@@ -30,6 +43,15 @@ class OpSpec:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.op._schema.arguments)
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The arguments typed Tensor or Tensor? (a module holds them as buffers)."""
+        def is_tensor(t) -> bool:
+            t = t.getElementType() if isinstance(t, torch._C.OptionalType) else t
+            return isinstance(t, torch._C.TensorType)
+
+        return tuple(a.name for a in self.op._schema.arguments if is_tensor(a.type))
 
     def _check(self, names) -> None:
         unknown = sorted(set(names) - set(self.names))

@@ -1,5 +1,6 @@
-"""rewrite_linears: replace tagged linears that have a record with their lowbit op: `lowbit::rotated_linear`
-for a QuantizedLinear, `lowbit::fp4_linear` for an FP4QuantizedLinear.
+"""rewrite_linears: replace tagged linears that have a record with their lowbit op: the record's reference op
+(record.OP with record.op_arguments(), named; `lowbit::rotated_linear` for a QuantizedLinear, `lowbit::fp4_linear`
+for an FP4QuantizedLinear, after its input rotation when it has one), or its CPU kernel.
 
 The kernel is chosen here, per layer: with kernels="auto" an integer record whose weights live on the CPU
 and fit the int4 kernel becomes `lowbit::int4pack_linear` (kernels/cpu.py: codes widened to the kernel's 4-bit
@@ -23,8 +24,8 @@ import torch
 from .. import hadamard
 from ..errors import LowbitError
 from ..kernels import cpu, cpu_caps, cpu_native  # importing them registers every lowbit op named below
-from ..kernels.specs import FP4_LINEAR, HADAMARD, INT4PACK_LINEAR, LINEAR_OPS, NATIVE_LINEAR, ROTATED_LINEAR
-from ..quantize.records import FP4QuantizedLinear, QuantizedLinear
+from ..kernels.specs import HADAMARD, INT4PACK_LINEAR, LINEAR_OPS, NATIVE_LINEAR, Shared
+from ..quantize.records import QuantizedLinear
 from .base import KERNEL_REASON, QUANTIZED_TAG, RUNTIME, PassBase, PassResult, add_constant, buffer_prefix
 from .find_linears import TAG, linear_sites
 
@@ -45,7 +46,7 @@ def pack_for_cpu(rec, kernels: str):
 
 
 class RewriteLinears(PassBase):
-    def __init__(self, records: Mapping[str, QuantizedLinear | FP4QuantizedLinear], kernels: str = "reference"):
+    def __init__(self, records: Mapping[str, object], kernels: str = "reference"):
         super().__init__()
         if kernels not in KERNELS:
             raise LowbitError(f"rewrite_linears: kernels={kernels!r}; valid values are {KERNELS}")
@@ -58,7 +59,7 @@ class RewriteLinears(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
-        factors: dict[int, torch.fx.Node | None] = {}
+        factors: dict[str, torch.fx.Node | None] = {}
         modified = False
 
         def constant(name: str, t: torch.Tensor, before: torch.fx.Node) -> torch.fx.Node:
@@ -68,11 +69,10 @@ class RewriteLinears(PassBase):
         rotations: dict[tuple, torch.fx.Node] = {}  # (input node, seed) -> its rotation, shared by a group
         blocks: dict[int, list[torch.fx.Node]] = {}  # transform size -> its Kronecker blocks (int4pack path)
 
-        def factor_node(n: int) -> torch.fx.Node | None:
-            if n not in factors:
-                f = hadamard.factor(n)
-                factors[n] = None if f is None else constant(f"_lowbit_had_{n}", f, first)
-            return factors[n]
+        def shared(v: Shared) -> torch.fx.Node | None:  # one buffer per shared value (a factor of one size)
+            if v.name not in factors:
+                factors[v.name] = None if v.value is None else constant(f"_lowbit_{v.name}", v.value, first)
+            return factors[v.name]
 
         def block_nodes(n: int) -> list[torch.fx.Node]:
             if n not in blocks:  # one buffer per distinct block: equal blocks share a name (and a source)
@@ -122,38 +122,23 @@ class RewriteLinears(PassBase):
                 _replace(graph, node, new, site.fqn, {RUNTIME: w.describe(), **meta})
                 modified = True
                 continue
-            qw = constant(p + "_qweight", rec.qweight, node)
-            if isinstance(rec, FP4QuantizedLinear):
-                opt = {n: None if getattr(rec, n) is None else constant(f"{p}_{n}", getattr(rec, n), node)
-                       for n in ("act_exponents", "act_scale")}
-                if rec.su is not None:  # fp4-rot: x -> V x, one rotation node per (input, seed)
-                    key = (x, rec.seed)
-                    if key not in rotations:
-                        su = constant(p + "_su", rec.su, node)
-                        with graph.inserting_before(node):
-                            rotations[key] = HADAMARD.node(graph, x=x, signs=su, factor=factor_node(rec.in_features))
-                        rotations[key].meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value",
-                                                                                              "tensor_meta")})
-                    x = rotations[key]
-                w_scales = constant(p + "_w_scales", rec.w_scales, node)
-                with graph.inserting_before(node):
-                    new = FP4_LINEAR.node(graph, x=x, qweight=qw, w_scales=w_scales, act_shift=opt["act_exponents"],
-                                          act_scale=opt["act_scale"], w_format=rec.w_format, a_format=rec.a_format,
-                                          bias=bias, in_features=rec.in_features)
-                runtime = f"fp4_linear {rec.bits_per_weight():.2f} b/w in memory"
-                _replace(graph, node, new, site.fqn, {RUNTIME: runtime})
-                modified = True
-                continue
-            scales = constant(p + "_scales", rec.scales, node)
-            su = constant(p + "_su", rec.su, node) if rec.su is not None else None
-            sv = constant(p + "_sv", rec.sv, node) if rec.sv is not None else None
+            rotation = rec.input_rotation()
+            if rotation is not None:  # x -> V x before the op: one rotation node per (input, seed), shared by a group
+                key = (x, rec.seed)
+                if key not in rotations:
+                    signs = constant(p + "_su", rotation[0], node)
+                    with graph.inserting_before(node):
+                        rotations[key] = HADAMARD.node(graph, x=x, signs=signs, factor=shared(rotation[1]))
+                    rotations[key].meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value",
+                                                                                          "tensor_meta")})
+                x = rotations[key]
+            tensors = set(rec.OP.tensor_names)
+            args = {n: (shared(v) if isinstance(v, Shared) else constant(f"{p}_{n}", v, node))
+                    if n in tensors and v is not None else v for n, v in rec.op_arguments().items()}
             with graph.inserting_before(node):
-                new = ROTATED_LINEAR.node(graph, x=x, qweight=qw, scales=scales, su=su, sv=sv,
-                                          had_in=factor_node(rec.in_features) if su is not None else None,
-                                          had_out=factor_node(rec.out_features) if sv is not None else None, bias=bias,
-                                          bits=rec.bits, in_features=rec.in_features, group_size=rec.group_size)
+                new = rec.OP.node(graph, x=x, bias=bias, **args)
             _replace(graph, node, new, site.fqn,
-                     {RUNTIME: f"rotated_linear {rec.bits_per_weight():.2f} b/w in memory", **meta})
+                     {RUNTIME: f"{rec.OP.qualname.split('::')[1]} {rec.bits_per_weight():.2f} b/w in memory", **meta})
             modified = True
         if modified:
             graph.lint()

@@ -19,6 +19,7 @@ import torch
 
 from .. import formats, hadamard
 from ..kernels import reference
+from ..kernels.specs import FP4_LINEAR, ROTATED_LINEAR, Shared
 from .incoherence import Transform
 
 
@@ -44,9 +45,22 @@ class QuantizedLinear:
     proxy_loss: float | None = None  # tr((Ŵ-W) H (Ŵ-W)ᵀ) when a Hessian was available
     weight_sha256: str | None = None  # weight_digest of the float weight it was made from (matching a model)
 
+    OP: ClassVar = ROTATED_LINEAR  # the reference op that runs it (nn.LowbitLinear, passes/rewrite_linears)
+
     @property
     def fmt(self) -> str:
         return f"int{self.bits}"
+
+    def op_arguments(self) -> dict:
+        """The arguments of OP but x and bias, by name."""
+        return {"qweight": self.qweight, "scales": self.scales, "su": self.su, "sv": self.sv,
+                "had_in": _factor(self.in_features) if self.su is not None else None,
+                "had_out": _factor(self.out_features) if self.sv is not None else None,
+                "bits": self.bits, "in_features": self.in_features, "group_size": self.group_size}
+
+    def input_rotation(self):
+        """(signs, factor) of a rotation applied to x before OP, outside it; None (OP rotates itself)."""
+        return None
 
     @property
     def rotated(self) -> bool:
@@ -113,6 +127,18 @@ class FP4QuantizedLinear:
     weight_sha256: str | None = None  # weight_digest of the float weight it was made from (matching a model)
 
     bits: ClassVar[int] = 4
+    OP: ClassVar = FP4_LINEAR  # the reference op that runs it, after input_rotation() where there is one
+
+    def op_arguments(self) -> dict:
+        """The arguments of OP but x and bias, by name."""
+        return {"qweight": self.qweight, "w_scales": self.w_scales, "act_shift": self.act_exponents,
+                "act_scale": self.act_scale, "w_format": self.w_format, "a_format": self.a_format,
+                "in_features": self.in_features}
+
+    def input_rotation(self):
+        """(signs, factor) of the fp4-rot input rotation (lowbit::hadamard before OP, shared by the layers that
+        read the same input), or None."""
+        return None if self.su is None else (self.su, _factor(self.in_features))
 
     @property
     def fmt(self) -> str:
@@ -161,6 +187,11 @@ class FP4QuantizedLinear:
 
 
 RECORD_KINDS = {cls.kind: cls for cls in (QuantizedLinear, FP4QuantizedLinear)}
+
+
+def _factor(n: int) -> Shared:
+    """The dense Hadamard factor of size n (None for a power of two), one per graph."""
+    return Shared(f"had_{n}", hadamard.factor(n))
 
 
 
