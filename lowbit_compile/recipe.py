@@ -31,13 +31,31 @@ from dataclasses import dataclass, field
 from .errors import LowbitError
 from .formats import PACKABLE_BITS
 
-# method -> (description, rotate, needs calibration)
-METHODS = {
-    "": ("randomized-Hadamard incoherence + RTN with clipping search (data-free)", True, False),
-    "rtn": ("plain round-to-nearest with clipping search, no incoherence (baseline)", False, False),
-    "quip": ("QuIP: incoherence + LDLQ adaptive rounding on calibration Hessians", True, True),
-    "optq": ("OPTQ/GPTQ: LDLQ on calibration Hessians without incoherence (baseline)", False, True),
+
+@dataclass(frozen=True)
+class Method:
+    """A quantization method a recipe string can name (w{bits}-{method})."""
+
+    description: str
+    rotate: bool  # randomized-Hadamard incoherence by default
+    needs_calibration: bool
+
+
+# method name -> Method; "" is the bare w{bits}. quantize/ adds its own methods with `register_method`.
+METHODS: dict[str, Method] = {
+    "": Method("randomized-Hadamard incoherence + RTN with clipping search (data-free)", True, False),
+    "rtn": Method("plain round-to-nearest with clipping search, no incoherence (baseline)", False, False),
+    "quip": Method("QuIP: incoherence + LDLQ adaptive rounding on calibration Hessians", True, True),
+    "optq": Method("OPTQ/GPTQ: LDLQ on calibration Hessians without incoherence (baseline)", False, True),
 }
+CALIBRATED = ("fp4",)  # methods outside METHODS (named recipes) that need calibration data
+
+
+def register_method(name: str, description: str, *, rotate: bool, needs_calibration: bool) -> None:
+    """Make `w{bits}-{name}` a recipe (the quantizer that implements it registers it, see quantize/layer.py)."""
+    if not re.fullmatch(r"[a-z][a-z0-9]*", name):
+        raise LowbitError(f"method name {name!r}: use lowercase letters and digits")
+    METHODS[name] = Method(description, rotate, needs_calibration)
 
 DEFAULT_FLOAT_PATTERNS = (r"re:(^|.*\.)lm_head$",)
 
@@ -84,7 +102,7 @@ class LayerSpec:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("quip", "optq", "fp4")
+        return self.method in CALIBRATED or (self.method in METHODS and METHODS[self.method].needs_calibration)
 
     def describe(self) -> str:
         if self.method == "fp4":
@@ -122,7 +140,7 @@ def parse_spec(text: str) -> LayerSpec:
             f"2.5bpw or 3.25bpw+fp4)"
         )
     method = m["method"] or ""
-    _, rotate, _ = METHODS[method]
+    rotate = METHODS[method].rotate
     return LayerSpec(bits=int(m["bits"]), method=method or "rtn", rotate=rotate,
                      group_size=int(m["group"] or 0))
 
