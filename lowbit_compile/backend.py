@@ -35,6 +35,7 @@ from .passes import (
     InsertObservers,
     PassContext,
     count_quantized,
+    embedding_sites,
     layer_meta,
     linear_sites,
     observed_stats,
@@ -42,8 +43,9 @@ from .passes import (
 )
 from .passes.base import FOLD, KERNEL_REASON, RUNTIME, get_attr_tensor
 from .passes.find_linears import TAG
+from .passes.rewrite_embeddings import operands
 from .passes.rewrite_linears import KERNELS, pack_for_cpu
-from .quantize.core import Layer, precheck, quantize_linears
+from .quantize.core import Embedding, Layer, WeightCache, precheck, quantize_embeddings, quantize_linears
 from .recipe import Recipe
 from .report import LayerReport, Report
 
@@ -96,33 +98,7 @@ class BackendSettings:
         return cls(**options)
 
 
-class _WeightCache:
-    """Quantized records keyed by (weight identity, layer, spec, seed); invalid once the weight changes.
-    `get(weight, key, make) -> (record, hit)`: the cache the core (quantize/core.py) takes."""
-
-    def __init__(self):
-        self._entries: dict[tuple, tuple] = {}
-        self.quantized = 0  # how many times a weight was actually quantized
-        self.hits = 0
-
-    def get(self, w: torch.Tensor, key: tuple, make):
-        k = (id(w), *key)
-        hit = self._entries.get(k)
-        if hit is not None and hit[0]() is w and hit[1] == w._version:
-            self.hits += 1
-            return hit[2], True
-        rec = make()
-        if rec is not None:  # None: nothing was made (no calibration data reached the layer)
-            self._entries[k] = (weakref.ref(w), w._version, rec)
-            self.quantized += 1
-        return rec, False
-
-    def clear(self):
-        self._entries.clear()
-        self.quantized = self.hits = 0
-
-
-CACHE = _WeightCache()
+CACHE = WeightCache()  # records by weight identity: a recompile for a new shape never quantizes again
 MAX_REPORTS = 64
 REPORTS: collections.deque[Report] = collections.deque(maxlen=MAX_REPORTS)  # the latest graphs' reports
 _calibration_logged = False
@@ -159,15 +135,6 @@ def _first_call_hessians(gm: torch.fx.GraphModule, example_inputs) -> dict:
     return stats
 
 
-def _calls_linear_module(node: torch.fx.Node) -> bool:
-    """The linear is the forward of an nn.Linear module (lb.quantize plans every one of those)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return False
-    _, cls = list(stack.values())[-1]
-    return isinstance(cls, type) and issubclass(cls, torch.nn.Linear)
-
-
 def _from_checkpoint(ckpt: Checkpoint, site, shape, report: Report, records: dict) -> None:
     rec = ckpt.records.get(site.fqn)
     if rec is None:
@@ -192,7 +159,7 @@ def _match_checkpoint(ckpt: Checkpoint, sites: list, weight_of) -> list:
             site = node.meta[TAG] = dataclasses.replace(site, fqn=names[site.fqn])
         renamed.append((node, site))
     ckpt.check({s.fqn: (s.out_features, s.in_features) for _, s in renamed}, whole_model=False,
-               must_match=[s.fqn for n, s in renamed if _calls_linear_module(n)], where="the compiled graph",
+               must_match=[s.fqn for _, s in renamed if s.module_call], where="the compiled graph",
                tried=tried)
     return renamed
 
@@ -246,6 +213,7 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
                                                  row.cached))
             else:
                 report.layers.append(LayerReport(row.fqn, row.shape, "float", reason=row.reason))
+    _embeddings(gm, sites, ckpt, recipe, examples, weight_of, report, records)
     if not report.layers:
         report.notes.append("no linear layer with a constant weight in this graph: nothing was quantized")
     if records:
@@ -265,6 +233,33 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
     return gm, report
 
 
+def _embeddings(gm, sites, ckpt, recipe, examples, weight_of, report, records) -> None:
+    """The graph's token embeddings with a record: from the checkpoint (matched as linears are), or quantized when the
+    recipe's overrides name them (quantize/core.quantize_embeddings); a tied head left float then shares the record.
+    Adds them to `records` (the pass list's RewriteEmbeddings rewrites them) and to the report."""
+    emb = embedding_sites(gm)
+    if not emb:
+        return
+    shapes = {s.fqn: (s.num_embeddings, s.embedding_dim) for _, s in emb}
+    if ckpt is not None:
+        weights = {s.fqn: examples.get(operands(n)[1].name) for n, s in emb}
+        names, _ = ckpt.match(shapes, weight=weights.get)
+        new = {f: ckpt.records[names[f]] for f in shapes if names.get(f) in ckpt.records}
+        entries = {f: {"spec": f"{r.fmt} {r.method}", "reason": "checkpoint"} for f, r in new.items()}
+    else:
+        heads = {n.name: {s.fqn: (s.out_features, s.in_features) for _, s in sites if s.weight_node == n.name}
+                 for n in (operands(node)[1] for node, _ in emb)}
+        items = [Embedding(s.fqn, examples[operands(n)[1].name], heads[operands(n)[1].name]) for n, s in emb
+                 if operands(n)[1].name in examples]
+        new, entries = quantize_embeddings(items, recipe, heads_named=lambda h: recipe.override_for(h)[0])
+    for fqn, rec in new.items():
+        records[fqn] = rec
+        report.layers = [r for r in report.layers if r.fqn != fqn]  # a tied head: its float row goes
+        report.layers.append(LayerReport(fqn, (rec.out_features, rec.in_features), "quantized",
+                                         entries[fqn]["spec"], rec.bits_per_weight(), rec.weight_error,
+                                         entries[fqn]["reason"]))
+
+
 def _register_constants(gm: torch.fx.GraphModule) -> None:
     """Dynamo graphs map every parameter/buffer to a source; give our new buffers one too."""
     table = getattr(gm, "_param_name_to_source", None)
@@ -272,7 +267,7 @@ def _register_constants(gm: torch.fx.GraphModule) -> None:
         return
     from torch._dynamo.source import ConstantSource
 
-    for name, _ in gm.named_buffers():
+    for name, _ in gm.named_buffers(remove_duplicate=False):
         if name.startswith("_lowbit_") and name not in table:
             table[name] = ConstantSource("__lowbit_" + name)
 

@@ -18,7 +18,8 @@ __all__ = ["Checkpoint", "FP4QuantizedLinear", "QuantizedLinear", "RECORD_KINDS"
 # ----------------------------------------------------------------------------- the checkpoint
 
 # 2: records carry a "kind" ("int" or "fp4"); version-1 files (integer records only) still load.
-FORMAT_VERSION = 2
+# 3: a record may serve two layers (a quantized embedding and its tied head): the second holds {"shares": fqn}.
+FORMAT_VERSION = 3
 TENSORS_FILE = "lowbit.safetensors"
 META_FILE = "lowbit.json"
 
@@ -40,9 +41,12 @@ class Checkpoint:
         self.meta = self.meta or {}
 
     def bits_per_weight(self) -> float:
-        """Average over every linear in the plan, float layers counted at 32 bits."""
+        """Average over every linear in the plan, float layers counted at 32 bits (embeddings are not linears:
+        the file's size counts them, this does not)."""
         total = bits = 0.0
         for p in self.plan:
+            if p.get("module") == "embedding":
+                continue
             n = p["shape"][0] * p["shape"][1]
             rec = self.records.get(p["fqn"])
             total += n
@@ -82,7 +86,12 @@ class Checkpoint:
         os.makedirs(path, exist_ok=True)
         tensors = {}
         records = {}
+        first: dict[int, str] = {}  # id(record) -> the first name it is saved under
         for fqn, rec in self.records.items():
+            if id(rec) in first:  # one record for two layers (a tied embedding and head): stored once
+                records[fqn] = {"shares": first[id(rec)]}
+                continue
+            first[id(rec)] = fqn
             for name in rec.TENSORS:
                 t = getattr(rec, name)
                 if t is not None:
@@ -138,9 +147,12 @@ class Checkpoint:
             tensors = load(blob)
         except Exception as e:  # a checksum-valid blob that safetensors refuses: not written by save()
             raise LowbitError(f"{tensor_path}: not a valid safetensors file ({e})") from None
-        records = {}
+        records, shared = {}, {}
         for fqn, fields in meta["records"].items():
             fields = dict(fields)
+            if "shares" in fields:
+                shared[fqn] = fields["shares"]
+                continue
             kind = fields.pop("kind", "int")
             if kind not in RECORD_KINDS:
                 raise LowbitError(f"{path}: layer {fqn} has record kind {kind!r}, which this lowbit-compile does "
@@ -152,6 +164,11 @@ class Checkpoint:
             except TypeError as e:
                 raise LowbitError(f"{path}: layer {fqn}: the record does not match the {kind!r} record layout "
                                   f"({e}); the checkpoint was written by an incompatible lowbit-compile") from None
+        for fqn, owner in shared.items():
+            if owner not in records:
+                raise LowbitError(f"{path}: layer {fqn} shares the record of {owner}, which the checkpoint does not "
+                                  f"hold; the checkpoint is damaged")
+            records[fqn] = records[owner]
         return cls(records=records, recipe=meta.get("recipe", ""), seed=meta.get("seed", 0),
                    plan=meta.get("plan"), calibration=meta.get("calibration"), meta=meta.get("meta"))
 
@@ -248,6 +265,8 @@ class Checkpoint:
         """Refuse (LowbitError, every difference listed) a checkpoint made for another model."""
         shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
                   if isinstance(m, torch.nn.Linear)}
+        shapes.update({n: (m.num_embeddings, m.embedding_dim) for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Embedding) and n in self.records})
         self.check(shapes, where=type(model).__name__)
 
 

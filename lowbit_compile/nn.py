@@ -28,7 +28,7 @@ from . import hadamard, kernels  # noqa: F401  (registers the ops)
 from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .kernels import cpu, cpu_caps, cpu_fp4, cpu_native
-from .kernels.specs import FP4PACK_LINEAR, HADAMARD, INT4PACK_LINEAR, NATIVE_LINEAR, unshared
+from .kernels.specs import EMBEDDING, FP4PACK_LINEAR, HADAMARD, INT4PACK_LINEAR, NATIVE_LINEAR, unshared
 from .quantize.records import FP4QuantizedLinear, QuantizedLinear
 
 
@@ -196,6 +196,28 @@ class FP4PackLinear(_Rotations):
                 f"a:{self.a_format or 'float'} as {self.runtime}, rotated={self.su is not None}")
 
 
+class LowbitEmbedding(torch.nn.Module):
+    """A token embedding from an integer record (unrotated: rows num_embeddings × embedding_dim as packed codes and
+    scales): one `lowbit::embedding` gather that decodes the looked-up rows only."""
+
+    def __init__(self, rec: QuantizedLinear):
+        super().__init__()
+        if rec.su is not None or rec.sv is not None:
+            raise LowbitError(f"embedding {rec.fqn}: the record is rotated; an embedding needs an unrotated one")
+        self.fqn = rec.fqn
+        self.num_embeddings, self.embedding_dim = rec.out_features, rec.in_features
+        self.bits, self.group_size = rec.bits, rec.group_size
+        self.register_buffer("qweight", rec.qweight.clone())
+        self.register_buffer("scales", rec.scales.clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return EMBEDDING(ids=ids, qweight=self.qweight, scales=self.scales, bits=self.bits,
+                         embedding_dim=self.embedding_dim, group_size=self.group_size)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits}, group_size={self.group_size}")
+
+
 def lowbit_module(rec, bias: torch.Tensor | None = None, fast: bool = False) -> torch.nn.Module:
     """The run-time module of one record: the reference module, or with fast=True the CPU fast form where the
     record has one."""
@@ -214,30 +236,48 @@ def lowbit_module(rec, bias: torch.Tensor | None = None, fast: bool = False) -> 
 
 
 def swap_linears(model: torch.nn.Module, records: Mapping[str, QuantizedLinear | FP4QuantizedLinear],
-                 inplace: bool = False, make_module=None, fast: bool = False):
-    """Replace each nn.Linear named in `records` by its LowbitLinear / LowbitFP4Linear (on a deep copy
-    unless inplace). `make_module(record, bias)` builds another module kind (the exporters' forms); fast=True
-    uses the CPU fast forms (Int4PackLinear, FP4PackLinear) for every record that has one."""
+                 inplace: bool = False, make_module=None, fast: bool = False, make_embedding=None):
+    """Replace each nn.Linear named in `records` by its LowbitLinear / LowbitFP4Linear, and each nn.Embedding named
+    there by a LowbitEmbedding (on a deep copy unless inplace). `make_module(record, bias)` and
+    `make_embedding(record)` build other module kinds (the exporters' forms); fast=True uses the CPU fast forms
+    (NativeLinear, Int4PackLinear, FP4PackLinear) for every record that has one. A record that serves an embedding
+    and its tied head is held once: the head's reference module reads the embedding's buffers."""
     if make_module is not None and fast:
         raise LowbitError("swap_linears: pass either make_module or fast=True, not both")
     make_module = make_module or (lambda rec, bias: lowbit_module(rec, bias, fast=fast))
+    make_embedding = make_embedding or LowbitEmbedding
     records = getattr(records, "records", records)  # a Checkpoint or its records
     Checkpoint(records=dict(records)).check_model(model)  # every name/shape difference at once, before copying
     if not inplace:
         model = copy.deepcopy(model)
-    for fqn, rec in records.items():
-        try:
-            old = model.get_submodule(fqn)
-        except AttributeError:
-            raise LowbitError(f"layer {fqn}: no such module in this model; the checkpoint belongs to another "
-                              f"model") from None
-        if not isinstance(old, torch.nn.Linear):
-            raise LowbitError(f"layer {fqn}: expected nn.Linear, found {type(old).__name__}")
-        if (old.out_features, old.in_features) != (rec.out_features, rec.in_features):
-            raise LowbitError(f"layer {fqn}: the model's weight is {old.out_features}x{old.in_features}, the "
-                              f"record is {rec.out_features}x{rec.in_features}; the checkpoint belongs to another "
-                              f"model")
+    made: dict[int, torch.nn.Module] = {}  # id(record) -> the embedding module made from it
+    for fqn, rec in sorted(records.items(), key=lambda kv: not isinstance(_module(model, kv[0]), torch.nn.Embedding)):
+        old = _module(model, fqn)
+        if isinstance(old, torch.nn.Embedding):
+            if old.max_norm is not None:
+                raise LowbitError(f"embedding {fqn}: max_norm renormalizes rows at run time, which a quantized "
+                                  f"table cannot do; keep it in float")
+            new = made[id(rec)] = make_embedding(rec)
+        elif isinstance(old, torch.nn.Linear):
+            new = make_module(rec, old.bias)
+            shared = made.get(id(rec))
+            if shared is not None:  # a tied head: the embedding's table, not a copy of it
+                for name in ("qweight", "scales"):
+                    if isinstance(getattr(new, name, None), torch.Tensor) and isinstance(getattr(shared, name, None),
+                                                                                       torch.Tensor):
+                        if torch.equal(getattr(new, name), getattr(shared, name)):
+                            setattr(new, name, getattr(shared, name))
+        else:
+            raise LowbitError(f"layer {fqn}: expected nn.Linear or nn.Embedding, found {type(old).__name__}")
         parent_name, _, child = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make_module(rec, old.bias))
+        setattr(parent, child, new)
     return model
+
+
+def _module(model: torch.nn.Module, fqn: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        raise LowbitError(f"layer {fqn}: no such module in this model; the checkpoint belongs to another "
+                          f"model") from None

@@ -4,6 +4,7 @@ quantized with the plan."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -20,7 +21,8 @@ from .calibrate import (  # noqa: F401  (default_calibration, tokenize: the name
 from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .memory import release_freed_memory
-from .quantize.core import NO_DATA, Layer, precheck, quantize_linears
+from .quantize.core import NO_DATA, Embedding, Layer, precheck, quantize_embeddings, quantize_linears
+from .quantize.finetune import BlockTuner
 from .recipe import Recipe
 from .workdir import WorkDir, recipe_spec, run_identity
 
@@ -63,7 +65,9 @@ def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer
     return _quantize(model, rec, calibration, tokenizer, sequential, progress, work_dir)
 
 
-def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, progress: bool, work_dir):
+def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, progress: bool, work_dir,
+              embeddings_by: Recipe | None = None):
+    """lb.quantize for a recipe that is not a budget; `embeddings_by` decides the embeddings (default: `rec`)."""
     from .io import fingerprint
 
     precheck([Layer(f, lin.weight) for f, lin in named_linears(model).items()], rec)  # before hours of calibration
@@ -71,7 +75,9 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
     store = None if work_dir is None else WorkDir(work_dir, run_identity(model, rec, batches, sequential))
     units = units_of(model)
     unit_of = {fqn: unit for unit, linears in units.items() for fqn in linears}
+    embedded = Embedded(model, embeddings_by or rec)  # data-free: before calibration, which then sees them
     records, plan = {}, []
+    tuner = BlockTuner.for_recipe(model, rec, progress)  # None unless a layer spec asks for fine-tuning
 
     def quantize_unit(linears, stats):
         deq, unit_records, unit_plan = {}, {}, []
@@ -82,8 +88,10 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
 
         layers = [Layer(fqn, lin.weight, stats.get(fqn), getattr(stats.get(fqn), "owner", "") or fqn)
                   for fqn, lin in linears.items()]
-        for row in quantize_linears(layers, rec, on_record=swap_in):
-            unit_plan.append(_plan_entry(row, stats.get(row.fqn)))
+        rows = quantize_linears(layers, rec, on_record=swap_in)
+        unit_plan += [_plan_entry(row, stats.get(row.fqn)) for row in rows]
+        if tuner is not None:  # -ft: tune the block's records to its float outputs before the next block sees it
+            deq.update(tuner.tune(rows, deq, unit_plan))
         records.update(unit_records)
         plan.extend(unit_plan)
         if store is not None and linears:
@@ -102,13 +110,15 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
 
     summary, meta = {}, {"recipe_spec": recipe_spec(rec)}
     if rec.needs_calibration:
-        summary = calibrate_blocks(model, batches, quantize_unit, sequential, progress,
-                                   resume=resume if store is not None else None).as_dict()
+        with _dequantized_embeddings(model, embedded.records if sequential else {}), tuner or contextlib.nullcontext():
+            summary = calibrate_blocks(model, batches, quantize_unit, sequential, progress,
+                                       resume=resume if store is not None else None).as_dict()
         meta["calibration_sha256"] = fingerprint(batches)
     else:
         for unit, linears in units.items():
             if resume(unit, linears) is None:
                 quantize_unit(linears, {})
+    embedded.merge(records, plan)
     if not plan:
         log.warning("lowbit: the model has no nn.Linear layers; nothing was quantized")
     order = {n: i for i, n in enumerate(named_linears(model))}
@@ -126,6 +136,43 @@ def _plan_entry(row, stats) -> dict:
         if row.notes:
             entry["notes"] = list(row.notes)
     return entry
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+class Embedded:
+    """The quantized embeddings of a model (quantize/core.quantize_embeddings) and their plan entries; `merge` puts
+    them into lb.quantize's records and plan, a tied head's entry replacing its float one."""
+
+    def __init__(self, model: torch.nn.Module, rec: Recipe):
+        linears = named_linears(model)
+        items = [Embedding(f, m.weight, {h: (lin.out_features, lin.in_features) for h, lin in linears.items()
+                                         if lin.weight is m.weight})
+                 for f, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
+        self.records, self.plan = quantize_embeddings(items, rec)
+
+    def merge(self, records: dict, plan: list) -> None:
+        records.update(self.records)
+        plan[:] = [self.plan.get(p["fqn"], p) for p in plan]
+        plan += [e for f, e in self.plan.items() if all(p["fqn"] != f for p in plan)]
+
+
+@contextlib.contextmanager
+def _dequantized_embeddings(model: torch.nn.Module, records: dict):
+    """While calibrating sequentially, the model's quantized embeddings return their dequantized rows (a tied head
+    then computes with them too, as it will run); the user's weights are restored afterwards."""
+    saved = []
+    try:
+        for fqn, r in records.items():
+            mod = model.get_submodule(fqn)
+            if isinstance(mod, torch.nn.Embedding):
+                saved.append((mod.weight, mod.weight.data))
+                mod.weight.data = r.dequantized_weight().to(mod.weight.dtype)
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
 
 
 def _replacement(r, lin: torch.nn.Linear):
@@ -152,7 +199,9 @@ def quantize_mixed(model: torch.nn.Module, calibration, target_bpw: float, candi
         measurements = mixed.measure(model, batches, candidates or mixed.DEFAULT_CANDIDATES, pins, seed=seed,
                                      sensitivity_batches=4 if loss == "output" else 0, progress=progress)
     plan, report = mixed.plan_from(measurements, target_bpw, unit, loss)
-    ckpt = _quantize(model, mixed.plan_recipe(plan, target_bpw, seed), batches, None, True, progress, None)
+    pins = Recipe.parse("w4", {k: v for k, v in (pins or {}).items() if k != "_default"}, seed)  # embeddings
+    ckpt = _quantize(model, mixed.plan_recipe(plan, target_bpw, seed), batches, None, True, progress, None,
+                     embeddings_by=pins)
     ckpt.meta["mixed"] = report.as_dict()
     if progress:
         print(report.table())

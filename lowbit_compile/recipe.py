@@ -19,6 +19,9 @@ and the mixed-precision recipes (need calibration data: every layer is measured 
 Per-layer overrides are an ordered map (torchao's FqnToConfig order): an exact module FQN wins, then the
 first matching ``re:`` pattern, then ``_default``; a value of None keeps that layer in float.
 By default output heads (``lm_head``) stay in float, as in GPTQ/QuIP practice; override to change it.
+Token embeddings (nn.Embedding) are quantized only when an override names them, with an unrotated integer
+recipe (a gathered row cannot be un-rotated): e.g. {"model.embed_tokens": "w4-rtn-g32"}; a tied output head then
+shares the quantized table.
 """
 
 from __future__ import annotations
@@ -234,6 +237,17 @@ class Recipe:
             if re.fullmatch(key[3:], fqn):
                 return None, "output head kept in float by default (override its name to quantize it)"
         return self.default, "recipe default"
+
+    def override_for(self, fqn: str) -> tuple[bool, LayerSpec | None, str]:
+        """(named, spec, why) from the overrides alone (exact name, then patterns), no default: what decides an
+        embedding, which is quantized only when an override names it."""
+        for key, spec in self.overrides:
+            if key == fqn:
+                return True, spec, f"override {key!r}"
+        for key, spec in self.overrides:
+            if key.startswith("re:") and re.fullmatch(key[3:], fqn):
+                return True, spec, f"override {key!r}"
+        return False, None, ""
 
     @property
     def needs_calibration(self) -> bool:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 __all__ = ["PassBase", "PassResult", "LINEAR_TARGETS", "QUANTIZED_TAG", "RUNTIME", "KERNEL_REASON", "FOLD",
            "source_to_fqn", "source_root", "fake_mode_of", "get_attr_tensor", "add_constant", "buffer_prefix",
-           "layer_meta"]
+           "layer_meta", "weight_source"]
 
 # What the passes leave in node.meta of a lowbit linear op (the backend's report is built from these):
 QUANTIZED_TAG = "lowbit_quantized"  # the layer's FQN
@@ -40,6 +41,20 @@ def _steps(name: str) -> tuple[str, list[tuple[str, str]]] | None:
         steps.append(("attr", m.group("attr")) if m.group("attr") else ("item", m.group("key") or m.group("index")))
         pos = m.end()
     return root, steps
+
+
+def weight_source(node: torch.fx.Node, weight_names: Mapping[str, str]) -> tuple[str, str] | None:
+    """(FQN of the weight relative to the module it is reached from, that root's name) or None."""
+    if node.op == "get_attr":
+        return str(node.target), ""
+    if node.op != "placeholder":
+        return None
+    if node.name in weight_names:
+        return weight_names[node.name], ""
+    ga = node.meta.get("grapharg")
+    if ga is not None and isinstance(getattr(ga, "example", None), torch.nn.Parameter):
+        return source_to_fqn(ga.source.name), source_root(ga.source.name)
+    return None
 
 
 def source_root(name: str) -> str:
@@ -98,9 +113,13 @@ def get_attr_tensor(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
 
 
 def add_constant(gm: torch.fx.GraphModule, name: str, t: torch.Tensor, before: torch.fx.Node) -> torch.fx.Node:
-    """Register `t` as buffer `name` of gm (once) and read it with a get_attr node inserted before `before`;
-    meta["val"] is a fake tensor of the graph's fake mode (or t itself when the graph has none)."""
-    if not hasattr(gm, name):
+    """Register `t` as buffer `name` of gm (once; a tensor that is already one of our buffers keeps its name) and
+    read it with a get_attr node inserted before `before`; meta["val"] is a fake tensor of the graph's fake mode (or
+    t itself when the graph has none)."""
+    same = next((n for n, b in gm.named_buffers(remove_duplicate=False) if b is t and n.startswith("_lowbit_")), None)
+    if same is not None:  # the very tensor is a buffer already (a tied head's codes, an embedding's): read that one
+        name = same
+    elif not hasattr(gm, name):
         gm.register_buffer(name, t)
     with gm.graph.inserting_before(before):
         n = gm.graph.get_attr(name)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LINEAR_TARGETS, PassBase, PassResult, source_root, source_to_fqn
+from .base import LINEAR_TARGETS, PassBase, PassResult, source_to_fqn, weight_source
 
 TAG = "lowbit_linear"
 
@@ -33,28 +33,23 @@ class LinearSite:
     out_features: int
     has_bias: bool
     tied: bool  # the weight node also feeds something other than linears (e.g. an embedding)
+    module_call: bool = False  # the linear is the forward of an nn.Linear module (lb.quantize plans all of those)
 
 
-def _weight_source(node: torch.fx.Node, weight_names: Mapping[str, str]) -> tuple[str, str] | None:
-    """(FQN of the weight relative to the module it is reached from, that root's name) or None."""
-    if node.op == "get_attr":
-        return str(node.target), ""
-    if node.op != "placeholder":
-        return None
-    if node.name in weight_names:
-        return weight_names[node.name], ""
-    ga = node.meta.get("grapharg")
-    if ga is not None and isinstance(getattr(ga, "example", None), torch.nn.Parameter):
-        return source_to_fqn(ga.source.name), source_root(ga.source.name)
-    return None
-
-
-def _module_fqn(node: torch.fx.Node, weight_name: str) -> str:
+def _linear_module(node: torch.fx.Node) -> str | None:
+    """The FQN of the nn.Linear whose forward this linear call is, or None."""
     stack = node.meta.get("nn_module_stack")
     if stack:
         path, cls = list(stack.values())[-1]
         if isinstance(cls, type) and issubclass(cls, torch.nn.Linear):
             return source_to_fqn(path)
+    return None
+
+
+def _module_fqn(node: torch.fx.Node, weight_name: str) -> str:
+    module = _linear_module(node)
+    if module is not None:
+        return module
     return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
 
 
@@ -87,7 +82,7 @@ class FindLinears(PassBase):
                     node.meta[TAG] = LinearSite(
                         fqn=str(node.target), weight_name=f"{node.target}.weight", weight_node="",
                         in_features=mod.in_features, out_features=mod.out_features,
-                        has_bias=mod.bias is not None, tied=False,
+                        has_bias=mod.bias is not None, tied=False, module_call=True,
                     )
                 continue
             if node.op != "call_function" or node.target not in LINEAR_TARGETS:
@@ -95,7 +90,7 @@ class FindLinears(PassBase):
             w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             if not isinstance(w, torch.fx.Node):
                 continue
-            found = _weight_source(w, self.weight_names)
+            found = weight_source(w, self.weight_names)
             if found is None:
                 continue
             name, root = found
@@ -109,6 +104,7 @@ class FindLinears(PassBase):
             node.meta[TAG] = LinearSite(
                 fqn=_module_fqn(node, name), weight_name=name, weight_node=w.name,
                 in_features=shape[1], out_features=shape[0], has_bias=bias is not None, tied=tied,
+                module_call=_linear_module(node) is not None,
             )
             roots[node] = root
         _qualify_collisions(roots)

@@ -24,6 +24,7 @@ function are asked for only when a layer needs them and the cache has no record:
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -95,6 +96,33 @@ def precheck(layers: Iterable[Layer], recipe: Recipe, weights: bool = True) -> N
 
 def _plain_cache(weight, key, make):
     return make(), False
+
+
+class WeightCache:
+    """Records keyed by (weight identity, layer, spec, seed), invalid once the weight changes (its version):
+    `get(weight, key, make) -> (record, hit)` is the `cache` quantize_linears takes (the backend's: a recompile for
+    a new shape never quantizes again). Weights are held weakly."""
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple] = {}
+        self.quantized = 0  # how many times a weight was actually quantized
+        self.hits = 0
+
+    def get(self, w: torch.Tensor, key: tuple, make):
+        k = (id(w), *key)
+        hit = self._entries.get(k)
+        if hit is not None and hit[0]() is w and hit[1] == w._version:
+            self.hits += 1
+            return hit[2], True
+        rec = make()
+        if rec is not None:  # None: nothing was made (no calibration data reached the layer)
+            self._entries[k] = (weakref.ref(w), w._version, rec)
+            self.quantized += 1
+        return rec, False
+
+    def clear(self):
+        self._entries.clear()
+        self.quantized = self.hits = 0
 
 
 def quantize_linears(layers: Iterable[Layer], recipe: Recipe, *,
@@ -172,3 +200,51 @@ def _quantize_fp4(members: list[tuple[Layer, Row]], recipe: Recipe, cache, on_re
         _settle(row, rec, on_record)
         for note in row.notes:
             log.warning("lowbit: %s", note)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+@dataclass
+class Embedding:
+    """A token embedding (num_embeddings × dim weight) and the linears that use the very same weight (tied heads:
+    {name: (out_features, in_features)})."""
+
+    fqn: str
+    weight: torch.Tensor
+    heads: dict = field(default_factory=dict)
+
+
+def quantize_embeddings(embeddings: Iterable[Embedding], recipe: Recipe, heads_named=None) -> tuple[dict, dict]:
+    """RTN-quantize every embedding an override names (recipe.override_for; an exact name must give an unrotated
+    integer recipe, a pattern that gives another kind leaves the embedding float with the reason). A tied head left
+    float shares the embedding's record; a tied head named for quantization of its own is an error (one weight, two
+    formats). Returns ({fqn: record}, {fqn: plan entry}); a head's entry has "shares": the embedding's name."""
+    heads_named = heads_named or (lambda name: recipe.override_for(name)[0])
+    records, entries = {}, {}
+    for e in embeddings:
+        named, spec, why = recipe.override_for(e.fqn)
+        if not named or spec is None:
+            continue
+        entry = {"fqn": e.fqn, "shape": list(e.weight.shape), "module": "embedding"}
+        if spec.method != "rtn" or spec.rotate:
+            if why == f"override {e.fqn!r}":
+                raise LowbitError(f"embedding {e.fqn}: {spec.describe()} rotates or adapts rows, but an embedding "
+                                  f"gathers single rows, which cannot be un-rotated; give it an unrotated recipe, "
+                                  f"e.g. overrides={{{e.fqn!r}: 'w4-rtn-g32'}} or 'w8-rtn'")
+            entries[e.fqn] = {**entry, "spec": "float", "reason": f"{why} gives {spec.describe()}, which an embedding "
+                                                                  f"cannot use (name it with an unrotated recipe such "
+                                                                  f"as 'w4-rtn-g32')"}
+            continue
+        rec = quantize_weight(e.fqn, e.weight, spec, recipe.seed)
+        records[e.fqn] = rec
+        entries[e.fqn] = {**entry, "spec": spec.describe(), "reason": why}
+        for head, shape in e.heads.items():
+            if heads_named(head):
+                raise LowbitError(f"{head} and embedding {e.fqn} share one weight (tied) and both are named in the "
+                                  f"overrides; name only {e.fqn!r}: {head} then shares its quantized table")
+            records[head] = rec
+            entries[head] = {"fqn": head, "shape": list(shape), "spec": spec.describe(),
+                             "reason": f"shares the quantized embedding {e.fqn} (tied weights)", "shares": e.fqn}
+        release_freed_memory(TRIM_SLACK)
+    return records, entries

@@ -39,7 +39,7 @@ def test_passes_run_in_order_from_the_context_and_a_failure_names_the_pass_and_t
     assert _Record.seen == ["auto", "auto"] and result.modified is False
     with pytest.raises(LowbitError, match=r"graph pass _Broken failed \(after _Record\): KeyError: 'boom'"):
         PassManager([_Record, _Broken])(gm, PassContext())
-    assert "RewriteLinears -> FoldActScales -> FP4FastPath" in repr(REWRITE)
+    assert "RewriteLinears -> RewriteEmbeddings -> FoldActScales -> FP4FastPath" in repr(REWRITE)
 
 
 def test_the_rewrite_list_leaves_what_it_did_in_node_meta():
