@@ -56,6 +56,7 @@ from ..errors import LowbitError
 from ..io import atomic_outputs
 from ..quiet import known_warnings
 from . import onnx_ops
+from .embedding import GatherEmbedding
 from .inputs import dynamic_shapes_for, records_of, split_inputs, widen_size_one_dims
 from .onnx_ops import compact_factor, pack_signs, pad_codes
 
@@ -195,7 +196,8 @@ def int_route(bits: int, standard_ops: bool = False, native_nbits: bool = False)
 
 def swap_for_onnx(model: torch.nn.Module, records: Mapping, standard_ops: bool = False,
                   native_nbits: bool = False) -> torch.nn.Module:
-    """A copy of `model` with each linear of `records` replaced by its ONNX form."""
+    """A copy of `model` with each linear of `records` replaced by its ONNX form, and each quantized embedding by
+    its gather in standard ops (export/embedding.py)."""
     from ..nn import swap_linears
 
     factors = _Factors()
@@ -205,7 +207,7 @@ def swap_for_onnx(model: torch.nn.Module, records: Mapping, standard_ops: bool =
             return OnnxFP4Linear(rec, bias, factors)
         return OnnxLowbitLinear(rec, bias, int_route(rec.bits, standard_ops, native_nbits), factors)
 
-    return swap_linears(model, records, make_module=make)
+    return swap_linears(model, records, make_module=make, make_embedding=GatherEmbedding)
 
 
 # ----------------------------------------------------------------------------- export

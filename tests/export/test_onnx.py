@@ -14,6 +14,7 @@ import torch
 from tinymodels import minilm, tiny_llama
 
 import lowbit_compile  # noqa: F401  (registers the ops)
+import lowbit_compile as lb
 from lowbit_compile import Checkpoint, LayerSpec
 from lowbit_compile.errors import LowbitError
 from lowbit_compile.export import export
@@ -315,3 +316,25 @@ def test_minilm_two_layers(tmp_path, real_minilm, plan):
         assert len(recs) == 12 and "pooler.dense" not in res["routes"]
         assert {r.fmt for r in recs.values()} == {"int2", "int3", "int4", "fp4 w:e2m1 a:float",
                                                   "fp4 w:e2m1 a:e2m1 rot"}
+
+
+def test_a_quantized_tied_embedding_exports_as_a_gather_of_the_packed_table(tmp_path):
+    """The embedding's rows are gathered from its packed codes in standard ops (export/embedding.py) and the tied
+    head runs the same record: no float table of vocabulary x hidden is left in the file."""
+    from lowbit_compile.export.embedding import GatherEmbedding
+    from lowbit_compile.nn import LowbitEmbedding
+
+    model = tiny_llama(tie=True, layers=1)
+    model.config.use_cache = False
+    ck = lb.quantize(model, "w4", None, overrides={"model.embed_tokens": "w4-rtn-g32"}, progress=False)
+    rec = ck.records["model.embed_tokens"]
+    ids = torch.randint(0, 320, (2, 9))
+    assert torch.equal(GatherEmbedding(rec)(ids), LowbitEmbedding(rec)(ids))  # bit for bit
+    path = tmp_path / "tied.onnx"
+    res = export(model, ck, (ids,), path)
+    assert res["max_abs_error"] is not None
+    m = onnx.load(str(path))
+    floats = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [320, 192]]
+    assert floats == []
+    other = torch.randint(0, 320, (3, 5))
+    assert _rel_err(run_onnx(path, {_input_names(path)[0]: other}), _reference(model, ck.records, other)) < 1e-4
