@@ -8,9 +8,20 @@ each `LowbitFP4Linear` by one that computes the same y = Q_a(Tₙ(su ⊙ x) ⊙ 
   `IntxUnpackedToInt8Tensor` weight with int8 per-token dynamic activation quantization. XNNPACK recognizes the
   pattern and runs its qd8-f32-qb4w kernel (blocks of 32·k inputs; per channel = one block of in_features),
   storing the codes as 4 bits and the scales as bfloat16.
+- `Int4DynamicLinear` also takes 2/3-bit records: their zero point (2^b − 1)/2 is a half-integer, so the codes
+  become the odd int4 values 2c − (2^b − 1) with half the scale, exactly the record's weight. Stored that way
+  (route "xnnpack-int4" again, int4="xnnpack-wide") the file holds 4 bits per weight. Route "xnnpack-int4-load"
+  (int4="xnnpack-load") keeps the file at 2/3 bits: XNNPACK's copy of those codes is left out of the file (tagged
+  as external named data), and a second method, `LoadTimeWeights`, rebuilds exactly those bytes from the packed
+  codes when the program is loaded (executorch.load_pte_method); forward then runs the int4 kernel as fast as
+  4-bit layers. ExecuTorch 1.5's XNNPACK serializer has no 2-bit type (its XNNDatatype stops at qbint4/bf16,
+  though the XNNPACK library inside the runtime has QC2W kernels), and a weight computed in the graph is
+  re-packed by XNNPACK on every call (batch-1 bmm: 1.7× the time of the float linear at 16 tokens, before any
+  unpacking), so widening once at load is the only way to both small files and fast forwards in this runtime.
 - `PackedLinear` (route "packed", any of 2/3/4/8 bits): the codes stay packed as in the record (uint8 buffers);
-  the graph unpacks them with shifts and masks, applies the float16 scales and runs a float matmul. XNNPACK would
-  widen 2/3-bit codes to 8 bits in the file; unpacking in the graph keeps the file at the recipe's size.
+  the graph unpacks them with shifts and masks, applies the float16 scales and runs a float matmul on every
+  forward. The file keeps the recipe's size and runs in any runtime without a loading step, but the unpacking
+  runs on the runtime's portable kernels: several times slower than the float program.
 - `FP4TableLinear` (route "fp4-a16" for W4A16, "fp4-a4" for W4A4): FP4 codes stay packed two per byte; the
   graph unpacks the nibbles, decodes them through the format's 16-entry value table times the float16 row
   scales and runs a float matmul. W4A4 layers also round their activations to the FP4 grid in the graph, bit
@@ -42,7 +53,10 @@ from ..nn import LowbitFP4Linear, LowbitLinear
 
 MAX_BLOCK = 64  # largest Sylvester block; a 64×64 float32 block is 16 KiB, stored once per size in the file
 
-ROUTES = ("xnnpack-int4", "packed", "fp4-a16", "fp4-a4")
+ROUTES = ("xnnpack-int4", "xnnpack-int4-load", "packed", "fp4-a16", "fp4-a4")
+# How integer layers are lowered (export_pte's `int4`): which of them take XNNPACK's int8 × int4 kernel, and where
+# 2/3-bit codes are widened to its 4-bit layout (see route_for).
+INT4_MODES = ("xnnpack", "xnnpack-load", "xnnpack-wide", "packed")
 
 
 def kron_blocks(n: int, factor: torch.Tensor | None) -> list[torch.Tensor]:
@@ -213,38 +227,130 @@ class _RotatedBase(nn.Module):
         return unflatten_tokens(y if self.bias is None else y + self.bias, x)
 
 
+def int4_weight(lin: LowbitLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales): the record's weight as signed int4 codes (int8 in [-8, 7], (out, in)) times float32 scales
+    ((out, groups), rounded to bfloat16 as XNNPACK stores them), equal to the record's (c − zero)·s.
+
+    4 bits: c − 8 and s. 2/3 bits: the zero point (2^b − 1)/2 is a half-integer, so 2c − (2^b − 1) (odd, within
+    ±7) and s/2; halving is exact and commutes with the bfloat16 rounding."""
+    if lin.bits not in (2, 3, 4):
+        raise LowbitError(f"layer {lin.fqn}: XNNPACK's int4 kernel takes 2/3/4-bit codes, not {lin.bits}-bit")
+    twice_zero = int(2 * formats.int_format(lin.bits).zero)
+    codes = formats.unpack(lin.qweight, lin.bits, lin.in_features).to(torch.int16)
+    scales = lin.scales.to(torch.float32)
+    if twice_zero % 2:
+        codes, scales = 2 * codes - twice_zero, scales / 2
+    else:
+        codes = codes - twice_zero // 2
+    scales = scales.reshape(lin.out_features, -1)
+    # XNNPACK stores int4 block scales as bfloat16 (relative rounding <= 2^-9); round here too, so that the module's
+    # eager forward is a faithful simulation of the kernel (int8 activations, bf16 scales).
+    return codes.to(torch.int8), scales.to(torch.bfloat16).to(torch.float32)
+
+
 class Int4DynamicLinear(_RotatedBase):
-    """4-bit codes as a torchao IntxUnpackedToInt8Tensor with int8 dynamic activations: XNNPACK's 4-bit kernel."""
+    """2/3/4-bit codes as a torchao IntxUnpackedToInt8Tensor (int4) with int8 dynamic activations: XNNPACK's
+    4-bit kernel. `at_load`: the codes are widened when the program is loaded (route xnnpack-int4-load): the
+    record's packed codes and the bfloat16 scales stay on the module for LoadTimeWeights."""
 
-    route = "xnnpack-int4"
-
-    def __init__(self, lin: LowbitLinear):
+    def __init__(self, lin: LowbitLinear, at_load: bool = False):
         super().__init__(lin)
         from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
             IntxUnpackedToInt8Tensor,
             IntxUnpackedToInt8TensorActivationQuantization,
         )
 
-        fmt = formats.int_format(4)
-        codes = formats.unpack(lin.qweight, 4, lin.in_features).to(torch.int16) - int(fmt.zero)
-        # XNNPACK stores 4-bit block scales as bfloat16 (relative rounding <= 2^-9); round here too, so that this
-        # module's eager forward is a faithful simulation of the kernel (int8 activations, bf16 scales).
-        scales = lin.scales.to(torch.bfloat16).to(torch.float32)
+        self.route = "xnnpack-int4-load" if at_load else "xnnpack-int4"
+        codes, scales = int4_weight(lin)
         block = lin.in_features if lin.group_size == 0 else lin.group_size
         weight = IntxUnpackedToInt8Tensor(
-            codes.to(torch.int8), scales, torch.zeros(scales.shape, dtype=torch.int8), torch.int4,
+            codes, scales, torch.zeros(scales.shape, dtype=torch.int8), torch.int4,
             (1, block), torch.float32, IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
         self.weight = nn.Parameter(weight, requires_grad=False)
+        # Plain attributes, not buffers: forward does not use them, so they stay out of its program.
+        self.int4_codes = codes
+        self.packed_codes = lin.qweight.clone() if at_load else None
+        self.bf16_scales = scales.to(torch.bfloat16) if at_load else None
 
     def _linear(self, h, bias):
         return nn.functional.linear(h, self.weight, bias)
 
 
-class PackedLinear(_RotatedBase):
-    """Codes stay packed in uint8 buffers; the graph unpacks them and runs a float matmul.
+def unpack_in_graph(q: torch.Tensor, bits: int, n: int, shifts: torch.Tensor) -> torch.Tensor:
+    """(rows, n) integer codes from the packed bytes q (formats.pack's layout), in ops the runtime has: shifts by
+    `shifts` (arange(codes per group)·bits; uint8 for 2/4 bits, int32 for 3) and masks. `>>` would trace to
+    aten.__rshift__, which the runtime lacks."""
+    rows = q.shape[0]
+    if bits == 8:
+        return q
+    mask = (1 << bits) - 1
+    if bits != 3:  # 2 and 4 bits: whole codes inside one byte
+        c = torch.bitwise_right_shift(q.unsqueeze(-1), shifts) & mask
+    else:  # 8 codes in a little-endian 24-bit word
+        b = q.reshape(rows, -1, 3).to(torch.int32)
+        word = b.narrow(-1, 0, 1) + b.narrow(-1, 1, 1) * 256 + b.narrow(-1, 2, 1) * 65536
+        c = torch.bitwise_right_shift(word, shifts) & mask
+    c = c.reshape(rows, -1)
+    return c if c.shape[1] == n else c.narrow(1, 0, n)
 
-    Unpacking uses torch.bitwise_right_shift and masks: `>>` would trace to aten.__rshift__, which the runtime
-    lacks."""
+
+def _shifts(bits: int) -> torch.Tensor:
+    per_group, n_bytes = formats.packing.group_shape(bits)
+    return torch.arange(per_group, dtype=torch.uint8 if n_bytes == 1 else torch.int32) * bits
+
+
+class LoadTimeWeights(nn.Module):
+    """The program's `lowbit_weights` method: the int4 weights of the xnnpack-int4-load layers, rebuilt from their
+    packed 2/3-bit codes; the loader (executorch.load_pte_method) runs it once and hands the outputs to forward's
+    XNNPACK delegate as its external named data.
+
+    Outputs, per layer: the codes in XNNPACK's 4-bit layout, (out, in/2) uint8 with two codes per byte offset by 8,
+    code 2j in the low nibble (NodeVisitor.convert_to_qc4w; `in` is a multiple of 32 on this route, so no row is
+    padded), and the scales as bfloat16, (out, groups): the bytes XNNPACK's serializer would have put in the file.
+    Computed once, on the runtime's portable kernels: shifts, masks and integer adds, about 12 ns per weight here.
+    Every constant is a tensor (a buffer): scalar operands become lifted tensor constants, and ExecuTorch's edge
+    passes mix up their names once a program has ten of them."""
+
+    def __init__(self, layers: list[Int4DynamicLinear]):
+        super().__init__()
+        self.layers = [(m.fqn, m.bits, m.in_features) for m in layers]
+        for i, m in enumerate(layers):
+            self.register_buffer(f"qweight{i}", m.packed_codes)
+            self.register_buffer(f"scales{i}", m.bf16_scales)
+        u8, i32 = torch.uint8, torch.int32
+        for bits in sorted({m.bits for m in layers}):
+            self.register_buffer(f"shifts{bits}", _shifts(bits))
+            self.register_buffer(f"mask{bits}", torch.tensor([(1 << bits) - 1], dtype=u8 if bits == 2 else i32))
+            self.register_buffer(f"offset{bits}", torch.tensor([9 - (1 << bits)], dtype=u8))  # 8 − (2^b − 1)
+        self.register_buffer("byte_values", torch.tensor([256, 65536], dtype=i32))  # 3 bits: a 24-bit word
+        self.register_buffer("two", torch.tensor([2], dtype=u8))
+        self.register_buffer("sixteen", torch.tensor([16], dtype=u8))
+        self.int4_codes = [m.int4_codes for m in layers]  # what forward's weights hold: the lowering tags them
+
+    def codes(self, i: int) -> torch.Tensor:
+        """(out, in) codes of layer i (formats.unpack: code j in bits [j·b, (j+1)·b) of its group)."""
+        q, (_, bits, _) = getattr(self, f"qweight{i}"), self.layers[i]
+        if bits == 2:
+            c = torch.bitwise_right_shift(q.unsqueeze(-1), self.shifts2)
+        else:
+            b = q.reshape(q.shape[0], -1, 3).to(torch.int32)
+            high = b.narrow(-1, 1, 2) * self.byte_values
+            word = b.narrow(-1, 0, 1) + high.narrow(-1, 0, 1) + high.narrow(-1, 1, 1)
+            c = torch.bitwise_right_shift(word, self.shifts3)
+        return (c & getattr(self, f"mask{bits}")).reshape(q.shape[0], -1).to(torch.uint8)
+
+    def forward(self) -> tuple[torch.Tensor, ...]:
+        out = []
+        for i, (_, bits, _) in enumerate(self.layers):
+            nib = self.codes(i) * self.two + getattr(self, f"offset{bits}")  # 2c − (2^b − 1) + 8
+            pairs = nib.reshape(nib.shape[0], -1, 2)
+            out.append((pairs.narrow(-1, 0, 1) + pairs.narrow(-1, 1, 1) * self.sixteen).reshape(nib.shape[0], -1))
+            out.append(getattr(self, f"scales{i}").clone())
+        return tuple(out)
+
+
+class PackedLinear(_RotatedBase):
+    """Codes stay packed in uint8 buffers; the graph unpacks them (unpack_in_graph) and runs a float matmul."""
 
     route = "packed"
 
@@ -252,27 +358,12 @@ class PackedLinear(_RotatedBase):
         super().__init__(lin)
         self.register_buffer("qweight", lin.qweight.clone())
         self.register_buffer("scales", lin.scales.clone())  # float16 in the file, float32 in the graph
-        per_group, n_bytes = formats.packing.group_shape(lin.bits)
-        self.per_group, self.n_bytes = per_group, n_bytes
-        shift_dtype = torch.uint8 if n_bytes == 1 else torch.int32
-        self.register_buffer("shifts", torch.arange(per_group, dtype=shift_dtype) * lin.bits)
+        self.register_buffer("shifts", _shifts(lin.bits))
         self.zero = formats.int_format(lin.bits).zero
 
     def codes(self) -> torch.Tensor:
         """(out, in) integer codes, the exact inverse of formats.pack, in ops the runtime has."""
-        q = self.qweight
-        rows = q.shape[0]
-        if self.bits == 8:
-            return q
-        mask = (1 << self.bits) - 1
-        if self.n_bytes == 1:  # 2 and 4 bits: whole codes inside one byte
-            c = torch.bitwise_right_shift(q.unsqueeze(-1), self.shifts) & mask
-        else:  # 3 bits: 8 codes in a little-endian 24-bit word
-            b = q.reshape(rows, -1, self.n_bytes).to(torch.int32)
-            word = b.narrow(-1, 0, 1) + b.narrow(-1, 1, 1) * 256 + b.narrow(-1, 2, 1) * 65536
-            c = torch.bitwise_right_shift(word, self.shifts) & mask
-        c = c.reshape(rows, -1)
-        return c if c.shape[1] == self.in_features else c.narrow(1, 0, self.in_features)
+        return unpack_in_graph(self.qweight, self.bits, self.in_features, self.shifts)
 
     def dequantized(self) -> torch.Tensor:
         w = self.codes().to(torch.float32) - self.zero
@@ -386,13 +477,27 @@ class FP4TableLinear(nn.Module):
 
 
 def route_for(lin: LowbitLinear, int4: str = "xnnpack") -> str:
-    """Which runtime form a layer gets: XNNPACK's int4 kernel where it applies, else packed codes + unpack."""
-    if int4 not in ("xnnpack", "packed"):
-        raise LowbitError(f"int4={int4!r}: valid choices are 'xnnpack' (XNNPACK's dynamic-int8 × int4 kernel) "
-                          f"and 'packed' (unpack in the graph, float matmul)")
+    """Which runtime form an integer layer gets (export_pte's `int4`):
+
+    "xnnpack": 4-bit layers on XNNPACK's int4 kernel (xnnpack-int4), 2/3-bit layers packed (the file keeps their
+        size, a plain runtime runs it, the unpacking runs on every forward);
+    "xnnpack-load": 2/3-bit layers on the int4 kernel too, their codes widened when the program is loaded
+        (xnnpack-int4-load: the file keeps 2/3 bits; load it with executorch.load_pte_method);
+    "xnnpack-wide": 2/3-bit layers on the int4 kernel with their codes widened in the file (xnnpack-int4: 4 bits
+        per weight on disk, a plain runtime runs it);
+    "packed": every layer packed (exact float math: tells a kernel problem from a decomposition problem).
+    XNNPACK takes blocks of 32·k inputs (per channel: a block of in_features); other layers stay packed."""
+    if int4 not in INT4_MODES:
+        raise LowbitError(f"int4={int4!r}: valid choices are 'xnnpack' (XNNPACK's dynamic-int8 × int4 kernel for "
+                          f"4-bit layers), 'xnnpack-load' (and for 2/3-bit layers, widened at load), 'xnnpack-wide' "
+                          f"(and for 2/3-bit layers, widened in the file) and 'packed' (unpack in the graph, float "
+                          f"matmul)")
     # XNNPACK maps int4 per-channel to its blockwise kernel with block = in_features; blocks must be 32·k.
-    xnnpack_ok = lin.bits == 4 and (lin.group_size or lin.in_features) % 32 == 0
-    return "xnnpack-int4" if int4 == "xnnpack" and xnnpack_ok else "packed"
+    if int4 == "packed" or lin.bits not in (2, 3, 4) or (lin.group_size or lin.in_features) % 32:
+        return "packed"
+    if lin.bits == 4 or int4 == "xnnpack-wide":
+        return "xnnpack-int4"
+    return "xnnpack-int4-load" if int4 == "xnnpack-load" else "packed"
 
 
 def decompose_lowbit_linears(model: nn.Module, int4: str = "xnnpack") -> dict[str, str]:
@@ -405,10 +510,17 @@ def decompose_lowbit_linears(model: nn.Module, int4: str = "xnnpack") -> dict[st
             route = new.route
         elif isinstance(mod, LowbitLinear):
             route = route_for(mod, int4)
-            new = Int4DynamicLinear(mod) if route == "xnnpack-int4" else PackedLinear(mod)
+            new = (PackedLinear(mod) if route == "packed"
+                   else Int4DynamicLinear(mod, at_load=route == "xnnpack-int4-load"))
         else:
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         routes[name] = route
     return routes
+
+
+def load_time_weights(model: nn.Module) -> LoadTimeWeights | None:
+    """The `lowbit_weights` method for the xnnpack-int4-load layers of a decomposed model (None if it has none)."""
+    layers = [m for m in model.modules() if isinstance(m, Int4DynamicLinear) and m.route == "xnnpack-int4-load"]
+    return LoadTimeWeights(layers) if layers else None

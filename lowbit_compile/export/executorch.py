@@ -7,6 +7,16 @@
                      └─ check: every op outside XNNPACK has a kernel in the runtime
                           └─ verify: run the program in executorch.runtime, compare ─▶ write the .pte
 
+Route xnnpack-int4-load (int4="xnnpack-load": 2/3-bit layers on XNNPACK's int4 kernel, 2/3 bits in the file) adds
+a second method to the program, `lowbit_weights` (decompose.LoadTimeWeights: the packed codes in, XNNPACK's int4
+weight bytes and bfloat16 scales out), and lowers forward with those weights tagged as external named data, so
+XNNPACK's serializer leaves them out of the .pte. The export checks that the method's bytes are exactly the ones
+left out, under the keys XNNPACK gave them (sha256 of the bytes, "scale_" + sha256 for scales). `load_pte_method`
+runs the method once, writes its outputs as a .ptd under those keys and loads forward with it; XNNPACK packs them
+at load like weights from the file, so forward runs as fast as a 4-bit program. A plain
+`Runtime.load_program(path).load_method("forward")` fails on such a file (a missing named-data key): it needs
+that loader or its C++ equivalent (execute `lowbit_weights`, wrap the outputs in a NamedDataMap).
+
 Tolerances (`verify`). An output y matches its reference r when max|y − r| ≤ atol + rtol·max|r|: relative to
 the output's scale, since an elementwise rtol means nothing for entries near zero. The reference is the
 PyTorch quantized model (swap_linears: the lowbit op's reference implementation).
@@ -22,6 +32,11 @@ PyTorch quantized model (swap_linears: the lowbit op's reference implementation)
   larger rtol for much deeper models. `error_vs_simulated` reports the distance to the int8-simulated model
   (the decomposed modules run in PyTorch with torchao's quantize/dequantize): 1e-6 on Llama, but ~1 % on
   MiniLM, where single int8 rounding flips move LayerNorm/GELU outputs by a step, so it is not enforced.
+- xnnpack-int4-load: the same kernel and the same two roundings as xnnpack-int4 (int8 activations per token,
+  bfloat16 block scales); the 2/3-bit codes become int4 codes exactly (2c − (2^b − 1) at half the scale, and
+  halving commutes with the bfloat16 rounding), so RTOL_INT8_ACTIVATIONS holds for the same reasons. We measure
+  1–2 % (tiny Llama at 2/3 bits, MiniLM's first layer, a 512-wide MLP; 2.1 % on the 2-layer benchmark Llama) and
+  6e-4–1e-3 against the int8-simulated model. The widening itself is checked bit for bit at export.
 - FP4 (decompose.FP4TableLinear): weights decode exactly through the 16-entry table, and W4A4 layers round
   their activations in the graph bit for bit as the reference does given the same input, so both FP4 routes
   are float-rounding routes (RTOL_FLOAT; we measure 3e-7–9e-7 on 1–2-layer Llama and the 6-layer MiniLM,
@@ -48,7 +63,7 @@ from ..errors import LowbitError
 from ..io import atomic_write_bytes
 from ..nn import swap_linears
 from ..quiet import known_warnings
-from .decompose import decompose_lowbit_linears
+from .decompose import LoadTimeWeights, decompose_lowbit_linears, load_time_weights
 from .fp4_flips import MAX_FLIPS, explain_by_flips
 from .inputs import dynamic_shapes_for, is_symbolic, records_of, split_inputs, tensor_leaves, widen_size_one_dims
 
@@ -64,7 +79,13 @@ RTOL_INT8_ACTIVATIONS = 0.1
 # The default rtol of a program is the largest of its routes'. W4A4 FP4 is checked at the float tolerance, and a
 # mismatch is accepted only when a few activations rounded the other way at an FP4 rounding midpoint explain it.
 ROUTE_RTOL = {"packed": RTOL_FLOAT, "fp4-a16": RTOL_FLOAT, "fp4-a4": RTOL_FLOAT,
-              "xnnpack-int4": RTOL_INT8_ACTIVATIONS}
+              "xnnpack-int4": RTOL_INT8_ACTIVATIONS, "xnnpack-int4-load": RTOL_INT8_ACTIVATIONS}
+INT8_ACTIVATION_ROUTES = ("xnnpack-int4", "xnnpack-int4-load")
+
+# Route xnnpack-int4-load: the method that rebuilds the int4 weights (decompose.LoadTimeWeights), and the tag of
+# the named data it replaces (left out of the .pte; load_pte_method supplies it).
+WEIGHTS_METHOD = "lowbit_weights"
+WEIGHTS_TAG = "lowbit_weights"
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_SEQ = 256
@@ -76,7 +97,7 @@ class PteExport:
 
     path: Path
     nbytes: int
-    routes: dict[str, str]  # layer FQN -> "xnnpack-int4" | "packed" | "fp4-a16" | "fp4-a4" (decompose.ROUTES)
+    routes: dict[str, str]  # layer FQN -> "xnnpack-int4" | "xnnpack-int4-load" | "packed" | "fp4-a16" | "fp4-a4"
     quantized_weights: int  # number of weights in the quantized linears
     dynamic_dims: list[str] = field(default_factory=list)  # e.g. "input_ids.1 in [2, 256]"
     delegates: int = 0  # XNNPACK subgraphs called by the program
@@ -88,6 +109,10 @@ class PteExport:
     rounding_flips: list[str] = field(default_factory=list)
     atol: float | None = None
     rtol: float | None = None
+    # xnnpack-int4-load layers: the method that rebuilds their weights when the program is loaded (load_pte_method
+    # runs it; a plain load_method("forward") fails for want of that data), and its ops on the portable kernels
+    weights_method: str | None = None
+    weights_method_ops: dict[str, int] = field(default_factory=dict)
 
     @property
     def file_bits_per_quantized_weight(self) -> float:
@@ -254,25 +279,157 @@ def _partitioner():
     return Partitioner()
 
 
-def _lower(ep: torch.export.ExportedProgram):
+def _tag_load_time_weights(codes: list[torch.Tensor]):
+    """An ExecuTorch pass that marks forward's constants holding these int4 codes (the xnnpack-int4-load layers'
+    weights) as external named data: XNNPACK's serializer then leaves their bytes, and those of their scales, out of
+    the .pte. Matched by value, so names and the order of inputs do not matter."""
+    from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
+    from torch.export.graph_signature import InputKind
+
+    class TagLoadTimeWeights(ExportedProgramPassBase):
+        def call(self, ep):
+            nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+            found = set()
+            for spec in ep.graph_signature.input_specs:
+                if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                    continue
+                t = ep.state_dict.get(spec.target, ep.constants.get(spec.target))
+                if not isinstance(t, torch.Tensor) or t.dtype != torch.int8:
+                    continue
+                hits = [i for i, c in enumerate(codes) if c.shape == t.shape and torch.equal(c, t)]
+                if hits:
+                    nodes[spec.arg.name].meta.setdefault("custom", {})["delegate_constant_tag"] = WEIGHTS_TAG
+                    found.update(hits)
+            if len(found) != len(codes):
+                raise LowbitError(f"{len(codes) - len(found)} of the {len(codes)} xnnpack-int4-load weights are not "
+                                  f"constants of the edge program; export with int4='xnnpack-wide' or 'packed'")
+            return ExportedProgramPassResult(ep, True)
+
+    return TagLoadTimeWeights()
+
+
+def _lower(ep: torch.export.ExportedProgram, weights: tuple[torch.export.ExportedProgram, LoadTimeWeights] | None
+           = None):
+    """forward (XNNPACK partitions, portable kernels for the rest) and, for xnnpack-int4-load layers, the
+    WEIGHTS_METHOD program (portable kernels only), lowered to one ExecuTorch program."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     config = EdgeCompileConfig(_core_aten_ops_exception_list=list(EXTRA_EDGE_OPS))
+    programs, passes, partitioner = ep, None, [_partitioner()]
+    if weights is not None:
+        programs = {"forward": ep, WEIGHTS_METHOD: weights[0]}
+        passes = {"forward": [_tag_load_time_weights(weights[1].int4_codes)]}
+        partitioner = {"forward": partitioner}
     try:
-        return to_edge_transform_and_lower(ep, partitioner=[_partitioner()], compile_config=config) \
-            .to_executorch()
+        return to_edge_transform_and_lower(programs, transform_passes=passes, partitioner=partitioner,
+                                           compile_config=config).to_executorch()
+    except LowbitError:
+        raise
     except Exception as e:
         raise LowbitError(f"ExecuTorch could not lower the exported program: {type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- weights widened at load
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def weights_data(outputs: Sequence[torch.Tensor]) -> dict[str, bytes]:
+    """The named data forward's XNNPACK delegate reads, from the outputs of WEIGHTS_METHOD: each under the key
+    ExecuTorch 1.5's XNNPACK serializer gives it, the sha256 of its bytes ("scale_" + sha256 for the bfloat16
+    scales). export_pte checks these keys and bytes against what the serializer left out of the file."""
+    import hashlib
+
+    data = {}
+    for t in outputs:
+        b = _tensor_bytes(t)
+        data[("scale_" if t.dtype == torch.bfloat16 else "") + hashlib.sha256(b).hexdigest()] = b
+    return data
+
+
+def _ptd(data: dict[str, bytes]) -> bytes:
+    """A .ptd (FlatTensor) file holding `data` as named blobs."""
+    from executorch.exir._serialize.data_serializer import DataEntry, DataPayload
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    entries = {k: DataEntry(i, 16, None) for i, k in enumerate(data)}
+    return bytes(FlatTensorSerializer().serialize(DataPayload(buffers=list(data.values()), named_data=entries)))
+
+
+def _external_data(program) -> dict[str, bytes]:
+    """The named data the lowering left out of the .pte (tag WEIGHTS_TAG): {key: bytes}."""
+    import tempfile
+
+    from executorch.exir._serialize._cord import Cord
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        program.write_tensor_data_to_file(tmp)
+        path = Path(tmp) / f"{WEIGHTS_TAG}.ptd"
+        if not path.exists():
+            return {}
+        payload = FlatTensorSerializer().deserialize(Cord(path.read_bytes()))
+    return {k: bytes(payload.buffers[e.buffer_index]) for k, e in payload.named_data.items()}
+
+
+def _check_load_time_weights(program, weights: LoadTimeWeights) -> None:
+    """What WEIGHTS_METHOD computes (here in PyTorch, the same ops) must be exactly the data the lowering left out
+    of the file, under the same keys; the runtime's own run of the method is checked by `_verify`."""
+    with torch.no_grad():
+        ours = weights_data(weights())
+    theirs = _external_data(program)
+    if ours != theirs:
+        missing = sorted(set(theirs) - set(ours))
+        differ = sorted(k for k in set(theirs) & set(ours) if theirs[k] != ours[k])
+        raise LowbitError(
+            f"the weights rebuilt at load for layers {[fqn for fqn, _, _ in weights.layers]} do not match the data "
+            f"XNNPACK's serializer left out of the file ({len(missing)} keys missing, {len(differ)} differ, "
+            f"{len(set(ours) - set(theirs))} unexpected): this ExecuTorch version stores or names int4 weights "
+            f"differently; export with int4='xnnpack-wide' (4 bits in the file) or 'packed'")
+
+
+def load_pte_method(program, name: str = "forward"):
+    """An executorch.runtime Method of a .pte (a path or the file's bytes), ready to execute.
+
+    A program with xnnpack-int4-load layers (it has a WEIGHTS_METHOD) runs that method once first and hands its
+    outputs, under the keys of `weights_data`, to the program as its external data (a .ptd in a temporary folder,
+    alive as long as the Method): XNNPACK then packs them at load like weights stored in the file. A C++ loader
+    does the same: execute WEIGHTS_METHOD, put the outputs into a NamedDataMap, load forward with it."""
+    import tempfile
+    import weakref
+
+    from executorch.runtime import Runtime
+
+    runtime = Runtime.get()
+    if isinstance(program, Path):
+        program = str(program)
+    loaded = runtime.load_program(program)
+    if WEIGHTS_METHOD not in loaded.method_names:
+        return loaded.load_method(name)
+    data = _ptd(weights_data(loaded.load_method(WEIGHTS_METHOD).execute([])))
+    del loaded  # the weights method's memory
+    tmp = tempfile.TemporaryDirectory(prefix="lowbit-pte-")
+    ptd = Path(tmp.name) / f"{WEIGHTS_TAG}.ptd"
+    ptd.write_bytes(data)
+    try:
+        method = runtime.load_program(program, data_path=ptd).load_method(name)
+    except RuntimeError as e:
+        tmp.cleanup()
+        raise LowbitError(f"method {name!r} did not load with the weights {WEIGHTS_METHOD!r} rebuilt ({e}; the "
+                          f"runtime's log names a missing key): the method computed other bytes than at export, "
+                          f"or this runtime's XNNPACK names its data differently from the exporter's") from e
+    weakref.finalize(method, tmp.cleanup)
+    return method
 
 
 # ----------------------------------------------------------------------------- verification
 
 
 def run_pte(program, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Run the forward method of a .pte (a path or the file's bytes) in executorch.runtime."""
-    from executorch.runtime import Runtime
-
-    method = Runtime.get().load_program(program).load_method("forward")
+    """Run the forward method of a .pte (a path or the file's bytes) in executorch.runtime (load_pte_method)."""
+    method = load_pte_method(program)
     return [o for o in method.execute(list(inputs)) if isinstance(o, torch.Tensor)]
 
 
@@ -373,8 +530,15 @@ def export_pte(model: torch.nn.Module, records, example_inputs, path, *, dynamic
         With "auto", an example of batch (or sequence) size 1 is traced repeated to size 2 (torch.export would
         fix a size-1 dimension to 1); the program runs any size from 1 to the maximum. With None or an explicit
         spec a size-1 dimension stays fixed: give an example of batch ≥ 2 to run other batch sizes.
-    int4: "xnnpack" runs 4-bit layers whose blocks are 32·k inputs on XNNPACK's int8-activation × int4
-        kernel; "packed" runs every layer on the exact unpack + float matmul route.
+    int4: which integer layers run on XNNPACK's int8-activation × int4 kernel (blocks of 32·k inputs; the
+        others are packed) and where 2/3-bit codes are widened to its 4 bits (decompose.route_for):
+        "xnnpack": 4-bit layers; 2/3-bit layers stay packed, unpacked in the graph on every forward (the file keeps
+            their size and runs in a plain runtime, several times slower than float32);
+        "xnnpack-load": 2/3-bit layers too, widened when the program is loaded (route xnnpack-int4-load: the file
+            keeps 2/3 bits and runs as fast as 4-bit layers, but needs `load_pte_method` or its C++ equivalent:
+            a plain `Runtime.load_program(path).load_method("forward")` fails for want of the widened weights);
+        "xnnpack-wide": 2/3-bit layers too, widened in the file (4 bits per weight on disk, a plain runtime);
+        "packed": every layer on the exact unpack + float matmul route.
     verify: run the program in executorch.runtime on the example inputs before writing it; raise LowbitError
         (and write nothing) when an output differs from the PyTorch quantized model by more than
         atol + rtol·max|ref| (defaults and their reasons: the module docstring), unless the program has W4A4 FP4
@@ -410,17 +574,22 @@ def export_pte(model: torch.nn.Module, records, example_inputs, path, *, dynamic
         dynamic_shapes = _auto_dynamic_shapes(qmodel, trace_args, trace_kwargs, max_batch, max_seq)
     ep = _capture(rt_model, trace_args, trace_kwargs, dynamic_shapes, strict)
     _check_no_lowbit_ops(ep)
-    program = _lower(ep)
+    widen = load_time_weights(rt_model)
+    program = _lower(ep, None if widen is None else (_capture(widen, (), {}, None, strict), widen))
     delegates, ops = _check_runtime_kernels(program.exported_program())
     data = program.buffer
 
     result = PteExport(path=path, nbytes=len(data), routes=routes,
                        quantized_weights=sum(r.in_features * r.out_features for r in records.values()),
                        dynamic_dims=_dynamic_dims(ep), delegates=delegates, portable_ops=ops)
+    if widen is not None:
+        _check_load_time_weights(program, widen)
+        result.weights_method = WEIGHTS_METHOD
+        _, result.weights_method_ops = _check_runtime_kernels(program.exported_program(WEIGHTS_METHOD))
     if verify:
         with torch.no_grad():
             refs = tensor_leaves(qmodel(*args, **kwargs))
-            int8_acts = "xnnpack-int4" in routes.values()
+            int8_acts = any(r in INT8_ACTIVATION_ROUTES for r in routes.values())
             sims = tensor_leaves(rt_model(*args, **kwargs)) if int8_acts else None
         _verify(result, data, _flat_inputs(ep, args, kwargs), refs, sims, atol, rtol,
                 reference=(qmodel, lambda: tensor_leaves(qmodel(*args, **kwargs))))
