@@ -4,7 +4,7 @@ Exports are slow (ExecuTorch lowers op by op in Python, ~1 s per XNNPACK partiti
 them: every export is a module-scoped fixture or one test, and its several checks share it. The HF models are
 kept small: a 1-layer tiny Llama (hidden 192 and MLP 344: Paley rotations, sign-bit blocks), the real MiniLM
 with its first encoder layer, and the real full MiniLM once; bench/export_size.py exports and checks the full
-models at every bit width.
+models at every bit width, bench/pte_latency.py times them.
 """
 
 from __future__ import annotations
@@ -29,18 +29,24 @@ from lowbit_compile.export.decompose import (  # noqa: E402
     FP4TableLinear,
     Int4DynamicLinear,
     KronTransform,
+    LoadTimeWeights,
     PackedLinear,
     decompose_lowbit_linears,
+    int4_weight,
     kron_blocks,
+    load_time_weights,
     route_for,
 )
 from lowbit_compile.export.executorch import (  # noqa: E402
     ROUTE_RTOL,
     RTOL_FLOAT,
     RTOL_INT8_ACTIVATIONS,
+    WEIGHTS_METHOD,
     export_pte,
+    load_pte_method,
     max_rel_error,
     run_pte,
+    weights_data,
 )
 from lowbit_compile.export.fp4_flips import explain_by_flips  # noqa: E402
 from lowbit_compile.formats import fp4 as f4  # noqa: E402
@@ -129,10 +135,14 @@ def check_file(result, model, records, inputs):
     return ys
 
 
-def expected_route(rec):
+def expected_route(rec, int4="xnnpack"):
     if rec.kind == "fp4":
         return "fp4-a16" if rec.a_format is None else "fp4-a4"
-    return "xnnpack-int4" if rec.bits == 4 and (rec.group_size or rec.in_features) % 32 == 0 else "packed"
+    if rec.bits not in (2, 3, 4) or (rec.group_size or rec.in_features) % 32:
+        return "packed"
+    if rec.bits == 4 or int4 == "xnnpack-wide":
+        return "xnnpack-int4"
+    return "xnnpack-int4-load" if int4 == "xnnpack-load" else "packed"
 
 
 def mlp(dims=(512, 1376, 512)):
@@ -177,7 +187,7 @@ def test_runtime_modules_match_the_op(recipe, shape):
         packed = PackedLinear(lin)
         assert torch.equal(packed.codes(), _unpacked(rec))
         assert torch.allclose(packed(x), ref, atol=1e-4, rtol=1e-5)  # exact up to float rounding
-        if route_for(lin) == "xnnpack-int4":  # int8 activations: a fraction of a percent
+        if route_for(lin, "xnnpack-wide") == "xnnpack-int4":  # int8 activations: a fraction of a percent
             assert max_rel_error([Int4DynamicLinear(lin)(x)], [ref]) < 0.02
 
 
@@ -189,14 +199,55 @@ def _unpacked(rec):
 
 def test_routes():
     recs = {r: quantize_weight("l", torch.randn(64, k), parse_spec(r)) for r, k in
-            [("w4", 192), ("w4-g32", 192), ("w2", 192), ("w3-g64", 192)]}
+            [("w4", 192), ("w4-g32", 192), ("w2", 192), ("w3-g64", 192), ("w8", 192)]}
     recs["w4-odd"] = quantize_weight("l", torch.randn(64, 344), parse_spec("w4"))  # 344 is no multiple of 32
+    recs["w2-odd"] = quantize_weight("l", torch.randn(64, 344), parse_spec("w2"))
     routes = {k: route_for(LowbitLinear(r)) for k, r in recs.items()}
     assert routes == {"w4": "xnnpack-int4", "w4-g32": "xnnpack-int4", "w2": "packed", "w3-g64": "packed",
-                      "w4-odd": "packed"}
-    assert route_for(LowbitLinear(recs["w4"]), int4="packed") == "packed"
-    with pytest.raises(LowbitError, match="valid choices"):
+                      "w8": "packed", "w4-odd": "packed", "w2-odd": "packed"}
+    load = {k: route_for(LowbitLinear(r), "xnnpack-load") for k, r in recs.items()}
+    assert load == {**routes, "w2": "xnnpack-int4-load", "w3-g64": "xnnpack-int4-load"}
+    wide = {k: route_for(LowbitLinear(r), "xnnpack-wide") for k, r in recs.items()}
+    assert wide == {**routes, "w2": "xnnpack-int4", "w3-g64": "xnnpack-int4"}
+    assert {route_for(LowbitLinear(r), int4="packed") for r in recs.values()} == {"packed"}
+    with pytest.raises(LowbitError, match="valid choices.*xnnpack-load"):
         route_for(LowbitLinear(recs["w4"]), int4="int4")
+
+
+@pytest.mark.parametrize("recipe", ["w2", "w3", "w4", "w2-g32", "w3-rtn-g64", "w4-g32"])
+def test_int4_weight_is_the_records_weight(recipe):
+    """2/3-bit codes as odd int4 values with half the scale: codes · scales is the record's (c − zero)·s exactly, with
+    s rounded to bfloat16 as XNNPACK stores it."""
+    from lowbit_compile import formats
+
+    rec = quantize_weight("l", torch.randn(48, 128), parse_spec(recipe), seed=1)
+    codes, scales = int4_weight(LowbitLinear(rec))
+    assert codes.dtype == torch.int8 and -8 <= int(codes.min()) and int(codes.max()) <= 7
+    c = formats.unpack(rec.qweight, rec.bits, 128).to(torch.float32) - formats.int_format(rec.bits).zero
+    s = rec.scales.to(torch.bfloat16).to(torch.float32).reshape(48, -1)
+    block = rec.group_size or 128
+    expect = (c.view(48, -1, block) * s.unsqueeze(-1)).view(48, 128)
+    assert torch.equal((codes.float().view(48, -1, block) * scales.unsqueeze(-1)).view(48, 128), expect)
+
+
+@pytest.mark.parametrize("recipe", ["w2", "w3", "w2-g32", "w3-g64"])
+def test_load_time_weights_are_xnnpacks_bytes(recipe):
+    """What the lowbit_weights method computes from the packed codes is bit for bit what ExecuTorch's XNNPACK
+    serializer makes of the layer's int4 codes (NodeVisitor.convert_to_qc4w) and scales (bfloat16)."""
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+
+    recs = [quantize_weight(f"l{i}", torch.randn(40 + 8 * i, 192), parse_spec(recipe), seed=i) for i in range(2)]
+    mods = [Int4DynamicLinear(LowbitLinear(r), at_load=True) for r in recs]
+    assert {m.route for m in mods} == {"xnnpack-int4-load"}
+    with torch.no_grad():
+        out = LoadTimeWeights(mods)()
+    assert len(out) == 4
+    for i, rec in enumerate(recs):
+        codes, scales = int4_weight(LowbitLinear(rec))
+        assert torch.equal(out[2 * i], NodeVisitor.convert_to_qc4w(codes))
+        assert torch.equal(out[2 * i + 1], scales.to(torch.bfloat16))
+    keys = weights_data(out)
+    assert len(keys) == 4 and sum(k.startswith("scale_") for k in keys) == 2
 
 
 def _fp4_layer(recipe, out_features=24, in_features=45, seed=0):
@@ -298,6 +349,13 @@ def test_decompose_swaps_every_lowbit_linear(llama_fp4_checkpoint):
     assert routes == {k: expected_route(r) for k, r in records.items()}
     assert set(routes.values()) == {"xnnpack-int4", "packed", "fp4-a4", "fp4-a16"}
     assert not any(isinstance(m, (LowbitLinear, LowbitFP4Linear)) for m in q.modules())
+    assert load_time_weights(q) is None
+    q = swap_linears(model, records)
+    routes = decompose_lowbit_linears(q, "xnnpack-load")
+    assert routes == {k: expected_route(r, "xnnpack-load") for k, r in records.items()}
+    widened = sorted(k for k, r in routes.items() if r == "xnnpack-int4-load")
+    assert widened and all(re.fullmatch(r".*\.(v|o)_proj", k) for k in widened)  # the 2-bit layers
+    assert sorted(fqn for fqn, _, _ in load_time_weights(q).layers) == widened
 
 
 # ----------------------------------------------------------------------------- HF models end to end
@@ -423,6 +481,85 @@ def test_full_minilm_pte_runs_and_matches(minilm_inputs, tmp_path):
     check_file(res, model, records, inputs)
 
 
+# ----------------------------------------------------------------------------- 2/3-bit codes widened at load
+
+
+@pytest.fixture(scope="module")
+def llama_load(tmp_path_factory):
+    """The tiny Llama at 3 bits (attention) and 2 bits (MLP) with int4="xnnpack-load", dynamic batch and sequence
+    (max_batch 4, max_seq 32): every layer with 192 inputs widened at load, down_proj (344 inputs, no multiple of
+    32) packed."""
+    model = tiny_llama(layers=1)
+    records = quantize_all(model, [(r".*\.(q|k|v|o)_proj", "w3"), (r".*", "w2")])
+    inputs = (torch.randint(0, 320, (2, 12)),)
+    res = export_pte(model, records, inputs, tmp_path_factory.mktemp("load") / "llama.pte", int4="xnnpack-load",
+                     max_batch=4, max_seq=32)
+    return model, records, inputs, res
+
+
+def test_llama_load_time_weights_pte_matches(llama_load):
+    """XNNPACK's int4 kernel on 2/3-bit codes widened at load: int8 activations, so the int8 tolerance; the
+    widening itself is exact (the simulated model, the same int4 weights in PyTorch, is a fraction of a percent
+    away)."""
+    model, records, inputs, res = llama_load
+    assert res.routes == {k: expected_route(r, "xnnpack-load") for k, r in records.items()}
+    assert set(res.routes.values()) == {"xnnpack-int4-load", "packed"} and {r.bits for r in records.values()} == {2, 3}
+    assert res.weights_method == WEIGHTS_METHOD and res.weights_method_ops.get(SHIFT_OP, 0) > 0
+    assert res.rtol == RTOL_INT8_ACTIVATIONS and res.error <= res.rtol and res.error_vs_simulated < 0.02
+    check_file(res, model, records, inputs)
+    for shape in [(3, 7), (1, 5), (4, 32)]:
+        ids = torch.randint(0, 320, shape)
+        ys = run_pte(res.path, (ids,))
+        assert ys[0].shape == (*shape, 320)
+        assert max_rel_error(ys, reference_outputs(model, records, (ids,))) <= RTOL_INT8_ACTIVATIONS
+
+
+def test_load_time_weights_are_not_in_the_file(llama_load):
+    """The widened weights are not in the file: a plain load of forward fails, load_pte_method runs the weights
+    method first and hands its outputs to forward."""
+    from executorch.runtime import Runtime
+
+    _, _, inputs, res = llama_load
+    program = Runtime.get().load_program(res.path)
+    assert program.method_names == {"forward", WEIGHTS_METHOD}
+    with pytest.raises(RuntimeError, match="forward"):
+        program.load_method("forward")
+    assert load_pte_method(res.path).execute(list(inputs))[0].shape == (2, 12, 320)
+
+
+def test_minilm_first_layer_load_time_weights_pte_matches(minilm_inputs, tmp_path):
+    """The real MiniLM with its first encoder layer at 2 bits per channel and 3 bits in groups of 32, every layer
+    widened at load."""
+    model, inputs = minilm_inputs
+    model = copy.deepcopy(model)
+    model.encoder.layer = model.encoder.layer[:1]
+    records = quantize_all(model, [(r".*\.attention\..*", "w3-g32"), (r".*", "w2")])
+    res = export_pte(model, records, inputs, tmp_path / "minilm.pte", dynamic_shapes=None, int4="xnnpack-load")
+    assert set(res.routes.values()) == {"xnnpack-int4-load"}
+    assert {(r.bits, r.group_size) for r in records.values()} == {(3, 32), (2, 0)}
+    assert res.error <= res.rtol == RTOL_INT8_ACTIVATIONS
+    check_file(res, model, records, inputs)
+
+
+def test_load_time_weights_that_differ_from_xnnpacks_are_refused(tmp_path, monkeypatch):
+    """The export checks the weights method's bytes against what XNNPACK's serializer left out of the file: one
+    wrong byte is an error that says what to do, and nothing is written."""
+    model = mlp(dims=(64, 96, 64))
+    records = quantize_all(model, "w2")
+    real = LoadTimeWeights.forward
+
+    def off_by_one(self):
+        out = list(real(self))
+        out[0] = torch.cat([out[0][:1] ^ 1, out[0][1:]])
+        return tuple(out)
+
+    monkeypatch.setattr(LoadTimeWeights, "forward", off_by_one)
+    with pytest.raises(LowbitError, match="do not match the data XNNPACK's serializer left out.*int4='xnnpack-wide'"):
+        export_pte(model, records, (torch.randn(2, 64),), tmp_path / "m.pte", dynamic_shapes=None,
+                   int4="xnnpack-load")
+    assert not (tmp_path / "m.pte").exists()
+
+
 class _TwoInputs(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -478,12 +615,14 @@ def mlp_fp32_bytes(tmp_path_factory):
     return res.nbytes
 
 
-@pytest.mark.parametrize("recipe,bits", [("w2", 2), ("w3", 3), ("w4", 4), ("fp4", 4)])
-def test_pte_bits_per_quantized_weight(recipe, bits, mlp_fp32_bytes, tmp_path):
+@pytest.mark.parametrize("recipe,bits,int4", [("w2", 2, "xnnpack"), ("w3", 3, "xnnpack"), ("w4", 4, "xnnpack"),
+                                             ("fp4", 4, "xnnpack"), ("w2", 2, "xnnpack-load")])
+def test_pte_bits_per_quantized_weight(recipe, bits, int4, mlp_fp32_bytes, tmp_path):
     """File cost per quantized weight, measured against the fp32 file of the same model:
     bits = 32 − 8·(fp32 bytes − quantized bytes) / quantized weights. Everything the quantized file adds
-    (codes, scales, sign vectors, Hadamard blocks, FP4 tables, the unpack instructions) is charged to the
-    weights. fp4 (W4A4, from lb.quantize) goes through lb.export with its Checkpoint."""
+    (codes, scales, sign vectors, Hadamard blocks, FP4 tables, the unpack instructions, the weights method) is
+    charged to the weights. fp4 (W4A4, from lb.quantize) goes through lb.export with its Checkpoint. 2-bit codes
+    widened at load cost what packed ones do: at most 2.3 bits."""
     model = mlp()
     x = (torch.randn(2, 4, 512),)
     if recipe == "fp4":
@@ -496,11 +635,15 @@ def test_pte_bits_per_quantized_weight(recipe, bits, mlp_fp32_bytes, tmp_path):
             assert matches(run_pte(res.path, (x2,)), model, records, (x2,), RTOL_FLOAT)
     else:
         records = quantize_all(model, recipe)
-        res = export_pte(model, records, x, tmp_path / "mlp.pte", dynamic_shapes=None)
+        res = export_pte(model, records, x, tmp_path / "mlp.pte", dynamic_shapes=None, int4=int4)
+        assert set(res.routes.values()) == {expected_route(r, int4) for r in records.values()}
     n = sum(r.in_features * r.out_features for r in records.values())
     file_bits = 32 - 8 * (mlp_fp32_bytes - res.nbytes) / n
     stored_bits = sum(r.bits_per_weight() * r.in_features * r.out_features for r in records.values()) / n
     assert bits <= stored_bits < file_bits < bits + 0.3, (file_bits, stored_bits)
+    if int4 == "xnnpack-load":
+        assert res.routes == {"0": "xnnpack-int4-load", "2": "xnnpack-int4-load"} and file_bits <= 2.3
+        assert res.file_bits_per_quantized_weight <= 2.35  # the whole file, biases and program included
 
 
 # ----------------------------------------------------------------------------- errors
