@@ -8,7 +8,7 @@ import torch
 
 import lowbit_compile as lb
 from lowbit_compile.calibrate import HessianAccumulator
-from lowbit_compile.checkpoint import FP4QuantizedLinear, QuantizedLinear
+from lowbit_compile.checkpoint import FORMAT_VERSION, FP4QuantizedLinear, QuantizedLinear
 from lowbit_compile.errors import LowbitError
 from lowbit_compile.quantize import fp4 as q
 from lowbit_compile.quantize.layer import quantize_fp4_group, quantize_weight
@@ -143,7 +143,7 @@ def test_checkpoint_round_trip_is_bit_exact_for_fp4_and_integer_records(tmp_path
             assert getattr(b, name) == getattr(r, name)
         assert torch.equal(b.dequantized_weight(), r.dequantized_weight())
     meta = json.loads((tmp_path / "ck" / "lowbit.json").read_text())
-    assert meta["format_version"] == 2
+    assert meta["format_version"] == FORMAT_VERSION
     assert meta["records"]["l.fp4"]["kind"] == "fp4" and meta["records"]["l.int"]["kind"] == "int"
     n = {f: r.in_features * r.out_features for f, r in recs.items()}
     assert back.bits_per_weight() == pytest.approx(sum(r.bits_per_weight() * n[f] for f, r in recs.items())

@@ -61,7 +61,7 @@ def test_every_valid_recipe_string_parses_to_what_it_says(text):
         return
     m = re.match(r"w(\d)(?:-([a-z]+))?(?:-g(\d+))?$", name)
     assert (spec.bits, spec.group_size) == (int(m[1]), int(m[3] or 0))
-    assert spec.method == (m[2] or "rtn") and spec.rotate == METHODS[m[2] or ""][1]
+    assert spec.method == (m[2] or "rtn") and spec.rotate == METHODS[m[2] or ""].rotate
     assert Recipe.parse(text).default == spec
 
 
