@@ -22,6 +22,7 @@ from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .memory import release_freed_memory
 from .quantize.core import NO_DATA, Embedding, Layer, precheck, quantize_embeddings, quantize_linears
+from .quantize.finetune import BlockTuner
 from .recipe import Recipe
 from .workdir import WorkDir, recipe_spec, run_identity
 
@@ -76,6 +77,7 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
     unit_of = {fqn: unit for unit, linears in units.items() for fqn in linears}
     embedded = Embedded(model, embeddings_by or rec)  # data-free: before calibration, which then sees them
     records, plan = {}, []
+    tuner = BlockTuner.for_recipe(model, rec, progress)  # None unless a layer spec asks for fine-tuning
 
     def quantize_unit(linears, stats):
         deq, unit_records, unit_plan = {}, {}, []
@@ -88,6 +90,8 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
                   for fqn, lin in linears.items()]
         rows = quantize_linears(layers, rec, on_record=swap_in)
         unit_plan += [_plan_entry(row, stats.get(row.fqn)) for row in rows]
+        if tuner is not None:  # -ft: tune the block's records to its float outputs before the next block sees it
+            deq.update(tuner.tune(rows, deq, unit_plan))
         records.update(unit_records)
         plan.extend(unit_plan)
         if store is not None and linears:
@@ -106,7 +110,7 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
 
     summary, meta = {}, {"recipe_spec": recipe_spec(rec)}
     if rec.needs_calibration:
-        with _dequantized_embeddings(model, embedded.records if sequential else {}):
+        with _dequantized_embeddings(model, embedded.records if sequential else {}), tuner or contextlib.nullcontext():
             summary = calibrate_blocks(model, batches, quantize_unit, sequential, progress,
                                        resume=resume if store is not None else None).as_dict()
         meta["calibration_sha256"] = fingerprint(batches)

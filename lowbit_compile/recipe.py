@@ -1,11 +1,15 @@
 """Recipes: what format each linear gets. Frozen, validated, parsed from short strings.
 
-A recipe string names the default layer spec: ``w{bits}[-{method}][-g{group}]``
+A recipe string names the default layer spec: ``w{bits}[-{method}][-g{group}][-ft]``
     w4          int4, randomized-Hadamard incoherence + RTN with a clipping search (data-free)
     w4-rtn      int4, plain RTN without incoherence (baseline)
     w4-g128     as w4, one scale per 128 inputs instead of per output channel
     w2-quip     int2, QuIP: incoherence + LDLQ on calibration Hessians (needs calibration data)
     w2-optq     int2, OPTQ/GPTQ: LDLQ without incoherence (baseline, needs calibration data)
+    w2-e8       E8P: incoherence + block LDLQ with QuIP#'s E8 lattice codebook, 8 weights per 16-bit code (needs
+                calibration data; 2, 3 or 4 bits; registered by quantize/layer.py)
+    w2-e8-ft    as w2-e8, then each transformer block's continuous parameters are fine-tuned to the float block's
+                outputs (quantize/finetune.py); -ft applies to methods registered as tunable
 and the LLM-FP4 recipes (both need calibration data: the search runs on a sample of each layer's inputs)
     fp4         W4A4: FP4 weights (format and per-row bias searched) and FP4 activations (format and one
                 per-tensor bias searched, per-channel power-of-two exponents folded into the producer)
@@ -42,6 +46,10 @@ class Method:
     description: str
     rotate: bool  # randomized-Hadamard incoherence by default
     needs_calibration: bool
+    bits: tuple[int, ...] = PACKABLE_BITS  # the widths it quantizes to
+    grouped: bool = True  # takes group-wise scales (-g<N>)
+    tunable: bool = False  # takes -ft: block fine-tuning after quantization (quantize/finetune.py)
+    fmt: str = "int{bits}"  # the format's name in reports
 
 
 # method name -> Method; "" is the bare w{bits}. quantize/ adds its own methods with `register_method`.
@@ -54,11 +62,12 @@ METHODS: dict[str, Method] = {
 CALIBRATED = ("fp4",)  # methods outside METHODS (named recipes) that need calibration data
 
 
-def register_method(name: str, description: str, *, rotate: bool, needs_calibration: bool) -> None:
-    """Make `w{bits}-{name}` a recipe (the quantizer that implements it registers it, see quantize/layer.py)."""
-    if not re.fullmatch(r"[a-z][a-z0-9]*", name):
-        raise LowbitError(f"method name {name!r}: use lowercase letters and digits")
-    METHODS[name] = Method(description, rotate, needs_calibration)
+def register_method(name: str, description: str, *, rotate: bool, needs_calibration: bool, **options) -> None:
+    """Make `w{bits}-{name}` a recipe (the quantizer that implements it registers it, see quantize/layer.py);
+    `options` are Method's other fields (bits, grouped, tunable, fmt)."""
+    if not re.fullmatch(r"[a-z][a-z0-9]*", name) or name == "ft" or re.fullmatch(r"g\d+", name):
+        raise LowbitError(f"method name {name!r}: use lowercase letters and digits (not 'ft' or g<N>)")
+    METHODS[name] = Method(description, rotate, needs_calibration, **options)
 
 DEFAULT_FLOAT_PATTERNS = (r"re:(^|.*\.)lm_head$",)
 
@@ -87,8 +96,14 @@ class LayerSpec:
     act_quant: bool = True
     fp4_search: bool = True
     act_exponents: bool = True
+    # tunable methods only (-ft): fine-tune each block's continuous parameters after quantizing it
+    finetune: bool = False
 
     def __post_init__(self):
+        method = METHODS.get(self.method)
+        if self.finetune and not (method and method.tunable):
+            tunable = [m for m, v in METHODS.items() if v.tunable]
+            raise LowbitError(f"fine-tuning (-ft) is implemented for the methods {tunable}, not {self.method!r}")
         if self.method == "fp4":
             if self.bits != 4 or self.group_size:
                 raise LowbitError(f"FP4 layers are 4-bit with one scale per output row; got bits={self.bits}, "
@@ -96,12 +111,19 @@ class LayerSpec:
             return
         if self.bits not in PACKABLE_BITS:
             raise LowbitError(f"{self.bits}-bit weights are not supported; valid bit widths: {PACKABLE_BITS}")
+        if method is not None and self.bits not in method.bits:
+            raise LowbitError(f"method {self.method!r} quantizes to {method.bits} bits per weight, not {self.bits}")
         if self.group_size < 0:
             raise LowbitError(f"group_size must be 0 (per channel) or positive, got {self.group_size}")
+        if self.group_size and method is not None and not method.grouped:
+            raise LowbitError(f"method {self.method!r} has one scale per output row; group_size must be 0, got "
+                              f"{self.group_size}")
 
     @property
     def fmt(self) -> str:
-        return "fp4" if self.method == "fp4" else f"int{self.bits}"
+        if self.method == "fp4":
+            return "fp4"
+        return METHODS[self.method].fmt.format(bits=self.bits) if self.method in METHODS else f"int{self.bits}"
 
     @property
     def needs_calibration(self) -> bool:
@@ -115,20 +137,24 @@ class LayerSpec:
             return f"fp4 w4a4 {how}" + (" + act. exponents" if self.act_exponents and self.fp4_search else "")
         g = f", group {self.group_size}" if self.group_size else ""
         inc = " + incoherence" if self.rotate and self.method == "rtn" else ""
-        return f"{self.fmt} {self.method}{inc}{g}"
+        return f"{self.fmt} {self.method}{inc}{g}" + (" + fine-tuning" if self.finetune else "")
 
 
 _BPW_RE = re.compile(r"^(?P<bpw>\d+(?:\.\d+)?)bpw(?P<fp4>\+fp4)?$")
 DEFAULT_CANDIDATES = ("w2-quip", "w3-quip", "w4-quip")
 MIXED_UNITS = ("linear", "group", "block")
-_SPEC_RE = re.compile(r"^w(?P<bits>\d+)(?:-(?P<method>[a-z]+))?(?:-g(?P<group>\d+))?$")
+# method names are never g<N> or ft (register_method refuses them), so those suffixes are not read as one
+_SPEC_RE = re.compile(r"^w(?P<bits>\d+)(?:-(?!(?:g\d+|ft)(?:-|$))(?P<method>[a-z][a-z0-9]*))?"
+                      r"(?:-g(?P<group>\d+))?(?P<ft>-ft)?$")
 
 
 def valid_recipe_names() -> list[str]:
     out = []
     for b in PACKABLE_BITS:
-        for m in METHODS:
-            out.append(f"w{b}" + (f"-{m}" if m else ""))
+        for m, method in METHODS.items():
+            if b in method.bits:
+                out.append(f"w{b}" + (f"-{m}" if m else ""))
+                out += [f"w{b}-{m}-ft"] if method.tunable else []
     return out + list(FP4_RECIPES)
 
 
@@ -145,7 +171,7 @@ def parse_spec(text: str) -> LayerSpec:
     method = m["method"] or ""
     rotate = METHODS[method].rotate
     return LayerSpec(bits=int(m["bits"]), method=method or "rtn", rotate=rotate,
-                     group_size=int(m["group"] or 0))
+                     group_size=int(m["group"] or 0), finetune=bool(m["ft"]))
 
 
 def _as_spec(value) -> LayerSpec | None:

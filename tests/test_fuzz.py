@@ -43,10 +43,11 @@ def recipe_texts(draw):
     if draw(st.booleans()):
         text = draw(st.sampled_from(sorted(FP4_RECIPES)))
     else:
-        bits = draw(st.sampled_from(formats.PACKABLE_BITS))
         method = draw(st.sampled_from(sorted(METHODS)))
-        group = draw(st.sampled_from([0, 16, 32, 64, 128, 7]))
-        text = f"w{bits}" + (f"-{method}" if method else "") + (f"-g{group}" if group else "")
+        bits = draw(st.sampled_from(METHODS[method].bits))  # the widths the method quantizes to
+        group = draw(st.sampled_from([0, 16, 32, 64, 128, 7])) if METHODS[method].grouped else 0
+        ft = METHODS[method].tunable and draw(st.booleans())
+        text = f"w{bits}" + (f"-{method}" if method else "") + (f"-g{group}" if group else "") + ("-ft" if ft else "")
     text = "".join(c.upper() if draw(st.booleans()) else c for c in text)
     return draw(st.sampled_from(["", " ", "\t"])) + text + draw(st.sampled_from(["", " ", "\n"]))
 
@@ -59,10 +60,24 @@ def test_every_valid_recipe_string_parses_to_what_it_says(text):
     if name in FP4_RECIPES:
         assert spec.method == "fp4" and spec.bits == 4 and spec.act_quant == FP4_RECIPES[name]["act_quant"]
         return
-    m = re.match(r"w(\d)(?:-([a-z]+))?(?:-g(\d+))?$", name)
-    assert (spec.bits, spec.group_size) == (int(m[1]), int(m[3] or 0))
+    m = re.match(r"w(\d)(?:-([a-z][a-z0-9]*))??(?:-g(\d+))?(-ft)?$", name)
+    assert (spec.bits, spec.group_size, spec.finetune) == (int(m[1]), int(m[3] or 0), bool(m[4]))
     assert spec.method == (m[2] or "rtn") and spec.rotate == METHODS[m[2] or ""].rotate
     assert Recipe.parse(text).default == spec
+
+
+@FAST
+@given(bits=st.sampled_from(formats.PACKABLE_BITS), method=st.sampled_from(sorted(METHODS)),
+       group=st.sampled_from([0, 16, 7]), ft=st.booleans())
+def test_every_method_bits_group_ft_combination_parses_or_raises_lowbit_error(bits, method, group, ft):
+    text = f"w{bits}" + (f"-{method}" if method else "") + (f"-g{group}" if group else "") + ("-ft" if ft else "")
+    m = METHODS[method]
+    valid = bits in m.bits and (m.grouped or not group) and (m.tunable or not ft)
+    if valid:
+        assert parse_spec(text).bits == bits
+    else:
+        with pytest.raises(LowbitError):
+            parse_spec(text)
 
 
 override_keys = st.one_of(

@@ -72,3 +72,30 @@ def test_bpw_recipes_parse_to_a_mixed_precision_budget():
         Recipe.mixed(0.5)
     with pytest.raises(LowbitError, match="unknown recipe '2.5 bpw'"):
         Recipe.parse("2.5 bpw")
+
+
+def test_e8_recipes_and_the_fine_tuning_suffix():
+    import lowbit_compile  # noqa: F401  (quantize/layer.py registers the method "e8")
+
+    assert parse_spec("w2-e8") == LayerSpec(bits=2, method="e8", rotate=True)
+    assert parse_spec("W3-E8-FT") == LayerSpec(bits=3, method="e8", rotate=True, finetune=True)
+    assert parse_spec("w4-e8").needs_calibration and Recipe.parse("w2-e8-ft").needs_calibration
+    assert parse_spec("w2-e8-ft").describe() == "e8p2 e8 + fine-tuning"
+    assert parse_spec("w4-g128") == LayerSpec(bits=4, rotate=True, group_size=128)  # -g is not a method name
+    names = valid_recipe_names()
+    assert {"w2-e8", "w3-e8", "w4-e8", "w2-e8-ft", "w4-e8-ft"} <= set(names)
+    assert "w8-e8" not in names and "w2-quip-ft" not in names
+    for bad, why in [("w8-e8", r"method 'e8' quantizes to \(2, 3, 4\) bits per weight, not 8"),
+                     ("w2-e8-g64", "method 'e8' has one scale per output row"),
+                     ("w2-quip-ft", r"fine-tuning \(-ft\) is implemented for the methods \['e8'\], not 'quip'"),
+                     ("w4-ft", "not 'rtn'"), ("w2-e8-ft-ft", "unknown recipe")]:
+        with pytest.raises(LowbitError, match=why):
+            parse_spec(bad)
+
+
+@pytest.mark.parametrize("name", ["ft", "g32", "E8", "8e"])
+def test_register_method_refuses_names_the_grammar_cannot_read(name):
+    from lowbit_compile.recipe import register_method
+
+    with pytest.raises(LowbitError, match="method name"):
+        register_method(name, "", rotate=False, needs_calibration=False)

@@ -434,3 +434,31 @@ def unpack_codes(packed: torch.Tensor, fmt: E8Format) -> torch.Tensor:
 def bits_per_weight(fmt: E8Format, in_features: int) -> float:
     """Stored bits per weight: codes plus one float16 scale per row of in_features weights."""
     return (8 * fmt.bytes_per_group * in_features // DIM + 16) / in_features
+
+
+# ----------------------------------------------------------------------------- as 4-bit integer digits
+
+# Every E8 format's value at scale 1 is Σ_stage mult·(digit − DIGIT_ZERO) with 4-bit digits in [0, 15]: the codes run
+# on an integer 4-bit kernel with zero 7.5 and row scale s·mult, one row block per stage (summed):
+#   2 bits: C₁ = (c − 7.5)/2, c = 2C₁ + 7.5 ∈ [2, 13];
+#   3 bits: C₁ + C₂/2 = v/4 with v = 4C₁ + 2C₂ an integer in [−15, 15], split as v = (c₁ − 7.5) + (c₂ − 7.5);
+#   4 bits: C₁ + C₂/4 = (c₁ − 7.5)/2 + (c₂ − 7.5)/8 with c = 2C + 7.5 for both E8P stages.
+DIGIT_ZERO = 7.5
+DIGIT_MULTIPLIERS = {2: (0.5,), 3: (0.25, 0.25), 4: (0.5, 0.125)}
+
+
+def int4_digits(codes: torch.Tensor, fmt: E8Format) -> torch.Tensor:
+    """Codes (rows, groups, stages) -> uint8 digits (stages, rows, groups·8) in [0, 15] such that
+    fmt.dequantize(codes) = Σ_stage DIGIT_MULTIPLIERS[bits][stage]·(digit − DIGIT_ZERO), exactly."""
+    if codes.dim() != 3 or codes.shape[-1] != fmt.stages:
+        raise LowbitError(f"int4_digits: {fmt.name} codes must have shape (rows, groups, {fmt.stages}), "
+                          f"got {tuple(codes.shape)}")
+    rows = codes.shape[0]
+    if fmt.bits == 3:
+        v = (4 * fmt.dequantize(codes)).round().reshape(rows, -1) + 15  # 4C₁ + 2C₂ + 15 ∈ [0, 30]
+        first = v.clamp(max=15)
+        digits = torch.stack([first, v - first])
+    else:
+        per_stage = [decode(codes[..., 0])] + ([decode(codes[..., 1])] if fmt.stages == 2 else [])
+        digits = torch.stack([(2 * c + DIGIT_ZERO).reshape(rows, -1) for c in per_stage])
+    return digits.to(torch.uint8)

@@ -116,10 +116,33 @@ def _int4pack_layout_known() -> bool:
 
 
 def choose_for(rec, kernels: str = "auto") -> Choice:
-    """The kernel of a record: integer records by `choose` (kernels="auto"), everything else and kernels="reference"
-    on the reference ops (FP4 records find their CPU kernel later, in passes/fp4_fast_path)."""
+    """The kernel of a record: integer records by `choose` (kernels="auto"), E8 records by `choose_e8`, everything
+    else and kernels="reference" on the reference ops (FP4 records find their CPU kernel later, in
+    passes/fp4_fast_path)."""
     if kernels == "reference":
         return Choice("reference", "kernels='reference'")
-    if getattr(rec, "kind", None) != "int":
+    kind = getattr(rec, "kind", None)
+    if kind == "e8":
+        return choose_e8(rec.bits, rec.qweight.device)
+    if kind != "int":
         return Choice("reference", "FP4: see fp4_fast_path")
     return choose(rec.bits, rec.group_size, rec.qweight.device)
+
+
+def choose_e8(bits: int, device: torch.device | str = "cpu") -> Choice:
+    """E8 records: "native" (their codes as 4-bit digits, e8p.int4_digits, on the native 4-bit kernel: E8P at the
+    speed of int4, the 3/4-bit residual formats as two 4-bit passes in one call) wherever the native library is
+    built, whatever bfloat16 does (the int4pack path does not take E8 digits); else "reference"
+    (`lowbit::e8p_linear`, which decodes the weight on every call)."""
+    from . import native
+
+    if torch.device(device).type != "cpu":
+        return Choice("reference", f"weights on {torch.device(device).type}")
+    forced = os.environ.get(KERNEL_ENV, "")
+    if forced == "reference":
+        return Choice("reference", f"{KERNEL_ENV}={forced}")
+    if not native.available():
+        return Choice("reference", f"native kernels unavailable ({native.unavailable_reason()[:200]}): E8 codes "
+                                   f"decoded on every call")
+    how = "one 4-bit pass" if bits == 2 else "two 4-bit passes"
+    return Choice("native", f"E8 codes as 4-bit digits on the native kernel ({how})")

@@ -3,6 +3,9 @@
 
 The record's codes are repacked once into the native layout (kernels/native: 2/3/4 bits per weight as stored,
 rows padded to 128 codes) with float32 scales; the grid's zero ((2^b − 1)/2 at 2/3 bits, 8 at 4) is the kernel's.
+What is packed comes from `record.native_digits()`: E8 records give their codes as 4-bit digits with zero 7.5
+(formats/e8p.int4_digits), the 3/4-bit residual formats as two blocks of rows whose products are summed before
+the output rotation (two 4-bit passes in one kernel call: 8 bits per weight read at run time).
 The whole layer is one native call, `lowbit_native::rotated_linear`:
 
     y = sv ⊙ Tₘᵀ(native(Tₙ(su ⊙ x))) + bias
@@ -32,7 +35,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import formats
 from ..errors import LowbitError
 from . import cpu, native
 from .reference import linear_fake
@@ -51,6 +53,7 @@ class NativePack:
     zero: float
     in_features: int
     out_features: int
+    source: str = ""  # the record's format when its codes were rewritten as digits (E8: "e8p2")
 
     def nbytes(self) -> int:
         return self.packed.numel() + self.scales.numel() * 4
@@ -61,16 +64,20 @@ class NativePack:
 
     def describe(self) -> str:
         isa = native.capabilities()["selected"]
-        return f"{RUNTIME_NAME} int{self.bits} ({isa}, {ACT} activations) {self.bits_per_weight():.2f} b/w in memory"
+        digits = f" digits of {self.source}" if self.source else ""
+        return (f"{RUNTIME_NAME} int{self.bits}{digits} ({isa}, {ACT} activations) {self.bits_per_weight():.2f} b/w "
+                f"in memory")
 
 
 def pack_native(rec) -> NativePack:
-    """A 2/3/4-bit QuantizedLinear's codes in the native layout."""
-    if rec.bits not in (2, 3, 4):
-        raise LowbitError(f"layer {rec.fqn}: int{rec.bits} has no native kernel")
-    codes = formats.unpack(rec.qweight, rec.bits, rec.in_features).to(torch.uint8)
-    return NativePack(native.pack(codes.contiguous(), rec.bits), rec.scales.to(torch.float32).contiguous(), rec.bits,
-                      formats.int_format(rec.bits).zero, rec.in_features, rec.out_features)
+    """A record's codes in the native layout, from `rec.native_digits()`: (codes, bits, zero, scales) with
+    codes of 2, 3 or 4 bits, one row per output or `stages` blocks of rows whose products add up (E8 records:
+    E8QuantizedLinear.native_digits)."""
+    codes, bits, zero, scales = rec.native_digits()
+    if bits not in (2, 3, 4):
+        raise LowbitError(f"layer {rec.fqn}: int{bits} has no native kernel")
+    return NativePack(native.pack(codes.contiguous(), bits), scales.contiguous(), bits, zero, rec.in_features,
+                      rec.out_features, "" if getattr(rec, "kind", "int") == "int" else rec.fmt)
 
 
 _PACKED: dict[int, tuple] = {}  # id(record) -> (weakref to it, its NativePack)
@@ -103,9 +110,19 @@ def factor_block(blocks, n: int) -> Tensor | None:
 def native_linear_impl(x, packed, scales, su, sv, rot_in, rot_out, bias, bits, zero, in_features, out_features):
     lead = x.shape[:-1]
     h = x.reshape(-1, in_features).to(torch.float32)
-    y = torch.ops.lowbit_native.rotated_linear(
-        h, packed, scales, bits, zero, out_features, in_features, su, factor_block(rot_in, in_features), sv,
-        factor_block(rot_out, out_features), None if bias is None else bias.to(torch.float32), ACT, -1, "auto")
+    stages = packed.shape[0] // out_features
+    if stages == 1:
+        y = torch.ops.lowbit_native.rotated_linear(
+            h, packed, scales, bits, zero, out_features, in_features, su, factor_block(rot_in, in_features), sv,
+            factor_block(rot_out, out_features), None if bias is None else bias.to(torch.float32), ACT, -1, "auto")
+    else:  # row blocks summed before the output rotation (E8 residual formats: kernels/e8_ops.py)
+        y = torch.ops.lowbit_native.rotated_linear(
+            h, packed, scales, bits, zero, stages * out_features, in_features, su, factor_block(rot_in, in_features),
+            None, None, None, ACT, -1, "auto").view(-1, stages, out_features).sum(1)
+        if sv is not None:
+            y = torch.ops.lowbit_native.hadamard(y, sv, factor_block(rot_out, out_features), True, "auto")
+        if bias is not None:
+            y = y + bias.to(torch.float32)
     return y.to(x.dtype).reshape(*lead, out_features)
 
 
@@ -126,7 +143,8 @@ def native_linear(
 ) -> Tensor:
     """y = sv ⊙ Tₘᵀ(Ŵ' · Tₙ(su ⊙ x)) + bias on the native kernels; Ŵ'[n, k] = (code − zero)·scales[n, group] as
     packed by `pack_native`; Tₙ / Tₘ the Kronecker products of `rot_in` / `rot_out` (cpu.rotation_blocks; empty
-    when su / sv is None), applied by lowbit_native::rotated_linear (factor_block)."""
+    when su / sv is None), applied by lowbit_native::rotated_linear (factor_block). `packed` may hold a multiple
+    of out_features rows, `stages` blocks whose weights add up: Ŵ' = Σ_s Ŵ'_s (E8 residual formats)."""
     return native_linear_impl(x, packed, scales, su, sv, rot_in, rot_out, bias, bits, zero, in_features,
                               out_features)
 
@@ -137,11 +155,12 @@ def _(x, packed, scales, su, sv, rot_in, rot_out, bias, bits, zero, in_features,
 
 
 def dequantize(packed: Tensor, scales: Tensor, bits: int, zero: float, in_features: int, out_features: int) -> Tensor:
-    """The float32 weight (out_features, in_features) the kernel applies."""
-    codes = native.unpack(packed, bits, out_features, in_features).to(torch.float32)
+    """The float32 weight (out_features, in_features) the kernel applies (row blocks of several stages summed)."""
+    rows = packed.shape[0]
+    codes = native.unpack(packed, bits, rows, in_features).to(torch.float32)
     groups = scales.shape[1]
-    w = (codes - zero).view(out_features, groups, in_features // groups) * scales.unsqueeze(-1)
-    return w.reshape(out_features, in_features)
+    w = (codes - zero).view(rows, groups, in_features // groups) * scales.unsqueeze(-1)
+    return w.reshape(-1, out_features, in_features).sum(0)
 
 
 def _setup(ctx, inputs, output):

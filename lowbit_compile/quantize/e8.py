@@ -1,8 +1,11 @@
 """Block LDLQ with E8 lattice codebooks (QuIP#, Tseng et al. 2024, sec. 4): 8 columns at a time, one codeword each.
 
+`quantize_e8_linear` is the layer quantizer (incoherence, then block LDLQ, then the record); the rest works on
+weights and Hessians already in the incoherence-processed basis.
+
 Conventions as in ldlq.py: W is (rows, n), H = E[x xᵀ] is (n, n), the proxy loss is tr((Ŵ−W) H (Ŵ−W)ᵀ), rows are
-independent given H and each row has one scale s: Ŵ_row = s · fmt.dequantize(codes_row). W and H are expected in
-the incoherence-processed basis (quantize.incoherence); nothing here rotates.
+independent given H and each row has one scale s: Ŵ_row = s · fmt.dequantize(codes_row). But for
+`quantize_e8_linear`, W and H are expected in the incoherence-processed basis (quantize.incoherence).
 
 Block LDL: H = U D Uᵀ with U unit block upper triangular (8×8 identity diagonal blocks) and D block diagonal
 with 8×8 positive definite blocks D_K. Block K (columns 8K..8K+7) is rounded after the feedback of the errors
@@ -33,7 +36,9 @@ from .. import formats
 from ..errors import LowbitError
 from ..formats import e8p
 from ..formats.e8p import DIM, E8Format
+from .incoherence import Transform, layer_seed
 from .ldlq import LDL, check_hessian, damp_hessian
+from .records import E8QuantizedLinear
 
 DEFAULT_BLOCK = 128  # columns per lazy feedback GEMM (16 codeword blocks), as ldlq.DEFAULT_BLOCK
 STACK_ROWS = 4096  # scale candidates run stacked up to this many rows per block LDLQ pass
@@ -230,3 +235,34 @@ def quantize_e8_nearest(w: torch.Tensor, bits: int, *, scale_search: bool = True
         best = _keep_better(best, (codes, sc, err, err))
     codes, sc, err, _ = best
     return E8Result(fmt, codes, sc, err, err)
+
+
+def quantize_e8_linear(w: torch.Tensor, h: torch.Tensor, bits: int, *, seed: int = 0, damp: float = 0.01,
+                       fqn: str = "") -> E8QuantizedLinear:
+    """One linear weight (out_features, in_features) with its input Hessian H = E[x xᵀ] -> an E8QuantizedLinear:
+    incoherence as in QuIP (dead input columns zeroed, then W' = U W Vᵀ, H' = V H Vᵀ with the transform of
+    layer_seed(seed, fqn)), then block LDLQ with the scale search (`quantize_e8`). The proxy loss is under the
+    caller's H (the rotation leaves it unchanged)."""
+    from .quip import _to_quantization_space
+
+    if w.dim() != 2:
+        raise LowbitError(f"{_where(fqn)}expected a 2-D linear weight, got shape {tuple(w.shape)}")
+    _check_width(w.shape[1], fqn)
+    check_hessian(h, w.shape[1], fqn)
+    out_f, in_f = w.shape
+    w0 = w.detach().to(torch.float32)
+    s = layer_seed(seed, fqn)
+    try:
+        t = Transform.from_seed(in_f, out_f, s)
+    except LowbitError as e:
+        raise LowbitError(f"{_where(fqn)}{e}") from None
+    wq, hq, _ = _to_quantization_space(w0, h.detach().to(torch.float64), t, rescale=False)
+    res = quantize_e8(wq, hq, bits, damp=damp, fqn=fqn)
+    rec = E8QuantizedLinear(
+        fqn=fqn, method="e8", bits=bits, in_features=in_f, out_features=out_f, group_size=0,
+        qweight=e8p.pack_codes(res.codes, res.fmt), scales=res.scales, seed=s, su=t.su, sv=t.sv, weight_error=0.0,
+        proxy_loss=float(res.loss.sum()),
+    )
+    err = torch.linalg.vector_norm(rec.dequantized_weight() - w0) / torch.linalg.vector_norm(w0).clamp_min(1e-30)
+    rec.weight_error = float(err)
+    return rec

@@ -1,4 +1,5 @@
-"""Quantize one linear weight: dispatch on the layer spec, return a QuantizedLinear or FP4QuantizedLinear.
+"""Quantize one linear weight: dispatch on the layer spec, return a QuantizedLinear, E8QuantizedLinear (method "e8",
+registered here) or FP4QuantizedLinear.
 
 FP4 layers that read the same input tensor (q/k/v, gate/up) are quantized together by `quantize_fp4_group`,
 so that they share one vector of per-channel activation exponents: then a single folded copy of their
@@ -16,10 +17,15 @@ import torch
 from .. import formats
 from ..errors import LowbitError
 from ..formats import fp4 as f4
-from ..recipe import LayerSpec, parse_spec
+from ..formats.e8p import DIM as E8_DIM
+from ..formats.e8p import E8_BITS
+from ..recipe import LayerSpec, parse_spec, register_method
 from .incoherence import Transform, layer_seed
 from .records import FP4QuantizedLinear, QuantizedLinear, weight_digest
 from .rtn import quantize_rtn
+
+register_method("e8", "QuIP#'s E8P: incoherence + block LDLQ with the E8 lattice codebook (2-bit; 3/4-bit residual)",
+                rotate=True, needs_calibration=True, bits=E8_BITS, grouped=False, tunable=True, fmt="e8p{bits}")
 
 
 def check_weight(fqn: str, w: torch.Tensor) -> None:
@@ -38,7 +44,13 @@ def check_weight(fqn: str, w: torch.Tensor) -> None:
 def check_group_size(fqn: str, in_features: int, spec: LayerSpec) -> None:
     """Refuse a group size that does not divide the layer's in_features, naming the layer and the fixes: a
     per-layer override with a group size that divides it (the largest one up to the asked size), or one scale
-    per output channel."""
+    per output channel. E8 codes hold groups of 8 inputs: a width that 8 does not divide takes a scalar recipe."""
+    if spec.method == "e8" and in_features % E8_DIM:
+        scalar = _recipe_text(LayerSpec(bits=spec.bits, method="quip", rotate=True))
+        raise LowbitError(f"layer {fqn}: E8 codes quantize {E8_DIM} input columns at a time, but in_features="
+                          f"{in_features} is not a multiple of {E8_DIM}; give this layer a scalar recipe: "
+                          f"overrides={{{fqn!r}: {scalar}}} (lb.quantize(..., overrides=...) or the torch.compile "
+                          f"option 'overrides')")
     g = spec.group_size
     if spec.method == "fp4" or g == 0 or in_features % g == 0:
         return
@@ -57,7 +69,7 @@ def _recipe_text(spec: LayerSpec) -> str:
     """The recipe string of `spec` when one parses back to it exactly, else the LayerSpec itself."""
     name = f"w{spec.bits}" + ("" if spec.method == "rtn" and spec.rotate else
                               "-rtn" if spec.method == "rtn" else f"-{spec.method}")
-    name += f"-g{spec.group_size}" if spec.group_size else ""
+    name += (f"-g{spec.group_size}" if spec.group_size else "") + ("-ft" if spec.finetune else "")
     try:
         same = parse_spec(name) == spec
     except LowbitError:
@@ -84,6 +96,10 @@ def _quantize_weight(fqn, w, spec, seed, hessian, sample, absmax):
     if spec.needs_calibration:
         if hessian is None:
             raise LowbitError(f"layer {fqn}: method {spec.method!r} needs calibration data (an input Hessian)")
+        if spec.method == "e8":
+            from .e8 import quantize_e8_linear
+
+            return quantize_e8_linear(w.detach(), hessian, spec.bits, seed=seed, damp=spec.damp, fqn=fqn)
         from .quip import quantize_quip
 
         return quantize_quip(w.detach(), hessian, spec.bits, spec.group_size, rotate=spec.rotate, seed=seed,

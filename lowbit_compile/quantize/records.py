@@ -1,8 +1,9 @@
 """The quantized-linear records: everything needed to run one quantized linear, and to reproduce it.
 
-Two kinds: `QuantizedLinear` (integer codes, optionally with a randomized-Hadamard transform:
-`lowbit::rotated_linear`) and `FP4QuantizedLinear` (LLM-FP4 codes with per-row scales, optionally FP4
-activations with per-channel exponents: `lowbit::fp4_linear`). Each record's `dequantized_weight()` is the
+Three kinds: `QuantizedLinear` (integer codes, optionally with a randomized-Hadamard transform:
+`lowbit::rotated_linear`), `FP4QuantizedLinear` (LLM-FP4 codes with per-row scales, optionally FP4
+activations with per-channel exponents: `lowbit::fp4_linear`) and `E8QuantizedLinear` (E8 lattice codes, 8 weights
+per code, rotated: `lowbit::e8p_linear`). Each record's `dequantized_weight()` is the
 float32 weight it applies to the original inputs, and `bits_per_weight()` counts everything it stores.
 `weight_sha256` holds the digest of the float weight it was made from (`weight_digest`), so a checkpoint finds
 its layers in a graph whatever the graph calls them (checkpoint.Checkpoint.match).
@@ -19,7 +20,7 @@ import torch
 
 from .. import formats, hadamard
 from ..kernels import reference
-from ..kernels.specs import FP4_LINEAR, ROTATED_LINEAR, Shared
+from ..kernels.specs import E8P_LINEAR, FP4_LINEAR, ROTATED_LINEAR, Shared
 from .incoherence import Transform
 
 
@@ -81,6 +82,12 @@ class QuantizedLinear:
         w = self.rotated_weight()
         t = self.transform()
         return w if t is None else t.unrotate_weight(w)
+
+    def native_digits(self) -> tuple[torch.Tensor, int, float, torch.Tensor]:
+        """The codes for the native integer kernel (kernels/cpu_native.py): (codes uint8 (out, in), bits, the grid's
+        zero, float32 scales (out, groups))."""
+        codes = formats.unpack(self.qweight, self.bits, self.in_features).to(torch.uint8)
+        return codes, self.bits, formats.int_format(self.bits).zero, self.scales.to(torch.float32)
 
     def bits_per_weight(self) -> float:
         """Codes + float16 scales + one bit per sign, as stored."""
@@ -186,7 +193,70 @@ class FP4QuantizedLinear:
         return total / (self.in_features * self.out_features)
 
 
-RECORD_KINDS = {cls.kind: cls for cls in (QuantizedLinear, FP4QuantizedLinear)}
+@dataclass
+class E8QuantizedLinear(QuantizedLinear):
+    """One E8 lattice-codebook linear (method "e8", QuIP#'s E8P: formats/e8p.py, quantize/e8.py): the fields of
+    QuantizedLinear, with E8 codes.
+
+    qweight uint8 (out_features, in_features / 8 · bits): per row, one little-endian integer of `bits` bytes per 8
+    weights (e8p.pack_codes); scales float16 (out_features, 1); group_size 0. The rotated weight is
+    Ŵ' = scales ⊙ E8Format(bits).dequantize(codes) and the layer y = Uᵀ Ŵ' V x, as for a rotated QuantizedLinear
+    (`lowbit::e8p_linear`). su / sv are ±1 from `seed`, or real-valued where block fine-tuning moved them
+    (quantize/finetune.py). It subclasses QuantizedLinear so that the modules built from records (nn.swap_linears)
+    take it; code that reads integer codes must check `kind == "int"`.
+    """
+
+    kind: ClassVar[str] = "e8"
+    OP: ClassVar = E8P_LINEAR
+
+    @property
+    def fmt(self) -> str:
+        return f"e8p{self.bits}"
+
+    @property
+    def e8_format(self):
+        from ..formats import e8p
+
+        return e8p.e8_format(self.bits)
+
+    def op_arguments(self) -> dict:
+        """The arguments of OP but x and bias, by name."""
+        return {"qweight": self.qweight, "scales": self.scales, "su": self.su, "sv": self.sv,
+                "had_in": _factor(self.in_features) if self.su is not None else None,
+                "had_out": _factor(self.out_features) if self.sv is not None else None,
+                "bits": self.bits, "in_features": self.in_features}
+
+    def codes(self) -> torch.Tensor:
+        """int32 (out_features, in_features / 8, stages)."""
+        from ..formats import e8p
+
+        return e8p.unpack_codes(self.qweight, self.e8_format)
+
+    def rotated_weight(self) -> torch.Tensor:
+        from ..kernels.e8_ops import dequantize_e8_weight
+
+        return dequantize_e8_weight(self.qweight, self.scales, self.bits, self.in_features)
+
+    def native_digits(self) -> tuple[torch.Tensor, int, float, torch.Tensor]:
+        """The codes as 4-bit integer digits, one block of out_features rows per stage whose products add up
+        (e8p.int4_digits): (digits uint8 (stages·out, in), 4, zero 7.5, float32 scales (stages·out, 1))."""
+        from ..formats import e8p
+
+        digits = e8p.int4_digits(self.codes(), self.e8_format).reshape(-1, self.in_features)
+        mult = torch.tensor(e8p.DIGIT_MULTIPLIERS[self.bits], dtype=torch.float32)
+        scales = (mult.view(-1, 1, 1) * self.scales.to(torch.float32)).reshape(-1, 1)
+        return digits, 4, e8p.DIGIT_ZERO, scales
+
+    def bits_per_weight(self) -> float:
+        """Codes + float16 row scales + one bit per sign (16 per entry of a sign vector that fine-tuning made
+        real-valued), as stored."""
+        total = 8 * self.qweight.numel() + 16 * self.scales.numel()
+        for v in (self.su, self.sv):
+            total += 0 if v is None else v.numel() * (1 if bool((v.abs() == 1).all()) else 16)
+        return total / (self.in_features * self.out_features)
+
+
+RECORD_KINDS = {cls.kind: cls for cls in (QuantizedLinear, FP4QuantizedLinear, E8QuantizedLinear)}
 
 
 def _factor(n: int) -> Shared:

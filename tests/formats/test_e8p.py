@@ -201,3 +201,24 @@ def test_lattice_codebooks_beat_scalar_grids_at_equal_bits_on_gaussian_rows():
         v = e8.quantize((w / rms * e8.gaussian_scale).reshape(-1, 8))[1].reshape(w.shape)
         lattice = (v * rms / e8.gaussian_scale - w).square().mean()
         assert lattice < 0.85 * scalar, (bits, float(lattice), float(scalar))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int4_digits_reproduce_every_format_exactly(bits):
+    fmt = e8p.E8Format(bits)
+    g = torch.Generator().manual_seed(bits)
+    c1 = torch.randint(0, e8p.N_CODES, (5, 64), generator=g)
+    c2 = torch.randint(0, 256 if bits == 3 else e8p.N_CODES, (5, 64), generator=g)
+    codes = torch.stack([c1, c2], dim=-1)[..., :fmt.stages].to(torch.int32)
+    digits = e8p.int4_digits(codes, fmt)
+    assert digits.dtype == torch.uint8 and digits.shape == (fmt.stages, 5, 512) and int(digits.max()) <= 15
+    mult = torch.tensor(e8p.DIGIT_MULTIPLIERS[bits], dtype=F64).view(-1, 1, 1)
+    rebuilt = (mult * (digits.to(F64) - e8p.DIGIT_ZERO)).sum(0)
+    assert torch.equal(rebuilt, fmt.dequantize(codes).reshape(5, 512).to(F64))
+    # all codewords: E8P digits span [2, 13] exactly
+    if bits == 2:
+        every = torch.arange(e8p.N_CODES, dtype=torch.int32).view(1, -1, 1)
+        d = e8p.int4_digits(every, fmt)
+        assert (int(d.min()), int(d.max())) == (2, 13)
+    with pytest.raises(LowbitError, match="codes must have shape"):
+        e8p.int4_digits(codes[0], fmt)

@@ -126,3 +126,56 @@ def test_widths_that_are_not_a_multiple_of_8_are_refused():
     with pytest.raises(LowbitError, match="multiple of 8"):
         e8.e8_ldlq_factored(torch.zeros(2, 16), e8.block_ldl(L.ldl_upper(torch.eye(16, dtype=F64))),
                             torch.ones(2, 1), e8p.E8Format(2), block_size=12)
+
+
+# ----------------------------------------------------------------------------- the layer quantizer (method "e8")
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_quantize_weight_e8_beats_scalar_quip_on_the_proxy_loss(bits):
+    """Through quantize_weight, as lb.quantize calls it: the same incoherence (the transform of the layer seed) and
+    the loss under the caller's Hessian, lower than scalar QuIP's at the same bits."""
+    from lowbit_compile.quantize.incoherence import layer_seed
+    from lowbit_compile.quantize.layer import quantize_weight
+    from lowbit_compile.quantize.records import E8QuantizedLinear
+    from lowbit_compile.recipe import parse_spec
+
+    n, rows = 256, 64
+    h = correlated_hessian(n, 11)
+    w = weight(rows, n, 11, torch.float32)
+    rec = quantize_weight("enc.fc", w, parse_spec(f"w{bits}-e8"), seed=3, hessian=h)
+    quip = quantize_weight("enc.fc", w, parse_spec(f"w{bits}-quip"), seed=3, hessian=h)
+    assert isinstance(rec, E8QuantizedLinear) and rec.kind == "e8" and rec.method == "e8"
+    assert rec.seed == quip.seed == layer_seed(3, "enc.fc") and torch.equal(rec.su, quip.su)
+    assert rec.proxy_loss < 0.95 * quip.proxy_loss, (rec.proxy_loss, quip.proxy_loss)
+    exact = float(L.proxy_loss_rows(w.double(), rec.dequantized_weight().double(), h).sum())
+    assert rec.proxy_loss == pytest.approx(exact, rel=1e-3)
+    assert rec.weight_sha256 is not None and 0 < rec.weight_error < 1
+    assert rec.qweight.shape == (rows, n // 8 * bits) and rec.scales.shape == (rows, 1)
+    assert abs(rec.bits_per_weight() - bits) < 0.1  # codes + float16 row scales + sign bits
+
+
+def test_e8_widths_fail_in_the_precheck_with_the_override_that_fixes_them():
+    from lowbit_compile.quantize.core import Layer, precheck
+    from lowbit_compile.recipe import Recipe
+
+    layers = [Layer("enc.ok", torch.randn(8, 64)), Layer("enc.fc", torch.randn(8, 30))]
+    with pytest.raises(LowbitError, match=r"layer enc.fc: E8 codes quantize 8 input columns at a time, but "
+                                          r"in_features=30 .*overrides=\{'enc.fc': 'w3-quip'\}"):
+        precheck(layers, Recipe.parse("w3-e8"))
+    precheck(layers, Recipe.parse("w3-e8", {"enc.fc": "w3-quip"}))  # the proposed fix passes
+
+
+def test_lb_quantize_refuses_an_e8_width_before_calibrating():
+    import lowbit_compile as lb
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(30, 8)
+
+        def forward(self, x):
+            raise AssertionError("calibration ran")
+
+    with pytest.raises(LowbitError, match="layer fc: E8 codes"):
+        lb.quantize(Model(), "w2-e8-ft", [torch.randn(2, 30)], progress=False)
