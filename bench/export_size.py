@@ -36,12 +36,12 @@ from .common import machine, markdown_table, publish
 SKIP = r"(^|.*\.)(lm_head|pooler\..*)$"
 
 
-def llama(layers: int = 4, hidden: int = 512, mlp: int = 1376, vocab: int = 2048):
+def llama(layers: int = 4, hidden: int = 512, mlp: int = 1376, vocab: int = 2048, heads: int = 8):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(1)
