@@ -49,7 +49,8 @@ from torch import nn
 from .. import formats, hadamard
 from ..errors import LowbitError
 from ..formats import fp4 as f4
-from ..nn import LowbitFP4Linear, LowbitLinear
+from ..nn import LowbitEmbedding, LowbitFP4Linear, LowbitLinear
+from .embedding import GatherEmbedding
 
 MAX_BLOCK = 64  # largest Sylvester block; a 64×64 float32 block is 16 KiB, stored once per size in the file
 
@@ -501,11 +502,15 @@ def route_for(lin: LowbitLinear, int4: str = "xnnpack") -> str:
 
 
 def decompose_lowbit_linears(model: nn.Module, int4: str = "xnnpack") -> dict[str, str]:
-    """Replace every LowbitLinear and LowbitFP4Linear of `model` (in place) by its runtime form; returns
-    {fqn: route}."""
+    """Replace every LowbitLinear and LowbitFP4Linear of `model` (in place) by its runtime form, and every
+    LowbitEmbedding by a GatherEmbedding (route "gather": packed rows gathered and decoded in portable integer ops);
+    returns {fqn: route}."""
     routes = {}
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, LowbitFP4Linear):
+        if isinstance(mod, LowbitEmbedding):
+            new = GatherEmbedding(mod)
+            route = new.route
+        elif isinstance(mod, LowbitFP4Linear):
             new = FP4TableLinear(mod)
             route = new.route
         elif isinstance(mod, LowbitLinear):

@@ -12,10 +12,17 @@ from ..formats.packing import group_shape
 
 
 class GatherEmbedding(torch.nn.Module):
+    """From an integer embedding record, or from an nn.LowbitEmbedding (the ExecuTorch exporter's decomposition)."""
+
+    route = "gather"
+
     def __init__(self, rec):
         super().__init__()
         self.fqn = rec.fqn
-        self.num_embeddings, self.embedding_dim = rec.out_features, rec.in_features
+        if hasattr(rec, "num_embeddings"):  # nn.LowbitEmbedding
+            self.num_embeddings, self.embedding_dim = rec.num_embeddings, rec.embedding_dim
+        else:
+            self.num_embeddings, self.embedding_dim = rec.out_features, rec.in_features
         self.bits, self.group_size = rec.bits, rec.group_size
         self.per_group, self.n_bytes = group_shape(rec.bits)
         self.zero = int_format(rec.bits).zero

@@ -78,7 +78,7 @@ RTOL_FLOAT = 1e-4
 RTOL_INT8_ACTIVATIONS = 0.1
 # The default rtol of a program is the largest of its routes'. W4A4 FP4 is checked at the float tolerance, and a
 # mismatch is accepted only when a few activations rounded the other way at an FP4 rounding midpoint explain it.
-ROUTE_RTOL = {"packed": RTOL_FLOAT, "fp4-a16": RTOL_FLOAT, "fp4-a4": RTOL_FLOAT,
+ROUTE_RTOL = {"gather": RTOL_FLOAT, "packed": RTOL_FLOAT, "fp4-a16": RTOL_FLOAT, "fp4-a4": RTOL_FLOAT,
               "xnnpack-int4": RTOL_INT8_ACTIVATIONS, "xnnpack-int4-load": RTOL_INT8_ACTIVATIONS}
 INT8_ACTIVATION_ROUTES = ("xnnpack-int4", "xnnpack-int4-load")
 
@@ -97,7 +97,8 @@ class PteExport:
 
     path: Path
     nbytes: int
-    routes: dict[str, str]  # layer FQN -> "xnnpack-int4" | "xnnpack-int4-load" | "packed" | "fp4-a16" | "fp4-a4"
+    # layer FQN -> "xnnpack-int4" | "xnnpack-int4-load" | "packed" | "fp4-a16" | "fp4-a4" | "gather" (embeddings)
+    routes: dict[str, str]
     quantized_weights: int  # number of weights in the quantized linears
     dynamic_dims: list[str] = field(default_factory=list)  # e.g. "input_ids.1 in [2, 256]"
     delegates: int = 0  # XNNPACK subgraphs called by the program

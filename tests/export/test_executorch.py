@@ -741,3 +741,29 @@ def test_onnx_suffix_without_exporter_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib, "import_module", no_onnx)
     with pytest.raises(LowbitError, match="exporter is not available yet"):
         export(mlp(dims=(8, 8)), {}, (torch.randn(1, 8),), tmp_path / "m.onnx")
+
+
+def test_a_quantized_tied_embedding_exports_to_pte_as_a_gather_of_the_packed_table(tmp_path):
+    """The embedding's packed rows are gathered and decoded in portable integer ops (route "gather", the same
+    module as the ONNX export) and the tied head runs the shared record: the program matches the PyTorch quantized
+    model and holds no float vocabulary × hidden table."""
+    from lowbit_compile.export.embedding import GatherEmbedding
+    from lowbit_compile.nn import LowbitEmbedding
+
+    model = tiny_llama(tie=True, layers=1)
+    model.config.use_cache = False
+    ck = lb.quantize(model, "w4", None, overrides={"model.embed_tokens": "w4-rtn-g32"}, progress=False)
+    emb = LowbitEmbedding(ck.records["model.embed_tokens"])
+    ids = torch.randint(0, 320, (2, 9))
+    assert torch.equal(GatherEmbedding(emb)(ids), emb(ids))  # the decomposition is exact
+    res = export(model, ck, (ids,), tmp_path / "tied.pte")
+    assert res.routes["model.embed_tokens"] == "gather" and res.error <= res.rtol
+    assert res.error_vs_simulated < 1e-5  # int8 activations of the int4 layers aside, the program is exact
+    float_res = export(model, {}, (ids,), tmp_path / "float.pte")
+    table = 320 * 192 * 4  # float32 bytes of the table the float program holds
+    assert float_res.nbytes - res.nbytes > 0.8 * table
+    other = torch.randint(0, 320, (3, 5))
+    with torch.no_grad():
+        ref = swap_linears(model, ck.records)(other).logits
+    got = run_pte(res.path, [other])[0]
+    assert float((got - ref).abs().max()) <= res.rtol * float(ref.abs().max())  # the int8-activation tolerance
