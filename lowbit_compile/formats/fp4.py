@@ -186,15 +186,30 @@ def decode(codes: torch.Tensor, fmt: FP4Format, scale) -> torch.Tensor:
 def quantize(x: torch.Tensor, fmt: FP4Format, scale) -> torch.Tensor:
     """Round x to the FP4 grid at scale, float32: decode(encode(x)) without a table lookup; NaN stays NaN. The
     bias-0 value times the positive scale: one rounding, and signs (-0 included) as copysign gives them."""
-    return quantize_unscaled(x, fmt, scale) * torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    return quantize_unscaled(x, fmt, scale).mul_(torch.as_tensor(scale, dtype=torch.float32, device=x.device))
 
 
 def quantize_unscaled(x: torch.Tensor, fmt: FP4Format, scale) -> torch.Tensor:
     """The bias-0 grid value (at most 4 significant bits, exact in bfloat16) that x rounds to at scale, float32;
-    `quantize` is this times the scale. NaN stays NaN."""
+    `quantize` is this times the scale. NaN stays NaN.
+
+    The same rounding as `encode` (`_round_magnitude`), in fewer passes: q = |x| / scale saturated, then
+    (q + c) - c with c = 1.5·2**(23 + e - M) rounds q to a multiple of 2**(e - M), the spacing of its band e,
+    half to even, in one float32 addition (q + c stays in c's binade, so the sum is rounded once at that
+    spacing and the subtraction is exact). c is built from q's exponent bits, raised to band 1 below 2.
+    Half to even on the multiple is half to even on the code for M >= 1; for M = 0 the code of 2**e is e,
+    so a tie 1.5·2**e with e even goes down instead (the one case that differs)."""
     x = x.to(torch.float32)
-    r, e = _round_magnitude(x, fmt, scale)
-    return torch.copysign(r * _pow2(e - fmt.m_bits), x)
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    q = (x.abs() / s).clamp_(max=fmt.max_value(0.0))  # saturate (and Inf -> max)
+    bits = q.view(torch.int32)
+    c = (bits & 0x7F800000).clamp_(min=128 << 23).add_(((23 - fmt.m_bits) << 23) | 0x400000).view(torch.float32)
+    v = (q + c).sub_(c)
+    if fmt.m_bits == 0:
+        # q = 1.5·2**e with e >= 1 even: mantissa 0.5, exponent field odd and (q < 2**8, so bit 30 is e >= 1)
+        down = (bits & 0x40FFFFFF) == 0x40C00000
+        v = torch.where(down, v * 0.5, v)
+    return v.copysign_(x)
 
 
 def exponent_multipliers(k: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,23 @@ def test_quantize_equals_decode_of_encode(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_quantize_equals_decode_of_encode_at_ties_and_bit_patterns(fmt):
+    """quantize's add-and-subtract rounding against encode's: grid values, midpoints (ties) and their float
+    neighbours at several float16 scales, and random float32 bit patterns of every magnitude, bit for bit."""
+    g = torch.Generator().manual_seed(2)
+    mags = fmt.magnitudes()
+    pts = torch.cat([mags, (mags[1:] + mags[:-1]) / 2, torch.tensor([fmt.max_value(0.0) * 1.01])])
+    for s in f4.round_scale(torch.tensor([1.0, 0.5, 3.0, 0.0123, 2.0**-20, 700.0])).float():
+        v = pts * s
+        v = torch.cat([v, torch.nextafter(v, torch.tensor(float("inf"))), torch.nextafter(v, torch.tensor(0.0))])
+        bits = torch.randint(-(2**31), 2**31 - 1, (4096,), generator=g, dtype=torch.int64).to(torch.int32)
+        x = torch.cat([v, -v, bits.view(torch.float32)])
+        x = x[~torch.isnan(x)]
+        q, d = f4.quantize(x, fmt, s), f4.decode(f4.encode(x, fmt, s), fmt, s)
+        assert torch.equal(q.view(torch.int32), d.view(torch.int32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_quantize_propagates_nan(fmt):
     assert torch.isnan(f4.quantize(torch.tensor([float("nan"), -float("nan")]), fmt, 0.5)).all()
 
