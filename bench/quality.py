@@ -1,10 +1,12 @@
-"""Quality of RTN, OPTQ and QuIP at 2/3/4 bits on the real all-MiniLM-L6-v2, and quantization time.
+"""Quality of RTN, OPTQ, QuIP and E8 (QuIP#'s lattice codebook) at 2/3/4 bits on the real all-MiniLM-L6-v2,
+and quantization time.
 
 Metric: mean cosine similarity between the quantized and the float model's sentence embeddings (mean pooling,
 L2 normalized) on 64 held-out standard-library sentences; calibration: 128 other sentences (disjoint split).
 Bits per weight are counted as stored over all linear weights: packed codes + float16 scales + sign bits.
 
     python -m bench.quality [--quick]
+    python -m bench.quality --recipes w2-quip,w2-e8,w2-e8-ft   # only these recipes (bench-out/quality-recipes.md)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ METHODS = [
     ("RTN + incoherence", "w{b}"),
     ("OPTQ", "w{b}-optq"),
     ("QuIP", "w{b}-quip"),
+    ("E8 (QuIP# E8P, block LDLQ)", "w{b}-e8"),
 ]
 
 
@@ -35,6 +38,17 @@ def run_one(model, tok, held, ref, calib, recipe, sequential=True):
     seconds = time.perf_counter() - t
     cos = cosine_to_float(lb.swap_linears(model, ck.records), held, ref)
     return cos, _qbits(ck), seconds
+
+
+def recipe_rows(model, tok, held, ref, calib, recipes) -> str:
+    rows = []
+    for recipe in recipes:
+        cos, bpw, sec = run_one(model, tok, held, ref, calib, recipe.strip())
+        rows.append([recipe.strip(), f"{bpw:.3f}", f"{cos:.4f}", f"{sec:.1f}"])
+        print(rows[-1], flush=True)
+    text = ["## Quality of chosen recipes on all-MiniLM-L6-v2\n", f"Machine: {machine()}.\n",
+            markdown_table(["recipe", "bits/weight (stored)", "cosine to float", "quantize s"], rows)]
+    return publish("quality-recipes", "\n".join(text))
 
 
 def _qbits(ck) -> float:
@@ -63,9 +77,12 @@ def big_layer_seconds(bits: int = 2, out_f: int = 4096, in_f: int = 11008) -> fl
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="2 bits only, no levers, no big layer, no FP4")
+    ap.add_argument("--recipes", help="comma-separated recipe strings: run only these (e.g. w2-quip,w2-e8)")
     args = ap.parse_args(argv)
     model, tok, held, ref = minilm_eval()
     calib = default_calibration(tok)
+    if args.recipes:
+        return recipe_rows(model, tok, held, ref, calib, args.recipes.split(","))
     bits_list = [2] if args.quick else [2, 3, 4]
     rows = []
     for b in bits_list:
