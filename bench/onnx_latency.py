@@ -131,9 +131,9 @@ def main(argv=None) -> str:
             path = os.path.join(tmp, f"{name.replace(':', '_')}.onnx")
             res = export_onnx(model, recs, (ids,), path, **options)
             sessions[name], load_s = session(path, args.threads)
-            route = "; ".join(sorted(set(res["routes"].values())))
+            route = "; ".join(sorted(set(res.routes.values())))
             recipe_bits = sum(r.bits_per_weight() * r.in_features * r.out_features for r in recs.values())
-            rows[name] = [name, route, f"{res['bytes'] / 1e6:.2f}", f"{recipe_bits / n_weights:.2f}", f"{load_s:.2f}"]
+            rows[name] = [name, route, f"{res.nbytes / 1e6:.2f}", f"{recipe_bits / n_weights:.2f}", f"{load_s:.2f}"]
         for s in seqs:
             lat = latencies_ms(sessions, s, args.runs)
             for name, row in rows.items():

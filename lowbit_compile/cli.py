@@ -173,10 +173,7 @@ def cmd_export(args, say) -> None:
     path = args.out or os.path.join(args.checkpoint, f"model.{args.to}")
     say(f"exporting {loaded.path} with {len(ckpt.records)} quantized linear(s) to {path} ...")
     result = lb.export(loaded.model, ckpt, example_inputs(loaded), path, **kw)
-    if isinstance(result, dict):  # ONNX: bytes include external data
-        size, err = result.get("bytes") or os.path.getsize(path), result.get("max_abs_error")
-    else:
-        size, err = result.nbytes, result.error
+    size, err = result.nbytes, result.error  # ONNX: nbytes includes external data
     say(f"wrote {path}: {size / 1e6:.2f} MB" + ("" if err is None else f", verified in the runtime (error {err:.3g})"))
 
 

@@ -12,9 +12,12 @@ NativeLinear (native 2/3/4-bit kernels, `lowbit::native_linear`) or an Int4PackL
 (`lowbit::fp4pack_linear`, the same kernel, kernels/cpu_fp4.py) for each FP4 record on the CPU.
 
 An FP4 W4A4 module applies its per-channel activation exponents at run time (`act_shift`); folding them
-into the producer of its input is a graph transformation (passes/fold_act_scales.py), applied by the
-backend to the Dynamo graph and, for export, to the exported graph of the swapped model
-(`FoldActScales()(torch.export.export(swapped, ...).module())`). Both give the same outputs bit for bit.
+into the producer of its input is a graph transformation (passes/fold_act_scales.py) that the backend applies
+to the Dynamo graph. The exporters do not fold: they replace these modules by their runtime forms before
+capture (export/decompose.py), so no `lowbit::fp4_linear` node is left for the pass to match, and an exported
+W4A4 layer keeps its shift as one exact multiply by a constant power-of-two vector (it costs one elementwise op
+per layer; both forms give the same outputs bit for bit). Folding there needs the lowbit ops decomposed at graph
+level (`ExportedProgram.run_decompositions` with a table for the lowbit ops) instead of module swaps.
 """
 
 from __future__ import annotations

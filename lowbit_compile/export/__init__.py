@@ -1,7 +1,8 @@
 """Export quantized models to deployment formats: ExecuTorch `.pte` (executorch.py) and ONNX (onnx.py).
 
-`export(model, records_or_checkpoint, example_inputs, path, **kw)` picks the exporter by the file suffix. The
-exporters are imported lazily: ExecuTorch and ONNX are optional dependencies.
+`export(model, records_or_checkpoint, example_inputs, path, **kw)` picks the exporter by the file suffix and returns
+its ExportResult (export/inputs.py; a PteExport for .pte). The exporters are imported lazily: ExecuTorch and ONNX are
+optional dependencies, and a missing one is named with its install command.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ EXPORTERS = {".pte": ("executorch", "export_pte"), ".onnx": ("onnx", "export_onn
 def export(model, records_or_checkpoint, example_inputs, path, **kw):
     """Export `model` with its quantized linears to `path`: `.pte` → ExecuTorch, `.onnx` → ONNX.
 
-    Keyword arguments go to the exporter (see `executorch.export_pte`). Returns the exporter's result.
+    Keyword arguments go to the exporter (`executorch.export_pte`, `onnx.export_onnx`). Returns its ExportResult.
     """
     suffix = Path(path).suffix.lower()
     if suffix not in EXPORTERS:
@@ -28,15 +29,9 @@ def export(model, records_or_checkpoint, example_inputs, path, **kw):
     try:
         module = importlib.import_module(f"{__name__}.{module_name}")
     except ModuleNotFoundError as e:
-        if e.name == f"{__name__}.{module_name}":
-            raise LowbitError(f"the {suffix} exporter is not available yet in this version of lowbit-compile "
-                              f"(no lowbit_compile/export/{module_name}.py); export to .pte instead") from None
         raise LowbitError(f"the {suffix} exporter needs the package {e.name!r}: pip install "
                           f"'lowbit-compile[{'edge' if suffix == '.pte' else 'onnx'}]'") from e
-    func = getattr(module, func_name, None)
-    if func is None:
-        raise LowbitError(f"lowbit_compile/export/{module_name}.py has no {func_name}(); the {suffix} exporter is "
-                          f"not available yet")
+    func = getattr(module, func_name)
     with _no_kv_cache(model):
         return func(model, records_or_checkpoint, example_inputs, path, **kw)
 
@@ -56,4 +51,6 @@ def _no_kv_cache(model):
         config.use_cache = True
 
 
-__all__ = ["EXPORTERS", "export"]
+from .inputs import ExportResult  # noqa: E402
+
+__all__ = ["EXPORTERS", "ExportResult", "export"]

@@ -65,7 +65,18 @@ from ..nn import swap_linears
 from ..quiet import known_warnings
 from .decompose import LoadTimeWeights, decompose_lowbit_linears, load_time_weights
 from .fp4_flips import MAX_FLIPS, explain_by_flips
-from .inputs import dynamic_shapes_for, is_symbolic, records_of, split_inputs, tensor_leaves, widen_size_one_dims
+from .inputs import (
+    ExportResult,
+    dynamic_shapes_for,
+    is_symbolic,
+    max_abs_error,
+    max_rel_error,
+    quantized_weights,
+    records_of,
+    split_inputs,
+    tensor_leaves,
+    widen_size_one_dims,
+)
 
 # Ops the packed route needs that are not core ATen; the ExecuTorch runtime has kernels for them.
 EXTRA_EDGE_OPS = (
@@ -92,33 +103,20 @@ DEFAULT_MAX_SEQ = 256
 
 
 @dataclass
-class PteExport:
-    """What `export_pte` wrote, and how well the program matched the PyTorch quantized model."""
+class PteExport(ExportResult):
+    """ExportResult for a .pte: routes are "xnnpack-int4" | "xnnpack-int4-load" | "packed" | "fp4-a16" | "fp4-a4" |
+    "gather" (embeddings); plus what only an ExecuTorch program has."""
 
-    path: Path
-    nbytes: int
-    # layer FQN -> "xnnpack-int4" | "xnnpack-int4-load" | "packed" | "fp4-a16" | "fp4-a4" | "gather" (embeddings)
-    routes: dict[str, str]
-    quantized_weights: int  # number of weights in the quantized linears
-    dynamic_dims: list[str] = field(default_factory=list)  # e.g. "input_ids.1 in [2, 256]"
     delegates: int = 0  # XNNPACK subgraphs called by the program
     portable_ops: dict[str, int] = field(default_factory=dict)  # ops run by the runtime's own kernels: count
-    error: float | None = None  # max over outputs of max|pte − reference| / max|reference|
-    error_vs_simulated: float | None = None  # the same against the int8-activation simulated model
+    error_vs_simulated: float | None = None  # `error` against the int8-activation simulated model
     # W4A4 FP4: activations the program rounded the other way at an FP4 rounding midpoint (fp4_flips.py), when
     # they explain a mismatch; `error` is still measured against the reference without them
     rounding_flips: list[str] = field(default_factory=list)
-    atol: float | None = None
-    rtol: float | None = None
     # xnnpack-int4-load layers: the method that rebuilds their weights when the program is loaded (load_pte_method
     # runs it; a plain load_method("forward") fails for want of that data), and its ops on the portable kernels
     weights_method: str | None = None
     weights_method_ops: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def file_bits_per_quantized_weight(self) -> float:
-        """Every byte of the file over the quantized weights: an upper bound on what the weights cost."""
-        return 8 * self.nbytes / self.quantized_weights
 
 
 # ----------------------------------------------------------------------------- inputs and outputs
@@ -434,22 +432,6 @@ def run_pte(program, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [o for o in method.execute(list(inputs)) if isinstance(o, torch.Tensor)]
 
 
-def max_rel_error(ys: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
-    """max over outputs of max|y − r| / max|r| (inf on a shape mismatch or an integer output that differs)."""
-    if len(ys) != len(refs):
-        return math.inf
-    err = 0.0
-    for y, r in zip(ys, refs):
-        if tuple(y.shape) != tuple(r.shape):
-            return math.inf
-        if not r.is_floating_point():
-            err = max(err, 0.0 if torch.equal(y, r) else math.inf)
-        elif r.numel():
-            diff = float((y.to(r.dtype) - r).abs().max())
-            err = max(err, diff / max(float(r.abs().max()), 1e-30) if diff == diff else math.inf)
-    return err
-
-
 def _check_close(ys, refs, atol: float, rtol: float, what: str) -> None:
     if len(ys) != len(refs):
         raise LowbitError(f"the program returned {len(ys)} outputs, {what} {len(refs)}")
@@ -488,7 +470,7 @@ def _verify(result: PteExport, data: bytes, inputs, refs, sims, atol, rtol, refe
     """Compare the program's outputs on `inputs` with `refs`; `reference` = (model, run) re-runs the PyTorch
     quantized model, to explain a W4A4 mismatch by rounding flips."""
     ys = run_pte(data, inputs)
-    result.error = max_rel_error(ys, refs)
+    result.error, result.max_abs_error = max_rel_error(ys, refs), max_abs_error(ys, refs)
     int8_acts = sims is not None
     result.atol = ATOL if atol is None else atol
     result.rtol = max((ROUTE_RTOL[r] for r in result.routes.values()), default=RTOL_FLOAT) if rtol is None else rtol
@@ -581,7 +563,7 @@ def export_pte(model: torch.nn.Module, records, example_inputs, path, *, dynamic
     data = program.buffer
 
     result = PteExport(path=path, nbytes=len(data), routes=routes,
-                       quantized_weights=sum(r.in_features * r.out_features for r in records.values()),
+                       quantized_weights=quantized_weights(records),
                        dynamic_dims=_dynamic_dims(ep), delegates=delegates, portable_ops=ops)
     if widen is not None:
         _check_load_time_weights(program, widen)

@@ -1,5 +1,6 @@
-"""What both exporters do with the user's example inputs and records: split them, and find which dimensions the
-model lets vary.
+"""What both exporters share: the user's example inputs and records (split them, find which dimensions the model
+lets vary), the outputs they compare (every tensor of the output tree, `max_rel_error`) and the result they return
+(`ExportResult`; the ExecuTorch exporter's PteExport adds what only a .pte has).
 
 Dynamic dimensions. A guess by position (dimension 1 = sequence) breaks a plain MLP, whose input is (batch,
 features): the features dimension is fixed by the first weight. So the exporters ask the model: `free_dims`
@@ -12,7 +13,10 @@ export, trace an example repeated to size 2 along it, if the model runs that way
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils import _pytree as pytree
@@ -20,6 +24,10 @@ from torch.utils import _pytree as pytree
 from ..errors import LowbitError
 
 CANDIDATE_DIMS = (0, 1)  # batch and sequence, where a model has them
+
+
+def quantized_weights(records: Mapping) -> int:
+    return sum(r.in_features * r.out_features for r in records.values())
 
 
 def records_of(records_or_checkpoint) -> Mapping:
@@ -44,7 +52,54 @@ def split_inputs(example_inputs) -> tuple[tuple, dict]:
 
 
 def tensor_leaves(tree) -> list[torch.Tensor]:
+    """Every tensor of an output (or input) tree in pytree order: the order both runtimes return outputs in."""
     return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def max_rel_error(ys: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
+    """max over outputs of max|y − r| / max|r| (inf on a count or shape mismatch, or an integer output that
+    differs)."""
+    if len(ys) != len(refs):
+        return math.inf
+    err = 0.0
+    for y, r in zip(ys, refs):
+        if tuple(y.shape) != tuple(r.shape):
+            return math.inf
+        if not r.is_floating_point():
+            err = max(err, 0.0 if torch.equal(y, r) else math.inf)
+        elif r.numel():
+            diff = float((y.to(r.dtype) - r).abs().max())
+            err = max(err, diff / max(float(r.abs().max()), 1e-30) if diff == diff else math.inf)
+    return err
+
+
+def max_abs_error(ys: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
+    """max over outputs of max|y − r| (inf on a count or shape mismatch)."""
+    if len(ys) != len(refs) or any(tuple(y.shape) != tuple(r.shape) for y, r in zip(ys, refs)):
+        return math.inf
+    return max((float((y.to(torch.float64) - r.to(torch.float64)).abs().max()) for y, r in zip(ys, refs)
+                if r.numel()), default=0.0)
+
+
+@dataclass
+class ExportResult:
+    """What an exporter wrote, and how well the file matched the PyTorch quantized model on the example inputs
+    (every output tensor compared; `error` and `max_abs_error` stay None with verify=False)."""
+
+    path: Path
+    nbytes: int  # the file, plus its external data where it has any
+    routes: dict[str, str]  # layer FQN -> how the layer runs in the file (each exporter documents its routes)
+    quantized_weights: int  # number of weights in the quantized layers
+    dynamic_dims: list[str] = field(default_factory=list)  # e.g. "input_ids.1 in [2, 256]"
+    error: float | None = None  # max over outputs of max|file − reference| / max|reference|
+    max_abs_error: float | None = None  # max over outputs of max|file − reference|
+    atol: float | None = None  # the tolerance the check used: |file − reference| ≤ atol + rtol·max|reference|
+    rtol: float | None = None
+
+    @property
+    def file_bits_per_quantized_weight(self) -> float:
+        """Every byte of the file over the quantized weights: an upper bound on what the weights cost."""
+        return 8 * self.nbytes / self.quantized_weights
 
 
 def widen_size_one_dims(model, args: tuple, kwargs: dict, dims=CANDIDATE_DIMS) -> tuple[tuple, dict, list[int]]:

@@ -57,7 +57,17 @@ from ..io import atomic_outputs
 from ..quiet import known_warnings
 from . import onnx_ops
 from .embedding import GatherEmbedding
-from .inputs import dynamic_shapes_for, records_of, split_inputs, widen_size_one_dims
+from .inputs import (
+    ExportResult,
+    dynamic_shapes_for,
+    max_abs_error,
+    max_rel_error,
+    quantized_weights,
+    records_of,
+    split_inputs,
+    tensor_leaves,
+    widen_size_one_dims,
+)
 from .onnx_ops import compact_factor, pack_signs, pad_codes
 
 BLOCK_SIZES = (128, 64, 32, 16)
@@ -222,19 +232,6 @@ def exact_session_options():
     return so
 
 
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        v = getattr(out, key, None)
-        if isinstance(v, torch.Tensor):
-            return v
-    if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple"):
-        seq = out.to_tuple() if hasattr(out, "to_tuple") else out
-        return _first_tensor(seq[0])
-    raise LowbitError(f"cannot find an output tensor in {type(out).__name__}")
-
-
 def _dynamic_shapes(model, args, kwargs):
     """The batch / sequence dimensions the model lets vary (inputs.free_dims), unbounded."""
     return dynamic_shapes_for(model, args, kwargs, lambda d, size: torch.export.Dim.DYNAMIC)
@@ -296,7 +293,7 @@ def onnx_file_bytes(path) -> int:
 @known_warnings
 def export_onnx(model: torch.nn.Module, records, example_inputs, path, dynamic: bool = True, verify: bool = True,
                 standard_ops: bool = False, opset_version: int = OPSET, external_data: bool | None = None,
-                native_nbits: bool = False) -> dict:
+                native_nbits: bool = False) -> ExportResult:
     """Export `model` with the quantized linears of `records` (a Checkpoint or {fqn: record}) to the ONNX file
     `path` (see the module docstring for the routes).
 
@@ -308,8 +305,9 @@ def export_onnx(model: torch.nn.Module, records, example_inputs, path, dynamic: 
     weights at load, on CPU; memory 2/8 bits).
     external_data: weights in a side file `<name>.data` (default: when they exceed 1.5 GB).
 
-    Returns a dict: path, bytes (file plus external data), routes ({fqn: route description}), max_abs_error
-    (verify=True). Raises LowbitError on an unsupported record, a failed export or a verification mismatch.
+    Returns an ExportResult (export/inputs.py): nbytes counts the file plus its external data; routes are
+    {fqn: route description}; error / max_abs_error over every output tensor (verify=True). Raises LowbitError on
+    an unsupported record, a failed export or a verification mismatch.
     """
     import onnx
 
@@ -346,16 +344,18 @@ def export_onnx(model: torch.nn.Module, records, example_inputs, path, dynamic: 
         onnx.checker.check_model(tmp)
         routes = {fqn: m.route_name for fqn, m in swapped.named_modules()
                   if isinstance(m, (OnnxLowbitLinear, OnnxFP4Linear))}
-        result = {"path": str(path), "bytes": onnx_file_bytes(tmp), "routes": routes}
+        result = ExportResult(path=path, nbytes=onnx_file_bytes(tmp), routes=routes,
+                              quantized_weights=quantized_weights(recs), atol=ATOL, rtol=RTOL)
         if verify:
             try:
-                result["max_abs_error"] = verify_onnx(reference, tmp, args, kwargs)
+                result.error, result.max_abs_error = verify_onnx(reference, tmp, args, kwargs)
             except LowbitError as e:
                 raise LowbitError(f"{e}; nothing was written (verify=False writes the file anyway)") from None
     return result
 
 
-def run_onnx(path, feeds: Mapping[str, torch.Tensor], threads: int | None = None):
+def run_onnx(path, feeds: Mapping[str, torch.Tensor], threads: int | None = None, all_outputs: bool = False):
+    """The first output of the ONNX file on `feeds` (every output, in order, with all_outputs=True)."""
     import onnxruntime as ort
 
     so = exact_session_options()
@@ -364,7 +364,7 @@ def run_onnx(path, feeds: Mapping[str, torch.Tensor], threads: int | None = None
     sess = ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     out = sess.run(None, {n: feeds[n].numpy() for n in names})
-    return torch.from_numpy(out[0])
+    return [torch.from_numpy(o) for o in out] if all_outputs else torch.from_numpy(out[0])
 
 
 def _feeds(path, args, kwargs) -> dict:
@@ -381,19 +381,22 @@ def _feeds(path, args, kwargs) -> dict:
     return dict(zip(names, tensors, strict=True))
 
 
-def verify_onnx(torch_model, path, args, kwargs) -> float:
-    """Compare onnxruntime with the PyTorch model on the example inputs; LowbitError beyond tolerance."""
+def verify_onnx(torch_model, path, args, kwargs) -> tuple[float, float]:
+    """Compare onnxruntime with the PyTorch model on the example inputs, every output tensor (in pytree order, the
+    order the exporter flattens them in); returns (relative error, max abs error), LowbitError beyond tolerance."""
     with torch.no_grad():
-        ref = _first_tensor(torch_model(*args, **kwargs)).to(torch.float32)
-    got = run_onnx(path, _feeds(path, args, kwargs)).to(torch.float32)
-    if got.shape != ref.shape:
-        raise LowbitError(f"ONNX verification: output shape {tuple(got.shape)} != PyTorch {tuple(ref.shape)}")
-    err = float((got - ref).abs().max())
-    tol = RTOL * float(ref.abs().max()) + ATOL
-    if not err <= tol:
-        raise LowbitError(f"ONNX verification failed for {path}: max |onnxruntime − PyTorch| = {err:.3g} > "
-                          f"{tol:.3g}; the exported graph does not compute the quantized model")
-    return err
+        refs = [t.to(torch.float32) for t in tensor_leaves(torch_model(*args, **kwargs))]
+    got = [t.to(torch.float32) for t in run_onnx(path, _feeds(path, args, kwargs), all_outputs=True)]
+    if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in refs]:
+        raise LowbitError(f"ONNX verification: output shapes {[tuple(t.shape) for t in got]} != PyTorch "
+                          f"{[tuple(t.shape) for t in refs]}")
+    for i, (y, r) in enumerate(zip(got, refs)):
+        err = float((y - r).abs().max()) if r.numel() else 0.0
+        tol = RTOL * float(r.abs().max() if r.numel() else 0.0) + ATOL
+        if not err <= tol:
+            raise LowbitError(f"ONNX verification failed for {path}: output {i}: max |onnxruntime − PyTorch| = "
+                              f"{err:.3g} > {tol:.3g}; the exported graph does not compute the quantized model")
+    return max_rel_error(got, refs), max_abs_error(got, refs)
 
 
 __all__ = ["export_onnx", "exact_session_options", "finalize", "onnx_file_bytes", "swap_for_onnx", "OnnxLowbitLinear",

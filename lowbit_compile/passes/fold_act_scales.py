@@ -19,9 +19,11 @@ gets act_shift=None: the run-time quantizer is purely per tensor.
 - Anything else (a float producer, a norm without affine weight, a residual sum, a graph input, a path
   whose values are also returned, e.g. a KV cache): the shift stays at run time, and `notes` says why.
 
-Where: a graph pass, so that both routes get it: the backend runs it on the Dynamo graph after
-rewrite_linears, and export runs it on the exported graph of the swapped model (`ep.module()`, parameters
-as get_attr). Folded tensors are new buffers `_lowbit_fold_*` of the GraphModule: the model's own
+Where: the backend runs it on the Dynamo graph after rewrite_linears. It also works on the exported graph
+of the swapped model (`ep.module()`, parameters as get_attr; tested), but the exporters do not run it: they swap
+modules for their runtime forms before capture (export/decompose.py), so their graphs hold no fp4_linear node,
+and an exported W4A4 layer keeps the exact run-time shift (nn.py says what folding there would need).
+Folded tensors are new buffers `_lowbit_fold_*` of the GraphModule: the model's own
 parameters (in the Dynamo graph, the user's nn.Parameters) are never modified.
 """
 

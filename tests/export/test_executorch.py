@@ -728,18 +728,18 @@ def test_unknown_suffix(tmp_path):
         export(mlp(dims=(8, 8)), {}, (torch.randn(1, 8),), tmp_path / "m.bin")
 
 
-def test_onnx_suffix_without_exporter_is_a_clear_error(tmp_path, monkeypatch):
+def test_onnx_suffix_without_the_onnx_package_names_the_install_command(tmp_path, monkeypatch):
     import importlib
 
     real = importlib.import_module
 
     def no_onnx(name, *a, **k):
         if name == "lowbit_compile.export.onnx":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            raise ModuleNotFoundError("No module named 'onnxscript'", name="onnxscript")
         return real(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", no_onnx)
-    with pytest.raises(LowbitError, match="exporter is not available yet"):
+    with pytest.raises(LowbitError, match=r"needs the package 'onnxscript': pip install 'lowbit-compile\[onnx\]'"):
         export(mlp(dims=(8, 8)), {}, (torch.randn(1, 8),), tmp_path / "m.onnx")
 
 

@@ -97,6 +97,6 @@ def test_a_2d_mlp_exports_to_onnx_with_default_arguments(mlp_records, batch, tmp
     x = torch.randn(5, 192)
     with torch.no_grad():
         ref = swap_linears(model, records)(x)
-    got = run_onnx(res["path"], {"input": x})
+    got = run_onnx(res.path, {"input": x})
     # float32 summation order only (export/onnx.py's verification tolerance says why)
     assert got.shape == (5, 192) and float((got - ref).abs().max()) <= RTOL * float(ref.abs().max()) + ATOL

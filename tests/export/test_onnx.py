@@ -157,17 +157,17 @@ def test_integer_routes(tmp_path, six_linears, options):
     bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nbits)
     if options.get("standard_ops"):
         assert {o.domain for o in m.opset_import} == {""} and m.opset_import[0].version == 26
-        assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"] and res["bytes"] > path.stat().st_size
+        assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"] and res.nbytes > path.stat().st_size
         assert ops["DequantizeLinear"] == 6 and not nbits
-        assert set(res["routes"].values()) == {"DequantizeLinear+MatMul"}
+        assert set(res.routes.values()) == {"DequantizeLinear+MatMul"}
         assert inits["2.qweight"].data_type == onnx.TensorProto.INT4 and list(inits["2.qweight"].dims) == [160, 192]
         assert inits["3.qweight"].data_type == onnx.TensorProto.INT8
     elif options.get("native_nbits"):
         assert bits == [2, 2, 4, 4, 4, 8] and "DequantizeLinear" not in ops
-        assert res["routes"]["0"] == "MatMulNBits 2-bit + zero-point correction"
+        assert res.routes["0"] == "MatMulNBits 2-bit + zero-point correction"
     else:
         assert bits == [4, 4, 4, 4, 4] and "DequantizeLinear" not in ops
-        assert res["routes"] == {"0": WIDENED.format(2), "1": WIDENED.format(3), "2": "MatMulNBits",
+        assert res.routes == {"0": WIDENED.format(2), "1": WIDENED.format(3), "2": "MatMulNBits",
                                  "3": "int8 dequantized at load + MatMul", "4": WIDENED.format(2),
                                  "5": WIDENED.format(3)}
         assert inits["3.qweight"].data_type == onnx.TensorProto.INT8  # 8 bits in the file
@@ -185,7 +185,7 @@ def test_fp4_w4a16_and_w4a4(tmp_path):
     recs["3"] = dataclasses.replace(recs["3"], w_format="e1m2", a_format="e3m0")
     path = tmp_path / "fp4.onnx"
     res = export_onnx(lin, recs, (torch.randn(1, 2, 192),), path)
-    assert res["routes"] == {"0": "FP4 table+MatMul", "1": "FP4 table+MatMul, e2m1 activations",
+    assert res.routes == {"0": "FP4 table+MatMul", "1": "FP4 table+MatMul, e2m1 activations",
                              "2": "FP4 table+MatMul, e1m2 activations", "3": "FP4 table+MatMul, e3m0 activations"}
     ops = _ops(path)
     assert ops["Greater"] == 3 and ops["Gather"] >= 4 and "MatMulNBits" not in ops
@@ -218,7 +218,7 @@ def test_tiny_llama(tmp_path, plan):
     ckpt = Checkpoint(records=recs, recipe=plan)
     path = tmp_path / "llama.onnx"
     res = export(model, ckpt, (torch.randint(0, 320, (1, 8)),), path)  # the dispatcher: .onnx → export_onnx
-    assert res["max_abs_error"] is not None
+    assert res.max_abs_error is not None
     ids = torch.randint(0, 320, (2, 5))
     assert _rel_err(run_onnx(path, {_input_names(path)[0]: ids}), _reference(model, recs, ids)) < 1e-4
     n_nbits = sum(r.fmt in ("int2", "int3", "int4") for r in recs.values())
@@ -283,16 +283,16 @@ def test_minilm_2bit(tmp_path, real_minilm):
     assert len(recs) == 37
     path = tmp_path / "minilm.onnx"
     res = _check_minilm(model, recs, inputs, other, path)
-    assert set(res["routes"].values()) == {WIDENED.format(2)}
+    assert set(res.routes.values()) == {WIDENED.format(2)}
     m = onnx.load(str(path))
     quant = tuple(f + "." for f in recs)
     other_bytes = sum(len(t.raw_data) for t in m.graph.initializer
                       if not t.name.startswith(quant) or t.name.endswith(".bias"))
     n_weights = sum(r.in_features * r.out_features for r in recs.values())
-    file_bits = 8 * (res["bytes"] - other_bytes) / n_weights
+    file_bits = 8 * (res.nbytes - other_bytes) / n_weights
     recipe_bits = sum(r.bits_per_weight() * r.in_features * r.out_features for r in recs.values()) / n_weights
     assert abs(file_bits - recipe_bits) < 0.3, (file_bits, recipe_bits)
-    assert res["bytes"] < 1.1 * other_bytes + n_weights  # nothing was folded back to float
+    assert res.nbytes < 1.1 * other_bytes + n_weights  # nothing was folded back to float
 
 
 MINILM_MIXED = {"attention.self.query": "w3", "attention.self.key": "w2-g64", "attention.self.value": FP4_A4_ROT,
@@ -310,10 +310,10 @@ def test_minilm_two_layers(tmp_path, real_minilm, plan):
     recs = _quantize(model, {"*": "w3"} if plan == "w3-standard" else MINILM_MIXED)
     res = _check_minilm(model, recs, inputs, other, tmp_path / "minilm2.onnx", standard_ops=plan == "w3-standard")
     if plan == "w3-standard":
-        assert len(recs) == 13 and set(res["routes"].values()) == {"DequantizeLinear+MatMul"}
+        assert len(recs) == 13 and set(res.routes.values()) == {"DequantizeLinear+MatMul"}
         assert "MatMulNBits" not in _ops(tmp_path / "minilm2.onnx")
     else:
-        assert len(recs) == 12 and "pooler.dense" not in res["routes"]
+        assert len(recs) == 12 and "pooler.dense" not in res.routes
         assert {r.fmt for r in recs.values()} == {"int2", "int3", "int4", "fp4 w:e2m1 a:float",
                                                   "fp4 w:e2m1 a:e2m1 rot"}
 
@@ -332,7 +332,7 @@ def test_a_quantized_tied_embedding_exports_as_a_gather_of_the_packed_table(tmp_
     assert torch.equal(GatherEmbedding(rec)(ids), LowbitEmbedding(rec)(ids))  # bit for bit
     path = tmp_path / "tied.onnx"
     res = export(model, ck, (ids,), path)
-    assert res["max_abs_error"] is not None
+    assert res.max_abs_error is not None
     m = onnx.load(str(path))
     floats = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [320, 192]]
     assert floats == []
