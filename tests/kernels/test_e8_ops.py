@@ -44,11 +44,13 @@ def _call(rec, x, bias=None):
 @pytest.mark.parametrize("shape", [(96, 192), (344, 96)])
 def test_op_equals_the_dense_dequantized_weight(bits, shape):
     rec = _record(bits, shape, tuned=shape[0] == 344)
-    x, b = torch.randn(3, 5, shape[1]), torch.randn(shape[0])
+    g = torch.Generator().manual_seed(bits)
+    x, b = torch.randn(3, 5, shape[1], generator=g), torch.randn(shape[0], generator=g)
     y = _call(rec, x, b)
     ref = torch.nn.functional.linear(x.double(), rec.dequantized_weight().double(), b.double())
     assert y.shape == (3, 5, shape[0]) and y.dtype == torch.float32
-    assert torch.allclose(y.double(), ref, atol=2e-5, rtol=1e-5)
+    # float32 rotations and GEMM against float64: a few float32 ulps of the largest output
+    assert torch.allclose(y.double(), ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
 
 
 def test_record_weight_is_the_decoded_codes_times_scales_in_the_rotated_basis():
