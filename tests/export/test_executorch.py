@@ -9,9 +9,7 @@ models at every bit width, bench/pte_latency.py times them.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import re
 
 import pytest
 import torch
@@ -19,26 +17,28 @@ import torch
 pytest.importorskip("executorch")
 pytest.importorskip("torchao")
 
+from pte_support import (  # noqa: E402
+    LLAMA_MIXED,
+    MINILM_MIXED,
+    SHIFT_OP,
+    TABLE_OP,
+    check_file,
+    expected_route,
+    matches,
+    mlp,
+    quantize_all,
+    reference_outputs,
+    short_fp4_search,
+)
 from tinymodels import minilm, tiny_llama  # noqa: E402
 
 import lowbit_compile as lb  # noqa: E402
-from lowbit_compile import hadamard  # noqa: E402
 from lowbit_compile.errors import LowbitError  # noqa: E402
 from lowbit_compile.export import export  # noqa: E402
 from lowbit_compile.export.decompose import (  # noqa: E402
-    FP4TableLinear,
-    Int4DynamicLinear,
-    KronTransform,
     LoadTimeWeights,
-    PackedLinear,
-    decompose_lowbit_linears,
-    int4_weight,
-    kron_blocks,
-    load_time_weights,
-    route_for,
 )
 from lowbit_compile.export.executorch import (  # noqa: E402
-    ROUTE_RTOL,
     RTOL_FLOAT,
     RTOL_INT8_ACTIVATIONS,
     WEIGHTS_METHOD,
@@ -46,316 +46,12 @@ from lowbit_compile.export.executorch import (  # noqa: E402
     load_pte_method,
     max_rel_error,
     run_pte,
-    weights_data,
 )
-from lowbit_compile.export.fp4_flips import explain_by_flips  # noqa: E402
-from lowbit_compile.formats import fp4 as f4  # noqa: E402
-from lowbit_compile.kernels.fp4_ops import quantize_fp4_activations  # noqa: E402
-from lowbit_compile.nn import LowbitFP4Linear, LowbitLinear, swap_linears  # noqa: E402
-from lowbit_compile.quantize import fp4 as fp4_search  # noqa: E402
-from lowbit_compile.quantize.layer import quantize_fp4_group, quantize_weight  # noqa: E402
+from lowbit_compile.nn import swap_linears  # noqa: E402
+from lowbit_compile.quantize.layer import quantize_weight  # noqa: E402
 from lowbit_compile.recipe import parse_spec  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-SHIFT_OP = "aten::bitwise_right_shift.Tensor_out"
-TABLE_OP = "aten::index_select.out"
-
-# Mixed plans: a recipe per layer pattern (first match wins). They cover XNNPACK int4 per channel and in
-# groups, and the packed route at 2, 3 and 4 bits.
-LLAMA_MIXED = [(r".*\.(q|k|v)_proj", "w4"), (r".*\.o_proj", "w4-g64"), (r".*\.(gate|up)_proj", "w2"),
-               (r".*\.down_proj", "w3")]
-MINILM_MIXED = [(r".*\.attention\.self\.(query|key|value)", "w4-g32"), (r".*\.attention\.output\.dense", "w3"),
-                (r".*\.intermediate\.dense", "w2"), (r".*\.output\.dense", "w4")]
-# One FP4 checkpoint with every FP4 recipe: fp4 (W4A4 + exponents) on attention, fp4-rot on gate/up (one rotation
-# for both), w4a16-fp4 on down.
-LLAMA_FP4_OVERRIDES = {r"re:.*\.mlp\.(gate|up)_proj": "fp4-rot", r"re:.*\.mlp\.down_proj": "w4a16-fp4"}
-
-
-def quantize_all(model, plan, skip=r"(^|.*\.)(lm_head|pooler\..*)$", seed=0):
-    """Records for every nn.Linear not matching `skip`; `plan` is a recipe or [(pattern, recipe), ...]."""
-    records = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear) or re.fullmatch(skip, name):
-            continue
-        recipe = plan if isinstance(plan, str) else next(r for p, r in plan if re.fullmatch(p, name))
-        records[name] = quantize_weight(name, mod.weight, parse_spec(recipe), seed=seed)
-    return records
-
-
-@contextlib.contextmanager
-def short_fp4_search():
-    """The FP4 search on a 3-point clipping grid, one round (as tests/test_fp4_pipeline.py): the same code."""
-    saved = fp4_search.CLIP_GRID, fp4_search.SEARCH_ROUNDS
-    fp4_search.CLIP_GRID, fp4_search.SEARCH_ROUNDS = (0.6, 0.8, 1.0), 1
-    try:
-        yield
-    finally:
-        fp4_search.CLIP_GRID, fp4_search.SEARCH_ROUNDS = saved
-
-
-def token_batches(n=2, vocab=320):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab, (2, 16), generator=g) for _ in range(n)]
-
-
-def quantized_model(model, records):
-    """The PyTorch quantized model (the lowbit ops): the reference."""
-    q = swap_linears(model, records).eval()
-    if hasattr(getattr(q, "config", None), "use_cache"):
-        q.config.use_cache = False
-    return q
-
-
-def outputs(model, inputs):
-    with torch.no_grad():
-        out = model(*inputs)
-    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def reference_outputs(model, records, inputs):
-    return outputs(quantized_model(model, records), inputs)
-
-
-def matches(ys, model, records, inputs, rtol):
-    """The program's outputs `ys` are the quantized model's on `inputs` within rtol, or are explained by a few W4A4
-    activations that rounded the other way at an FP4 rounding midpoint (fp4_flips.py: the inputs of W4A4 layers
-    come from float ops the program computes in another order)."""
-    q = quantized_model(model, records)
-    if max_rel_error(ys, outputs(q, inputs)) <= rtol:
-        return True
-    return explain_by_flips(q, lambda: outputs(q, inputs), ys, lambda a, b: max_rel_error(a, b) / rtol, 1.0) is not None
-
-
-def check_file(result, model, records, inputs):
-    """Independently of export_pte's own check: the written file runs and matches the quantized model at the
-    tolerance of its routes."""
-    ys = run_pte(result.path, inputs)
-    assert matches(ys, model, records, inputs, max(ROUTE_RTOL[r] for r in result.routes.values()))
-    return ys
-
-
-def expected_route(rec, int4="xnnpack"):
-    if rec.kind == "fp4":
-        return "fp4-a16" if rec.a_format is None else "fp4-a4"
-    if rec.bits not in (2, 3, 4) or (rec.group_size or rec.in_features) % 32:
-        return "packed"
-    if rec.bits == 4 or int4 == "xnnpack-wide":
-        return "xnnpack-int4"
-    return "xnnpack-int4-load" if int4 == "xnnpack-load" else "packed"
-
-
-def mlp(dims=(512, 1376, 512)):
-    """Linears with GELUs between them; by default the linears dominate the file: 2 × 512·1376 weights (1.4 M),
-    Llama-MLP-sized. Linears at even indices ("0", "2", ...)."""
-    torch.manual_seed(0)
-    layers = []
-    for a, b in zip(dims[:-1], dims[1:]):
-        layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
-    return torch.nn.Sequential(*layers[:-1]).eval()
-
-
-# ----------------------------------------------------------------------------- decomposition (eager, fast)
-
-
-@pytest.mark.parametrize("n", [12, 64, 96, 192, 344, 1376, 4096])
-def test_kron_transform_is_the_hadamard_transform(n):
-    blocks = kron_blocks(n, hadamard.factor(n))
-    assert all(b.shape[0] <= max(64, hadamard.plan(n).factor_size) for b in blocks)
-    x = torch.randn(2, 3, n)
-    ref = hadamard.apply(x, None, hadamard.factor(n))
-    assert torch.allclose(KronTransform(blocks)(x), ref, atol=1e-5)
-    assert torch.allclose(KronTransform(blocks, transpose=True)(ref), x, atol=1e-5)
-
-
-def test_large_hadamard_factor_is_stored_as_sign_bits():
-    kt = KronTransform(kron_blocks(1376, hadamard.factor(1376)))  # F_344 (Paley) ⊗ H_4
-    buffers = dict(kt.named_buffers())
-    assert buffers["block0_signs"].dtype == torch.uint8 and buffers["block0_signs"].numel() == 344 * 43
-    assert torch.equal(kt.block(0), hadamard.factor(1376))  # rebuilt exactly
-
-
-@pytest.mark.parametrize("recipe", ["w2", "w3", "w4", "w8", "w4-rtn", "w2-g32", "w3-rtn-g32", "w4-g64"])
-@pytest.mark.parametrize("shape", [(96, 192), (344, 128), (40, 64)])
-def test_runtime_modules_match_the_op(recipe, shape):
-    torch.manual_seed(0)
-    rec = quantize_weight("l", torch.randn(*shape), parse_spec(recipe), seed=1)
-    lin = LowbitLinear(rec, torch.randn(shape[0]))
-    x = torch.randn(2, 3, shape[1])
-    with torch.no_grad():
-        ref = lin(x)
-        packed = PackedLinear(lin)
-        assert torch.equal(packed.codes(), _unpacked(rec))
-        assert torch.allclose(packed(x), ref, atol=1e-4, rtol=1e-5)  # exact up to float rounding
-        if route_for(lin, "xnnpack-wide") == "xnnpack-int4":  # int8 activations: a fraction of a percent
-            assert max_rel_error([Int4DynamicLinear(lin)(x)], [ref]) < 0.02
-
-
-def _unpacked(rec):
-    from lowbit_compile import formats
-
-    return formats.unpack(rec.qweight, rec.bits, rec.in_features)
-
-
-def test_routes():
-    recs = {r: quantize_weight("l", torch.randn(64, k), parse_spec(r)) for r, k in
-            [("w4", 192), ("w4-g32", 192), ("w2", 192), ("w3-g64", 192), ("w8", 192)]}
-    recs["w4-odd"] = quantize_weight("l", torch.randn(64, 344), parse_spec("w4"))  # 344 is no multiple of 32
-    recs["w2-odd"] = quantize_weight("l", torch.randn(64, 344), parse_spec("w2"))
-    routes = {k: route_for(LowbitLinear(r)) for k, r in recs.items()}
-    assert routes == {"w4": "xnnpack-int4", "w4-g32": "xnnpack-int4", "w2": "packed", "w3-g64": "packed",
-                      "w8": "packed", "w4-odd": "packed", "w2-odd": "packed"}
-    load = {k: route_for(LowbitLinear(r), "xnnpack-load") for k, r in recs.items()}
-    assert load == {**routes, "w2": "xnnpack-int4-load", "w3-g64": "xnnpack-int4-load"}
-    wide = {k: route_for(LowbitLinear(r), "xnnpack-wide") for k, r in recs.items()}
-    assert wide == {**routes, "w2": "xnnpack-int4", "w3-g64": "xnnpack-int4"}
-    assert {route_for(LowbitLinear(r), int4="packed") for r in recs.values()} == {"packed"}
-    with pytest.raises(LowbitError, match="valid choices.*xnnpack-load"):
-        route_for(LowbitLinear(recs["w4"]), int4="int4")
-
-
-@pytest.mark.parametrize("recipe", ["w2", "w3", "w4", "w2-g32", "w3-rtn-g64", "w4-g32"])
-def test_int4_weight_is_the_records_weight(recipe):
-    """2/3-bit codes as odd int4 values with half the scale: codes · scales is the record's (c − zero)·s exactly, with
-    s rounded to bfloat16 as XNNPACK stores it."""
-    from lowbit_compile import formats
-
-    rec = quantize_weight("l", torch.randn(48, 128), parse_spec(recipe), seed=1)
-    codes, scales = int4_weight(LowbitLinear(rec))
-    assert codes.dtype == torch.int8 and -8 <= int(codes.min()) and int(codes.max()) <= 7
-    c = formats.unpack(rec.qweight, rec.bits, 128).to(torch.float32) - formats.int_format(rec.bits).zero
-    s = rec.scales.to(torch.bfloat16).to(torch.float32).reshape(48, -1)
-    block = rec.group_size or 128
-    expect = (c.view(48, -1, block) * s.unsqueeze(-1)).view(48, 128)
-    assert torch.equal((codes.float().view(48, -1, block) * scales.unsqueeze(-1)).view(48, 128), expect)
-
-
-@pytest.mark.parametrize("recipe", ["w2", "w3", "w2-g32", "w3-g64"])
-def test_load_time_weights_are_xnnpacks_bytes(recipe):
-    """What the lowbit_weights method computes from the packed codes is bit for bit what ExecuTorch's XNNPACK
-    serializer makes of the layer's int4 codes (NodeVisitor.convert_to_qc4w) and scales (bfloat16)."""
-    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
-
-    recs = [quantize_weight(f"l{i}", torch.randn(40 + 8 * i, 192), parse_spec(recipe), seed=i) for i in range(2)]
-    mods = [Int4DynamicLinear(LowbitLinear(r), at_load=True) for r in recs]
-    assert {m.route for m in mods} == {"xnnpack-int4-load"}
-    with torch.no_grad():
-        out = LoadTimeWeights(mods)()
-    assert len(out) == 4
-    for i, rec in enumerate(recs):
-        codes, scales = int4_weight(LowbitLinear(rec))
-        assert torch.equal(out[2 * i], NodeVisitor.convert_to_qc4w(codes))
-        assert torch.equal(out[2 * i + 1], scales.to(torch.bfloat16))
-    keys = weights_data(out)
-    assert len(keys) == 4 and sum(k.startswith("scale_") for k in keys) == 2
-
-
-def _fp4_layer(recipe, out_features=24, in_features=45, seed=0):
-    """An FP4 record of `recipe` from the real search (short grid), on a weight and input sample with outlier
-    channels. 45 inputs: an odd packed length and, for fp4-rot, a random orthogonal rotation factor."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_features, in_features, generator=g)
-    x = torch.randn(64, in_features, generator=g)
-    x[:, 3] *= 20
-    with short_fp4_search():
-        rec = quantize_fp4_group({"l": (w, parse_spec(recipe))}, x, seed=seed)["l"]
-    return rec, x
-
-
-@pytest.mark.parametrize("a_format", ["e2m1", "e1m2", "e3m0"])
-def test_fp4_activation_rounding_is_the_reference_bit_for_bit(a_format):
-    """The graph's rounding (midpoints counted with sub/clamp/ceil) against the reference (float bit fields):
-    grid points, midpoints (ties to the even code), their float neighbours, saturation, Inf, zeros, random
-    values, with per-channel exponents; at a tiny, a middling and a large scale."""
-    rec, _ = _fp4_layer("fp4")
-    fmt = f4.fp4_format(a_format)
-    g = fmt.magnitudes()
-    mids = (g[:-1] + g[1:]) / 2
-    special = torch.cat([g, mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(99.0)),
-                         torch.linspace(0, 2 * float(g[-1]), 4001), torch.tensor([1e30, float("inf"), 0.0])])
-    for scale in (2.0**-20, 0.37109375, 1000.0):
-        rec.a_format, rec.act_scale = a_format, torch.tensor([scale], dtype=torch.float16)
-        rec.act_exponents = torch.randint(0, fmt.max_exponent_shift + 1, (45,), dtype=torch.uint8)
-        lin = LowbitFP4Linear(rec)
-        s = float(rec.act_scale)
-        x = torch.cat([special, -special, torch.randn(9000) * float(g[-1])]) * s
-        x = torch.cat([x, torch.zeros(-x.numel() % 45)]).view(-1, 45) / f4.exponent_multipliers(rec.act_exponents)
-        ours = FP4TableLinear(lin).quantize_activations(x)
-        ref = quantize_fp4_activations(x, lin.act_shift, lin.act_scale, a_format)
-        assert torch.equal(ours, ref), (scale, (ours != ref).sum())
-
-
-@pytest.mark.parametrize("recipe", ["fp4", "fp4-rot", "w4a16-fp4"])
-def test_fp4_runtime_module_matches_the_op(recipe):
-    rec, x = _fp4_layer(recipe)
-    assert (rec.a_format is None) == (recipe == "w4a16-fp4") and (rec.su is not None) == (recipe == "fp4-rot")
-    lin = LowbitFP4Linear(rec, torch.randn(24))
-    mod = FP4TableLinear(lin)
-    assert mod.route == ("fp4-a16" if recipe == "w4a16-fp4" else "fp4-a4")
-    assert torch.equal(mod.codes(), f4.unpack_codes(rec.qweight, 45))
-    assert torch.equal(mod.dequantized(), rec.shifted_weight())  # the 16-entry table decodes exactly
-    with torch.no_grad():
-        assert torch.allclose(mod(x[:6].view(2, 3, 45)), lin(x[:6].view(2, 3, 45)), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("outward", [True, False])
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_explain_by_flips_finds_an_activation_rounded_the_other_way(sign, outward):
-    """A program whose W4A4 input landed 1 ulp across a rounding midpoint is the reference with that one
-    activation flipped (positive or negative, to the larger or the smaller magnitude); a program that is off
-    everywhere is not explained by a few flips."""
-    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 16)).eval()
-    with short_fp4_search():
-        ck = lb.quantize(model, "fp4", [torch.randn(64, 24)], progress=False)
-    qmodel = swap_linears(model, ck.records).eval()
-    rec = ck.records["0"]
-    s = float(rec.act_scale)
-    k = torch.ones(24) if rec.act_exponents is None else f4.exponent_multipliers(rec.act_exponents)
-    mid = float(f4.fp4_format(rec.a_format).magnitudes()[4:6].mean())  # a tie goes down, to the even code 4
-    x = torch.randn(3, 24) * 0.1
-    x[1, 7] = sign * mid * s / k[7]  # exactly on a midpoint: rounds the tie to the even code (the smaller one)
-    nudged = x.clone()
-    nudged[1, 7] = torch.nextafter(x[1, 7], torch.tensor(sign * 1e9))  # 1 ulp further out: rounds up
-    if not outward:  # the reference's input is the one 1 ulp out, the program's the tie
-        x, nudged = nudged, x
-
-    def error(ys, refs):
-        return max_rel_error(ys, refs) / RTOL_FLOAT
-
-    with torch.no_grad():
-        ref, ys = qmodel(x), qmodel(nudged)
-    assert error([ys], [ref]) > 100  # one flip is far beyond the float tolerance
-    flips = explain_by_flips(qmodel, lambda: [qmodel(x)], [ys], error, 1.0)
-    assert [(f.layer, f.call, f.index) for f in flips] == [("0", 0, 1 * 24 + 7)]
-    assert "layer 0: input channel 7 of token 1" in flips[0].describe()
-    assert explain_by_flips(qmodel, lambda: [qmodel(x)], [ref], error, 1.0) == []
-    assert explain_by_flips(qmodel, lambda: [qmodel(x)], [ys * 1.01], error, 1.0) is None
-
-
-@pytest.fixture(scope="module")
-def llama_fp4_checkpoint():
-    model = tiny_llama(layers=1)
-    with short_fp4_search():
-        ck = lb.quantize(model, "fp4", token_batches(), overrides=LLAMA_FP4_OVERRIDES, progress=False)
-    return model, ck
-
-
-def test_decompose_swaps_every_lowbit_linear(llama_fp4_checkpoint):
-    model, ck = llama_fp4_checkpoint
-    int_plan = [(r".*\.(q|k)_proj", "w4"), (r".*\.(v|o)_proj", "w2"), (r".*", "w3")]
-    records = {**quantize_all(model, int_plan), **{k: r for k, r in ck.records.items() if ".mlp." in k}}
-    q = swap_linears(model, records)
-    routes = decompose_lowbit_linears(q)
-    assert routes == {k: expected_route(r) for k, r in records.items()}
-    assert set(routes.values()) == {"xnnpack-int4", "packed", "fp4-a4", "fp4-a16"}
-    assert not any(isinstance(m, (LowbitLinear, LowbitFP4Linear)) for m in q.modules())
-    assert load_time_weights(q) is None
-    q = swap_linears(model, records)
-    routes = decompose_lowbit_linears(q, "xnnpack-load")
-    assert routes == {k: expected_route(r, "xnnpack-load") for k, r in records.items()}
-    widened = sorted(k for k, r in routes.items() if r == "xnnpack-int4-load")
-    assert widened and all(re.fullmatch(r".*\.(v|o)_proj", k) for k in widened)  # the 2-bit layers
-    assert sorted(fqn for fqn, _, _ in load_time_weights(q).layers) == widened
 
 
 # ----------------------------------------------------------------------------- HF models end to end
