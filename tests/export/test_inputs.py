@@ -100,3 +100,16 @@ def test_a_2d_mlp_exports_to_onnx_with_default_arguments(mlp_records, batch, tmp
     got = run_onnx(res.path, {"input": x})
     # float32 summation order only (export/onnx.py's verification tolerance says why)
     assert got.shape == (5, 192) and float((got - ref).abs().max()) <= RTOL * float(ref.abs().max()) + ATOL
+
+
+@pytest.mark.parametrize("suffix", [".pte", ".onnx"])
+def test_an_e8_record_is_refused_by_both_exporters_with_what_to_do(suffix, tmp_path):
+    """E8 records have no export route yet: a clear error before any work, not integer codes misread."""
+    import lowbit_compile as lb
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
+    records = lb.quantize(model, "w2-e8", [torch.randn(16, 64)], progress=False).records
+    with pytest.raises(lb.LowbitError, match=r"1 layer\(s\) \(0\) hold e8 records.*'w2-quip' instead of 'w2-e8'"):
+        lb.export(model, records, (torch.randn(2, 64),), tmp_path / f"m{suffix}")
+    assert not (tmp_path / f"m{suffix}").exists()
