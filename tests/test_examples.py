@@ -52,3 +52,27 @@ def test_markdown_python_blocks_run(md, tmp_path):
 
 def test_every_example_has_an_expected_line():
     assert {p.name for p in EXAMPLES} == set(EXPECT)
+
+
+def test_every_test_the_docs_name_exists():
+    """docs/reliability.md is an index of where each case is tested (`file::test`, R:: = test_reliability.py,
+    F:: = test_fuzz.py): a renamed or moved test must not leave the index pointing nowhere."""
+    import glob
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sources = {os.path.relpath(p, os.path.join(root, "tests")): open(p).read()
+               for p in glob.glob(os.path.join(root, "tests", "**", "test_*.py"), recursive=True)}
+    short = {"R": "test_reliability.py", "F": "test_fuzz.py"}
+    missing, named = [], 0
+    for md in [*glob.glob(os.path.join(root, "docs", "*.md")), os.path.join(root, "README.md")]:
+        text = open(md).read()
+        refs = [(f, t) for f, t in re.findall(r"([A-Za-z_/]*test_[a-z0-9_]+\.py)::(test_[a-z0-9_]+)", text)]
+        refs += [(short[k], t) for k, t in re.findall(r"\b([RF])::(test_[a-z0-9_]+)", text)]
+        for f, t in refs:
+            named += 1
+            files = [s for p, s in sources.items() if p == f or p.endswith("/" + f) or os.path.basename(p) == f]
+            if not any(re.search(rf"def {t}\b", s) for s in files):
+                missing.append(f"{os.path.basename(md)}: {f}::{t}")
+    assert named > 50 and missing == [], missing
