@@ -100,12 +100,23 @@ DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 
 def update_doc(section: str, text: str, path: str = DOC) -> str:
-    """Put `text` into docs/benchmarks.md between `<!-- bench:{section} -->` markers (appended the first time)."""
+    """Put `text` into docs/benchmarks.md between `<!-- bench:{section} -->` markers. A new section goes right after
+    the last section of the same benchmark (`ops:AVX512` then `ops:AVX2`: the capabilities side by side), or at
+    the end."""
     begin, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
     block = f"{begin}\n{text.rstrip()}\n{end}"
     doc = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip() + "\n\n" + block + "\n"
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: block, doc)
+    else:
+        base = section.split(":")[0]
+        ends = list(re.finditer(r"<!-- /bench:" + re.escape(base) + r"(:[A-Za-z0-9_]+)? -->", doc))
+        if ends:
+            at = ends[-1].end()
+            doc = doc[:at] + "\n\n" + block + doc[at:]
+        else:
+            doc = doc.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as f:
         f.write(doc)
     return path
@@ -132,13 +143,15 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def publish(name: str, text: str, doc: bool = False) -> str:
+def publish(name: str, text: str, doc: bool = False, by_isa: bool = False) -> str:
     """Print a benchmark's markdown, write it to bench-out/{name}.md and, with doc, into its `bench:{name}`
-    section of docs/benchmarks.md. Returns the text."""
+    section of docs/benchmarks.md; by_isa (timings): one section per CPU capability, `bench:{name}:AVX2` beside
+    `bench:{name}:AVX512`, so a run on one kind of machine never overwrites the other's figures. Returns the
+    text."""
     print(text)
     print("written to", write(f"{name}.md", text))
     if doc:
-        print("updated", update_doc(name, text))
+        print("updated", update_doc(f"{name}:{torch.backends.cpu.get_cpu_capability()}" if by_isa else name, text))
     return text
 
 

@@ -305,7 +305,7 @@ def main(argv=None) -> str:
                  markdown_table(["model", "variant", *RSS_COLUMNS], rss)]
     text[1] = text[1].replace("{after}", load_average())
     keep = args.no_doc or args.quick or args.only  # a smoke run or one section keeps the published figures
-    return publish("e2e", "\n".join(text), doc=not keep)
+    return publish("e2e", "\n".join(text), doc=not keep, by_isa=True)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def main(argv=None):
         markdown_table(["weights", "‖y_int8 − y_float‖ / ‖y_float‖", "median of abs(y_int8 − y_float) / abs(y_float)"],
                        int8_accuracy()),
     ])
-    publish("native", text, doc=args.doc)
+    publish("native", text, doc=args.doc, by_isa=True)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,8 @@ def main(argv=None) -> str:
                        f"int4 {r['lowbit int4, int4pack']:.2f}×, int2 {r['lowbit int2, int4pack (widened)']:.2f}× "
                        f"(goal ≤ 0.5)")
     text.append("\n" + "\n".join(f"- {v}" for v in verdict))
-    return publish("ops", "\n".join(text), doc=not (args.no_doc or args.quick))  # a smoke run keeps the figures
+    # a smoke run keeps the figures
+    return publish("ops", "\n".join(text), doc=not (args.no_doc or args.quick), by_isa=True)
 
 
 if __name__ == "__main__":
