@@ -211,7 +211,7 @@ def _run(model: torch.nn.Module, batch, index: int) -> None:
             model(batch)
         else:
             model(*batch)
-    except LowbitError:
+    except (LowbitError, _Captured):
         raise
     except Exception as e:
         raise LowbitError(f"calibration batch {index} does not fit the model ({type(e).__name__}: {e}); give "
@@ -368,6 +368,7 @@ def calibrate_blocks(
     sequential: bool = True,
     progress: bool = True,
     resume: Callable[[str, dict[str, torch.nn.Linear]], dict | None] | None = None,
+    loader: Callable[[str], contextlib.AbstractContextManager] | None = None,
 ) -> CalibrationSummary:
     """Drive calibration block by block. `quantize_layers(linears, stats)` quantizes the given linears and
     returns {fqn: dequantized weight, or a module that replaces the linear} (what the rest of the model
@@ -375,7 +376,13 @@ def calibrate_blocks(
 
     `resume(unit, linears)`, when given, is asked first for each unit (see `units_of`): a dict (the same
     kind `quantize_layers` returns) means an earlier run finished that unit, so its statistics are not
-    collected and `quantize_layers` is not called for it; the block still runs to feed the next one."""
+    collected and `quantize_layers` is not called for it; the block still runs to feed the next one.
+
+    `loader(prefix)`, when given, is a context manager that holds the block's weights only while it is open (the
+    blocks stream from disk: stream.py). The float pass then stops at the first block; the float model's own hidden
+    states are carried block by block beside the calibrated ones, and the linears outside the blocks are observed
+    on a last pass in which every block returns the float model's output of the last block (`_Replay`): the same
+    tensors the in-memory float pass gives them."""
     from tqdm.auto import tqdm
 
     batches = as_batches(calibration)
@@ -387,6 +394,7 @@ def calibrate_blocks(
     blocks_name, blocks = find_blocks(model)
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     outside = {n: m for n, m in named_linears(model).items() if id(m) not in in_blocks}
+    streaming = loader is not None and bool(blocks)
 
     # pass A: one float pass; capture the first block's inputs and the statistics of linears outside blocks
     stored: list[tuple[tuple, dict]] = []
@@ -398,6 +406,8 @@ def calibrate_blocks(
     def capture(mod, args, kwargs):
         _check_finite(_hidden(args, kwargs), f"the input of block {prefixes[0]}", current[0])
         stored.append((args, kwargs))
+        if streaming:  # the blocks are on disk: the float pass ends here
+            raise _Captured
 
     def check_output(prefix):
         def hook(mod, args, kwargs, out):
@@ -409,12 +419,14 @@ def calibrate_blocks(
         handles.append(blocks[0].register_forward_pre_hook(capture, with_kwargs=True))
         handles += [b.register_forward_hook(check_output(p), with_kwargs=True) for p, b in zip(prefixes, blocks)]
     try:
-        with torch.no_grad(), _no_cache(model), _observing(model, outside, accs) as share:
+        with torch.no_grad(), _no_cache(model), _observing(model, {} if streaming else outside, accs) as share:
             for i, batch in enumerate(tqdm(batches, desc="calibration: float pass", disable=not progress,
                                            leave=False)):
                 current[0] = i
                 try:
                     _run(model, batch, i)
+                except _Captured:
+                    pass
                 except LowbitError as e:  # NaN/Inf met on the way: name the data when it comes from there
                     bad = _nonfinite_input(batch, i)
                     if bad is None:
@@ -423,34 +435,87 @@ def calibrate_blocks(
     finally:
         for h in handles:
             h.remove()
-    outside_stats = _stats(share, accs) if outside else {}
+    outside_stats = _stats(share, accs) if outside and not streaming else {}
+    floats, last_outputs = (stored if streaming and outside else None), []  # the float model's hidden states
 
     for prefix, block in zip(prefixes, tqdm(blocks, desc="calibration: blocks", disable=not progress)):
-        summary.blocks.append(prefix)
-        linears = named_linears(block, prefix)
-        deq = resume(prefix, linears) if resume is not None else None
-        if deq is None:
-            accs = {}
-            outputs = []
-            with torch.no_grad(), _observing(block, linears, accs) as share:
-                for args, kwargs in stored:
-                    outputs.append(_first(block(*args, **kwargs)))
-            deq = quantize_layers(linears, _stats(share, accs))
-        elif not (sequential and deq):  # finished earlier: only the block's float outputs are needed
-            with torch.no_grad():
-                outputs = [_first(block(*a, **k)) for a, k in stored]
-        if sequential and deq:
-            with _quantized(block, prefix, linears, deq) as run, torch.no_grad():
-                outputs = [_first(run(*a, **k)) for a, k in stored]
-        lim_sum, lim_n = 0.0, 0
-        new_stored = []
-        for (args, kwargs), out in zip(stored, outputs):
-            s, n = _lim(_hidden(args, kwargs), out)
-            lim_sum, lim_n = lim_sum + s, lim_n + n
-            new_stored.append(_with_hidden(args, kwargs, out))
-        stored = new_stored
-        summary.lim[prefix] = lim_sum / max(lim_n, 1)
+        with loader(prefix) if streaming else contextlib.nullcontext():
+            stored = _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume)
+            if floats is not None:
+                with torch.no_grad():
+                    last_outputs = [block(*a, **k) for a, k in floats]
+                for i, out in enumerate(last_outputs):
+                    _check_finite(_first(out), f"the output of block {prefix} (its input is finite)", i)
+                floats = [_with_hidden(a, k, _first(out)) for (a, k), out in zip(floats, last_outputs)]
 
     if outside and (resume is None or resume(OUTSIDE_UNIT, outside) is None):
+        if streaming:
+            outside_stats = _replayed_stats(model, blocks_name, last_outputs, batches, outside)
         quantize_layers(outside, outside_stats)
     return summary
+
+
+def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume):
+    """One step of calibrate_blocks: the block's statistics, its quantization (unless resumed) and the inputs of
+    the next block (returned)."""
+    summary.blocks.append(prefix)
+    linears = named_linears(block, prefix)
+    deq = resume(prefix, linears) if resume is not None else None
+    if deq is None:
+        accs = {}
+        outputs = []
+        with torch.no_grad(), _observing(block, linears, accs) as share:
+            for args, kwargs in stored:
+                outputs.append(_first(block(*args, **kwargs)))
+        deq = quantize_layers(linears, _stats(share, accs))
+    elif not (sequential and deq):  # finished earlier: only the block's float outputs are needed
+        with torch.no_grad():
+            outputs = [_first(block(*a, **k)) for a, k in stored]
+    if sequential and deq:
+        with _quantized(block, prefix, linears, deq) as run, torch.no_grad():
+            outputs = [_first(run(*a, **k)) for a, k in stored]
+    lim_sum, lim_n = 0.0, 0
+    new_stored = []
+    for (args, kwargs), out in zip(stored, outputs):
+        s, n = _lim(_hidden(args, kwargs), out)
+        lim_sum, lim_n = lim_sum + s, lim_n + n
+        new_stored.append(_with_hidden(args, kwargs, out))
+    summary.lim[prefix] = lim_sum / max(lim_n, 1)
+    return new_stored
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a block on the last pass of a streaming calibration: returns the given output of the batch
+    being run (other attributes read through to the block it replaces)."""
+
+    def __init__(self, block: torch.nn.Module, outputs: list, current: list):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: its weights are on disk
+        self._outputs, self._current = outputs, current
+
+    def forward(self, *args, **kwargs):
+        return self._outputs[self._current[0]]
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
+def _replayed_stats(model, blocks_name: str, outputs: list, batches: list, outside: Mapping) -> dict[str, LayerStats]:
+    """Statistics of the linears outside the blocks, from a pass in which each block returns the float model's
+    output of the last block for that batch (`outputs`, computed block by block)."""
+    layers = model.get_submodule(blocks_name)
+    saved, current, accs = list(layers), [0], {}
+    try:
+        for i, b in enumerate(saved):
+            layers[i] = _Replay(b, outputs, current)
+        with torch.no_grad(), _no_cache(model), _observing(model, outside, accs) as share:
+            for i, batch in enumerate(batches):
+                current[0] = i
+                _run(model, batch, i)
+    finally:
+        for i, b in enumerate(saved):
+            layers[i] = b
+    return _stats(share, accs)

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--override", action="append", default=[], metavar="LAYER=RECIPE",
                    help="per-layer format: exact name or re:pattern; RECIPE 'float' keeps it in float (repeatable)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--stream", action="store_true",
+                   help="read one block at a time from the folder's safetensors (models larger than memory; the same "
+                        "checkpoint)")
     q.add_argument("-o", "--out", required=True, help="checkpoint folder to write")
 
     i = sub.add_parser("inspect", parents=[common], help="print a checkpoint's per-layer plan")
@@ -89,17 +92,23 @@ def cmd_quantize(args, say) -> None:
 
     from .hf import load_pretrained
 
-    loaded = load_pretrained(args.model_dir)
     calibration = args.calibration if args.calibration is not None else "stdlib"
     if args.calibration is not None and not os.path.isfile(args.calibration):
         from .errors import LowbitError
 
         raise LowbitError(f"--calibration {args.calibration}: no such file; give a text file with one sample per "
                           f"line, or leave it out to use standard-library docstrings")
-    say(f"quantizing {loaded.path} with recipe {args.recipe} ...")
-    ckpt = lb.quantize(loaded.model, args.recipe, calibration, tokenizer=loaded.tokenizer,
+    if args.stream:  # lb.quantize reads the folder block by block (its tokenizer too)
+        from .stream import source_of
+
+        model, tokenizer, source = args.model_dir, None, source_of(args.model_dir)
+    else:
+        loaded = load_pretrained(args.model_dir)
+        model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
+    say(f"quantizing {source['path']} with recipe {args.recipe} ...")
+    ckpt = lb.quantize(model, args.recipe, calibration, tokenizer=tokenizer,
                        overrides=_overrides(args.override) or None, seed=args.seed, progress=not args.quiet)
-    ckpt.meta["source"] = loaded.source
+    ckpt.meta["source"] = source
     ckpt.save(args.out)
     say(ckpt.table())
     say(f"{len(ckpt.records)} linear(s) quantized, {ckpt.bits_per_weight():.3f} bits/weight over linear weights; "

@@ -29,10 +29,14 @@ from .workdir import WorkDir, recipe_spec, run_identity
 log = logging.getLogger("lowbit_compile")
 
 
-def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer=None, overrides=None,
-             seed: int = 0, sequential: bool = True, progress: bool = True, work_dir=None,
+def quantize(model: torch.nn.Module | str | os.PathLike, recipe="w4", calibration=None, *, tokenizer=None,
+             overrides=None, seed: int = 0, sequential: bool = True, progress: bool = True, work_dir=None,
              report_path: str | None = None) -> Checkpoint:
     """Quantize every linear of `model` by the recipe; the model itself is not modified.
+
+    model: a module, or the path of a transformers save_pretrained folder (safetensors), which is read one
+    repeated block at a time (stream.py: for models larger than memory; the same checkpoint, byte for byte, as
+    for the model loaded in memory; the folder's tokenizer serves text calibration when tokenizer= is not given).
 
     calibration: a list of batches (dicts of tensors, or input_ids tensors), a list of strings or a text
     file path (with tokenizer=), or "stdlib" (standard-library docstrings, with tokenizer=). Needed by the
@@ -55,6 +59,8 @@ def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer
     (meta["calibration_sha256"]) and the versions of the tools.
     """
     rec = Recipe.parse(recipe, overrides, seed)
+    if isinstance(model, (str, os.PathLike)):
+        return _quantize_folder(model, rec, calibration, tokenizer, sequential, progress, work_dir)
     if rec.target_bpw is not None:  # "2.5bpw": measure every candidate, solve, then quantize with the plan
         if work_dir is not None:
             raise LowbitError(f"work_dir (resuming) is not supported for the mixed-precision recipe {rec.name!r} "
@@ -65,14 +71,33 @@ def quantize(model: torch.nn.Module, recipe="w4", calibration=None, *, tokenizer
     return _quantize(model, rec, calibration, tokenizer, sequential, progress, work_dir)
 
 
+def _quantize_folder(folder, rec: Recipe, calibration, tokenizer, sequential: bool, progress: bool, work_dir):
+    """lb.quantize of a save_pretrained folder, streamed block by block (stream.py)."""
+    from .stream import open_folder
+
+    if rec.target_bpw is not None:
+        raise LowbitError(f"the mixed-precision recipe {rec.name!r} measures every block in memory; it cannot stream "
+                          f"from {os.fspath(folder)} yet: load the model and pass it, or give a fixed recipe")
+    source = open_folder(folder)
+    texts = isinstance(calibration, str) or (isinstance(calibration, (list, tuple)) and calibration
+                                             and all(isinstance(t, str) for t in calibration))
+    if tokenizer is None and texts and rec.needs_calibration:
+        tokenizer = source.tokenizer()
+    return _quantize(source.model, rec, calibration, tokenizer, sequential, progress, work_dir, source=source)
+
+
 def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, progress: bool, work_dir,
-              embeddings_by: Recipe | None = None):
-    """lb.quantize for a recipe that is not a budget; `embeddings_by` decides the embeddings (default: `rec`)."""
+              embeddings_by: Recipe | None = None, source=None):
+    """lb.quantize for a recipe that is not a budget; `embeddings_by` decides the embeddings (default: `rec`);
+    `source`, a stream.StreamedModel whose blocks `model` holds on the meta device until loaded."""
     from .io import fingerprint
 
-    precheck([Layer(f, lin.weight) for f, lin in named_linears(model).items()], rec)  # before hours of calibration
+    # before hours of calibration (a streamed model's weights are checked as each block is quantized)
+    precheck([Layer(f, lin.weight) for f, lin in named_linears(model).items()], rec, weights=source is None)
     batches = resolve_calibration(calibration, tokenizer) if rec.needs_calibration else None
-    store = None if work_dir is None else WorkDir(work_dir, run_identity(model, rec, batches, sequential))
+    store = None if work_dir is None else WorkDir(work_dir, run_identity(
+        model, rec, batches, sequential, model_sha256=None if source is None else source.fingerprint()))
+    loaded = contextlib.nullcontext if source is None else source.loaded
     units = units_of(model)
     unit_of = {fqn: unit for unit, linears in units.items() for fqn in linears}
     embedded = Embedded(model, embeddings_by or rec)  # data-free: before calibration, which then sees them
@@ -112,12 +137,14 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
     if rec.needs_calibration:
         with _dequantized_embeddings(model, embedded.records if sequential else {}), tuner or contextlib.nullcontext():
             summary = calibrate_blocks(model, batches, quantize_unit, sequential, progress,
-                                       resume=resume if store is not None else None).as_dict()
+                                       resume=resume if store is not None else None,
+                                       loader=None if source is None else source.loaded).as_dict()
         meta["calibration_sha256"] = fingerprint(batches)
     else:
         for unit, linears in units.items():
             if resume(unit, linears) is None:
-                quantize_unit(linears, {})
+                with loaded(unit):
+                    quantize_unit(linears, {})
     embedded.merge(records, plan)
     if not plan:
         log.warning("lowbit: the model has no nn.Linear layers; nothing was quantized")

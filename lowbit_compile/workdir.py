@@ -22,15 +22,17 @@ def recipe_spec(rec: Recipe) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(rec)))
 
 
-def run_identity(model: torch.nn.Module, rec: Recipe, batches, sequential: bool) -> dict:
-    """What decides a run's results: a resumed run must match the run that wrote the work_dir in all of it."""
+def run_identity(model: torch.nn.Module, rec: Recipe, batches, sequential: bool,
+                 model_sha256: str | None = None) -> dict:
+    """What decides a run's results: a resumed run must match the run that wrote the work_dir in all of it.
+    model_sha256: the model's fingerprint when its weights are not in memory (a streamed folder's files)."""
     from .checkpoint import FORMAT_VERSION, _versions
     from .io import fingerprint, model_fingerprint
 
     versions = _versions()
     return {"recipe": recipe_spec(rec), "sequential": bool(sequential) if batches is not None else None,
             "calibration_sha256": None if batches is None else fingerprint(batches),
-            "model_sha256": model_fingerprint(model), "format_version": FORMAT_VERSION,
+            "model_sha256": model_sha256 or model_fingerprint(model), "format_version": FORMAT_VERSION,
             "versions": {k: versions.get(k) for k in ("torch", "lowbit-compile")}}
 
 
