@@ -266,10 +266,12 @@ def swap_linears(model: torch.nn.Module, records: Mapping[str, QuantizedLinear |
             shared = made.get(id(rec))
             if shared is not None:  # a tied head: the embedding's table, not a copy of it
                 for name in ("qweight", "scales"):
-                    if isinstance(getattr(new, name, None), torch.Tensor) and isinstance(getattr(shared, name, None),
-                                                                                       torch.Tensor):
-                        if torch.equal(getattr(new, name), getattr(shared, name)):
-                            setattr(new, name, getattr(shared, name))
+                    a, b = getattr(new, name, None), getattr(shared, name, None)
+                    # only the very same data: a fast form's repacked codes or float32 scales stay its own
+                    # (torch.equal compares float16 and float32 values as equal)
+                    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                            and a.shape == b.shape and torch.equal(a, b)):
+                        setattr(new, name, b)
         else:
             raise LowbitError(f"layer {fqn}: expected nn.Linear or nn.Embedding, found {type(old).__name__}")
         parent_name, _, child = fqn.rpartition(".")
