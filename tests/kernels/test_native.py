@@ -474,6 +474,29 @@ def test_rotated_linear_is_the_three_ops_bit_for_bit():
         OPS.rotated_linear(x, packed, scales, bits, _zero(bits), n, k, None, _factor(k))
 
 
+def test_rotated_linear_rotates_the_weight_for_many_rows():
+    """From M·(K + N) > 2·N·K rows on (and on the prefill path) the weight is decoded and rotated once instead of
+    the activations: the same product up to float32 summation order, with and without each rotation and bias."""
+    from lowbit_compile import hadamard
+
+    n, k, bits = 344, 576, 2
+    codes, scales = _layer(n, k, 1, bits)
+    packed = native.pack(codes, bits)
+    su, sv, bias = hadamard.random_signs(k, 1), hadamard.random_signs(n, 2), torch.randn(n)
+    w = native.unpack(packed, bits, n, k).to(torch.float32).sub(_zero(bits)).mul(scales)  # Ŵ (one scale per row)
+    x = torch.randn(2, 700, k)  # 1400 rows: 1400 · 920 > 2 · 344 · 576
+    for s_in, s_out, b in ((su, sv, bias), (su, None, None), (None, sv, bias)):
+        h = OPS.hadamard(x, s_in, _factor(k)) if s_in is not None else x
+        ref = h @ w.t()
+        ref = OPS.hadamard(ref, s_out, _factor(n), True) if s_out is not None else ref
+        ref = ref + b if b is not None else ref
+        got = OPS.rotated_linear(x, packed, scales, bits, _zero(bits), n, k, s_in,
+                                 _factor(k) if s_in is not None else None, s_out,
+                                 _factor(n) if s_out is not None else None, b)
+        assert got.shape == (2, 700, n)
+        assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
 def test_rotation_opcheck_and_compile():
     from lowbit_compile import hadamard
 
