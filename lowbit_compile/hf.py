@@ -85,6 +85,17 @@ def smollm2_path() -> str:
     return path
 
 
+def smollm2_available() -> bool:
+    """Whether the SmolLM2 file and the packages transformers needs to read it (gguf, accelerate) are installed."""
+    import importlib.util
+
+    try:
+        smollm2_path()
+    except LowbitError:
+        return False
+    return all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate"))
+
+
 def load_smollm2() -> Loaded:
     """SmolLM2-135M-Instruct as a float32 LlamaForCausalLM (its Q4_1 weights dequantized by transformers: the float
     reference) and its tokenizer (chat template included). The first load converts the GGUF (about a minute) and

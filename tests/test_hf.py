@@ -69,3 +69,22 @@ def test_a_two_layer_slice_quantizes_and_evaluates(smollm2):
     assert same["kl"] == 0.0 and same["top1_agreement"] == 1.0 and same["tokens"] == 2 * 255
     res = causal_lm_quality(model, q, chunks)
     assert 0 < res["kl"] < 1 and res["perplexity_quantized"] > 1 and res["top1_agreement"] > 0.5
+
+
+@needs_smollm2
+def test_the_llm_demo_runs_end_to_end_on_a_two_layer_slice(smollm2, tmp_path, monkeypatch):
+    """demo_llm's whole flow (quantize with a quantized tied embedding, compile, decode timing, answers, ppl/KL,
+    sizes, report and plot) on a 2-layer slice of the real weights; exports are left to the exporters' tests."""
+    from lowbit_compile import demo_llm
+
+    model = copy.deepcopy(smollm2.model)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    monkeypatch.setattr(hf, "load_smollm2", lambda: hf.Loaded(model, smollm2.tokenizer, True, smollm2.path))
+    res = demo_llm.run_llm_demo(recipe="w4", out=str(tmp_path), calib_chunks=2, eval_chunks=2, export=False,
+                                quiet=True, prompts=("Name a color.",), max_new_tokens=4)
+    report = (tmp_path / "llm" / "report.md").read_text()
+    assert "Name a color." in report and "lowbit w4" in report and (tmp_path / "llm" / "plan.png").is_file()
+    assert res["sizes"]["lowbit checkpoint"] < 0.5 * res["sizes"]["float32 parameters"]  # embedding included
+    assert res["quality"]["tokens"] == 2 * 255 and res["quality"]["kl"] > 0
+    assert set(res["decode_s"]) == {"float32 eager", "lowbit (torch.compile)"}
