@@ -36,7 +36,7 @@ class GatherEmbedding(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        rows = self.qweight.index_select(0, flat).to(torch.int32)
+        rows = self.qweight.index_select(0, flat).to(torch.int32)  # (n, bytes), or (n, blocks, bytes) when shared
         n = rows.shape[0]
         word = (rows.reshape(n, -1, self.n_bytes) * self.byte_mul).sum(-1, keepdim=True)  # ≤ 24 bits: exact
         codes = torch.remainder(torch.div(word, self.code_div, rounding_mode="floor"), 1 << self.bits)

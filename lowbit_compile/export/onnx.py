@@ -217,7 +217,28 @@ def swap_for_onnx(model: torch.nn.Module, records: Mapping, standard_ops: bool =
             return OnnxFP4Linear(rec, bias, factors)
         return OnnxLowbitLinear(rec, bias, int_route(rec.bits, standard_ops, native_nbits), factors)
 
-    return swap_linears(model, records, make_module=make, make_embedding=GatherEmbedding)
+    swapped = swap_linears(model, records, make_module=make, make_embedding=GatherEmbedding)
+    _share_tied_tables(swapped, records)
+    return swapped
+
+
+def _share_tied_tables(model: torch.nn.Module, records: Mapping) -> None:
+    """A tied head whose MatMulNBits weight holds the very bytes of its embedding's packed table (4-bit codes in
+    blocks that fit the table's rows: the record's layout) hands the gather the same tensors, so the file holds
+    the table once; the gather reads its rows from the (N, blocks, bytes) view."""
+    mods = dict(model.named_modules())
+    by_record: dict[int, list[str]] = {}
+    for fqn, rec in records.items():
+        by_record.setdefault(id(rec), []).append(fqn)
+    for fqns in by_record.values():
+        embs = [mods[f] for f in fqns if isinstance(mods.get(f), GatherEmbedding)]
+        heads = [mods[f] for f in fqns if isinstance(mods.get(f), OnnxLowbitLinear)]
+        for emb in embs:
+            for head in heads:
+                for name in ("qweight", "scales"):
+                    a, b = getattr(emb, name), getattr(head, name)
+                    if a.dtype == b.dtype and a.numel() == b.numel() and torch.equal(a.reshape(-1), b.reshape(-1)):
+                        setattr(emb, name, b)
 
 
 # ----------------------------------------------------------------------------- export

@@ -6,6 +6,7 @@ import collections
 import copy
 import dataclasses
 import importlib
+import math
 import os
 
 import onnx
@@ -336,5 +337,8 @@ def test_a_quantized_tied_embedding_exports_as_a_gather_of_the_packed_table(tmp_
     m = onnx.load(str(path))
     floats = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [320, 192]]
     assert floats == []
+    tables = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.UINT8
+              and math.prod(t.dims) == 320 * 192 // 2]
+    assert len(tables) == 1  # the gather and the head's MatMulNBits read one packed table
     other = torch.randint(0, 320, (3, 5))
     assert _rel_err(run_onnx(path, {_input_names(path)[0]: other}), _reference(model, ck.records, other)) < 1e-4
