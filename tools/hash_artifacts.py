@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 CHECKPOINTS = [  # (model, recipe, overrides)
-    ("llama", "w4", None), ("llama", "w3-rtn-g64", {"re:.*down_proj": "w3-rtn"}), ("llama", "w2-quip", None), ("llama", "w4-optq", None),
+    ("llama", "w4", None), ("llama", "w3-rtn-g64", {"re:.*down_proj": "w3-rtn"}), ("llama", "w2-quip", None),
+    ("llama", "w4-optq", None),
     ("llama", "fp4", None), ("llama", "fp4-rot", None), ("llama", "w4a16-fp4", None), ("llama", "2.5bpw", None),
     ("llama", "w4", {"lm_head": "w4", "re:.*down_proj": "w8"}), ("qwen2", "w3-quip", None), ("opt", "w4", None),
     ("minilm2", "w2-quip", None), ("minilm2", "3.25bpw", None), ("minilm2", "fp4", None),
@@ -52,7 +53,9 @@ def calibration(vocab):
 
 def digest(path: str) -> str:
     h = hashlib.sha256()
-    for root, _, files in sorted(os.walk(path)) if os.path.isdir(path) else [("", [], [path])]:
+    # file names enter the hash without their folder (a temporary directory's random name must not)
+    for root, _, files in sorted(os.walk(path)) if os.path.isdir(path) else [(os.path.dirname(path), [],
+                                                                               [os.path.basename(path)])]:
         for f in sorted(files):
             with open(os.path.join(root, f), "rb") as fh:
                 h.update(f.encode() + b"\0" + fh.read())
