@@ -57,9 +57,30 @@ def _decode_seconds(model, variants: dict, rounds: int = 7) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def chat_calibration(tok, chunks: int, tokens: int = 256) -> list[torch.Tensor]:
+    """Calibration in the instruct model's own format: calibration-split sentences as user / assistant turns through
+    the chat template, packed into `chunks` rows of `tokens` ids (batches of 4). Plain text leaves the template's
+    tokens (<|im_start|>, role names, <|im_end|>) out of the Hessians, and a 2-bit model calibrated on it alone
+    answered every chat prompt with an immediate end of turn."""
+    from .data import stdlib_sentences
+
+    sentences = stdlib_sentences("calibration")
+    ids: list[int] = []
+    for i in range(0, len(sentences) - 1, 2):
+        msgs = [{"role": "user", "content": sentences[i]}, {"role": "assistant", "content": sentences[i + 1]}]
+        ids += tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+        if len(ids) >= chunks * tokens:
+            break
+    if len(ids) < chunks * tokens:
+        from .errors import LowbitError
+
+        raise LowbitError(f"the calibration split gives {len(ids)} chat tokens, fewer than {chunks} × {tokens}")
+    return list(torch.tensor(ids[: chunks * tokens]).view(chunks, tokens).split(4))
+
+
 def run_llm_demo(recipe: str = DEFAULT_RECIPE, out: str = "demo-out", embedding: str | None = DEFAULT_EMBEDDING,
                  calib_chunks: int = 8, eval_chunks: int = 8, export: bool = True, quiet: bool = False,
-                 prompts=PROMPTS, max_new_tokens: int = 24) -> dict:
+                 prompts=PROMPTS, max_new_tokens: int = 24, chat_calib: bool = True) -> dict:
     import lowbit_compile as lb
 
     from .evaluate import causal_lm_quality, greedy_answer, text_chunks
@@ -74,11 +95,13 @@ def run_llm_demo(recipe: str = DEFAULT_RECIPE, out: str = "demo-out", embedding:
     loaded = load_smollm2()
     model, tok = loaded.model.eval(), loaded.tokenizer
     n_params = sum(p.numel() for p in model.parameters())
-    calib = list(text_chunks(tok, "calibration", max_chunks=calib_chunks, min_tokens=256).split(4))
+    calib = chat_calibration(tok, calib_chunks) if chat_calib else list(
+        text_chunks(tok, "calibration", max_chunks=calib_chunks, min_tokens=256).split(4))
     held = text_chunks(tok, "heldout", max_chunks=eval_chunks, min_tokens=256)
     overrides = {"model.embed_tokens": embedding} if embedding else None
 
-    say(f"quantizing with recipe {recipe} on {calib_chunks} × 256 calibration tokens "
+    say(f"quantizing with recipe {recipe} on {calib_chunks} × 256 calibration tokens"
+        f"{' in the chat format' if chat_calib else ''} "
         f"(embedding: {embedding or 'float'}) ...")
     t = time.perf_counter()
     ckpt = lb.quantize(model, recipe, calib, overrides=overrides, progress=not quiet)
@@ -126,7 +149,8 @@ def run_llm_demo(recipe: str = DEFAULT_RECIPE, out: str = "demo-out", embedding:
     lines = ["# lowbit demo: SmolLM2-135M-Instruct\n",
              f"Recipe `{recipe}` over {len(ckpt.records)} quantized tensors, embedding {embedding or 'float'} (tied "
              f"head sharing it); {ckpt.bits_per_weight():.3f} bits per weight over the quantized tensors as stored; "
-             f"quantized in {quant_s:.0f} s on {calib_chunks} × 256 calibration tokens; the whole demo took "
+             f"quantized in {quant_s:.0f} s on {calib_chunks} × 256 calibration tokens"
+             f"{' (standard-library sentences as chat turns)' if chat_calib else ''}; the whole demo took "
              f"{total_s:.0f} s. CPU capability {torch.backends.cpu.get_cpu_capability()}, "
              f"{torch.get_num_threads()} thread(s), torch {torch.__version__}.\n",
              "## Quality on held-out text\n",
