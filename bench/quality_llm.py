@@ -16,7 +16,7 @@ nats, top-1 agreement, and lb.quantize's wall time (one thread unless --threads;
 Each row is stored in bench-out/quality_llm.json as it finishes; a rerun skips rows already there (delete the
 file, or --fresh, to measure again).
 
-    python -m bench.quality_llm [--quick] [--only RECIPE ...] [--threads N] [--fresh]
+    python -m bench.quality_llm [--quick] [--only RECIPE ...] [--threads N] [--fresh] [--table-only]
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def main(argv=None) -> str:
     ap.add_argument("--only", nargs="*", default=None, help="recipes (or torchao-int2-g32, ...) to run")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="forget the stored rows")
+    ap.add_argument("--table-only", action="store_true", help="publish the stored rows (docs included), run none")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from lowbit_compile.evaluate import text_chunks
@@ -106,7 +107,7 @@ def main(argv=None) -> str:
     todo = [r for _, r in ROWS if (_key(r) in QUICK if args.quick else args.only is None or _key(r) in args.only)]
     for recipe in todo:
         key = _key(recipe)
-        if key in done:
+        if key in done or args.table_only:
             continue
         print(f"{key}: quantizing and evaluating ...", flush=True)
         done[key] = run_row(loaded, recipe, calib, chunks)
@@ -132,6 +133,9 @@ def main(argv=None) -> str:
             f"4-bit; no row here uses that format). Quantize time at {args.threads} thread(s) on a shared machine.\n",
             markdown_table(["method", "recipe", "bits/weight (stored)", "perplexity", "vs float", "KL (nats/token)",
                             "top-1 agreement", "quantize s"], table)]
+    missing = [_key(r) for _, r in ROWS if _key(r) not in done]
+    if missing and not args.quick:
+        text.append(f"\nNot measured yet: {', '.join(missing)} (`python -m bench.quality_llm --only ...` adds them).")
     return publish("quality_llm", "\n".join(text), doc=not args.quick and args.only is None)
 
 
