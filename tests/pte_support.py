@@ -119,3 +119,4 @@ def mlp(dims=(512, 1376, 512)):
     for a, b in zip(dims[:-1], dims[1:]):
         layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
     return torch.nn.Sequential(*layers[:-1]).eval()
+

@@ -12,15 +12,11 @@ pytest.importorskip("executorch")
 pytest.importorskip("torchao")
 
 from pte_support import (  # noqa: E402
-    LLAMA_FP4_OVERRIDES,
     expected_route,
     quantize_all,
     short_fp4_search,
-    token_batches,
 )
-from tinymodels import tiny_llama  # noqa: E402
 
-import lowbit_compile as lb  # noqa: E402
 from lowbit_compile import hadamard  # noqa: E402
 from lowbit_compile.errors import LowbitError  # noqa: E402
 from lowbit_compile.export.decompose import (  # noqa: E402
@@ -188,14 +184,6 @@ def test_fp4_runtime_module_matches_the_op(recipe):
     assert torch.equal(mod.dequantized(), rec.shifted_weight())  # the 16-entry table decodes exactly
     with torch.no_grad():
         assert torch.allclose(mod(x[:6].view(2, 3, 45)), lin(x[:6].view(2, 3, 45)), atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def llama_fp4_checkpoint():
-    model = tiny_llama(layers=1)
-    with short_fp4_search():
-        ck = lb.quantize(model, "fp4", token_batches(), overrides=LLAMA_FP4_OVERRIDES, progress=False)
-    return model, ck
 
 
 def test_decompose_swaps_every_lowbit_linear(llama_fp4_checkpoint):
