@@ -26,10 +26,6 @@ import torch
 from .common import load_average, machine, markdown_table, publish, versions
 
 
-def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-
-
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="w4")
@@ -43,6 +39,7 @@ def main(argv=None) -> str:
     from lowbit_compile.evaluate import text_chunks
     from lowbit_compile.export import export
     from lowbit_compile.hf import load_smollm2, smollm2_path
+    from lowbit_compile.io import tree_bytes
 
     loaded = load_smollm2()
     model, tok = loaded.model.eval(), loaded.tokenizer
@@ -59,7 +56,7 @@ def main(argv=None) -> str:
              f"{8 * os.path.getsize(smollm2_path()) / n_params:.2f}", ""]]
     with tempfile.TemporaryDirectory() as tmp:
         ck.save(os.path.join(tmp, "ck"))
-        ck_bytes = _dir_bytes(os.path.join(tmp, "ck"))
+        ck_bytes = tree_bytes(os.path.join(tmp, "ck"))
         rows.append(["lowbit checkpoint (records + JSON)", f"{ck_bytes / 2**20:.1f}", f"{8 * ck_bytes / n_params:.2f}",
                      "100%"])
         if not args.no_export:

@@ -18,6 +18,7 @@ import torch
 
 from .data import stdlib_sentences
 from .hf import embed  # noqa: F401  (re-exported: the demo's and the benchmarks' pooling)
+from .io import tree_bytes
 
 DEFAULT_RECIPE = "2.5bpw"
 MAX_LEN = 64
@@ -56,10 +57,6 @@ def _median_ms(fn, repeats: int = 5) -> float:
 def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
-
-
-def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 def _batches(tok, sentences, size: int):
@@ -102,7 +99,7 @@ def run_demo(recipe: str = DEFAULT_RECIPE, out: str = "demo-out", n_sentences: i
         compiled = torch.compile(model, backend="lowbit", options={"checkpoint": ckpt, "compiler": compiler})
         emb = embed(compiled, full)
         rows.append(dict(variant=f"torch.compile(backend='lowbit', {compiler})", fmt=fmt,
-                         bytes=_dir_bytes(ckpt_dir), bits=bits, cosine=float((emb * ref).sum(-1).mean()),
+                         bytes=tree_bytes(ckpt_dir), bits=bits, cosine=float((emb * ref).sum(-1).mean()),
                          ms=_median_ms(lambda: compiled(**full)) / n))
         if export:
             rows += _export_rows(model, ckpt, tok, sentences, ref, out, fmt, bits, say)
@@ -160,7 +157,7 @@ def _export_rows(model, ckpt, tok, sentences, ref, out, fmt, bits, say) -> list[
         hidden = [run(b) for b in batches]
         emb = torch.cat([_pool(h, b["attention_mask"]) for h, b in zip(hidden, batches)])
         ms = _median_ms(lambda run=run: [run(b) for b in batches]) / n
-        size = _dir_bytes(path) if os.path.isdir(path) else os.path.getsize(path)
+        size = tree_bytes(path)
         if suffix == ".onnx" and os.path.exists(path + ".data"):
             size += os.path.getsize(path + ".data")
         rows.append(dict(variant=f"{suffix} in {runtime}", fmt=fmt, bytes=size, bits=bits,

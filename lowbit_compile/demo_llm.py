@@ -22,15 +22,13 @@ import time
 
 import torch
 
+from .io import tree_bytes
+
 DEFAULT_RECIPE = "2.5bpw"
 DEFAULT_EMBEDDING = "w4-rtn-g32"
 PROMPTS = ("What is the capital of France?", "Write a Python function that returns the square of a number.",
            "Name three primary colors.")
 CONTEXT = 64
-
-
-def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def _decode_seconds(model, variants: dict, rounds: int = 7) -> dict[str, float]:
@@ -125,7 +123,7 @@ def run_llm_demo(recipe: str = DEFAULT_RECIPE, out: str = "demo-out", embedding:
         quality = causal_lm_quality(model, fast, held)
 
     sizes = [("float32 parameters", n_params * 4), ("GGUF file it ships as", os.path.getsize(smollm2_path())),
-             ("lowbit checkpoint", _dir_bytes(ckpt_dir))]
+             ("lowbit checkpoint", tree_bytes(ckpt_dir))]
     export_notes = []
     if export:
         from .export import export as lb_export

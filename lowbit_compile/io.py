@@ -23,6 +23,13 @@ import torch
 TMP_PREFIX = ".tmp-"
 
 
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes of a file, or of every file under a folder (a saved checkpoint)."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside `path` durable (no-op where directories cannot be opened, e.g. Windows)."""
     try:
