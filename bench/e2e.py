@@ -25,7 +25,6 @@ The variants take turns round by round in one process (median of the rounds), so
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -62,19 +61,10 @@ def make_variant(model, name: str):
 
 
 def _decode_step(model, prompt_len: int = PROMPT):
-    """A zero-argument callable that runs one decode step against a fresh copy of a prefilled cache."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g)
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    """A callable step(m) that runs one decode step against a fresh copy of a prefilled cache (evaluate.decode_step)."""
+    from lowbit_compile.evaluate import decode_step
 
-    def step(m):
-        c = copy.deepcopy(cache)  # outside the op time it costs microseconds; keeps every call's shapes equal
-        with torch.no_grad():
-            return m(tok, past_key_values=c, use_cache=True).logits
-
-    return step
+    return decode_step(model, prompt_len)
 
 
 def _minilm_batch(tok):

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import statistics
 import time
@@ -33,17 +32,9 @@ CONTEXT = 64
 
 def _decode_seconds(model, variants: dict, rounds: int = 7) -> dict[str, float]:
     """Median seconds of one decode step at a CONTEXT-token context per variant, the variants taking turns."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, CONTEXT), generator=g)
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    from .evaluate import decode_step
 
-    def step(m):
-        c = copy.deepcopy(cache)
-        with torch.no_grad():
-            m(tok, past_key_values=c, use_cache=True)
-
+    step = decode_step(model, CONTEXT)
     for m in variants.values():
         step(m)  # compiles
     times = {k: [] for k in variants}

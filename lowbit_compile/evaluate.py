@@ -89,3 +89,23 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> st
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def decode_step(model, prompt_len: int = 64):
+    """step(m): one decode step of `m` (the model or a compiled form of it) after a `prompt_len`-token prompt that
+    `model` prefilled once, against a fresh copy of that cache, so every call has the same shapes (one
+    compilation) and times exactly one generated token. Returns the step's logits."""
+    import copy
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def step(m):
+        c = copy.deepcopy(cache)  # outside the op time it costs microseconds; keeps every call's shapes equal
+        with torch.no_grad():
+            return m(tok, past_key_values=c, use_cache=True).logits
+
+    return step
