@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import hadamard
 from ..formats import e8p
-from .reference import compute_dtype, linear_fake
+from .reference import linear_fake, rotated_product, rotated_product_grad
 
 
 def dequantize_e8_weight(qweight: Tensor, scales: Tensor, bits: int, in_features: int) -> Tensor:
@@ -34,17 +33,8 @@ def dequantize_e8_weight(qweight: Tensor, scales: Tensor, bits: int, in_features
 
 def e8p_linear_ref(x, qweight, scales, su, sv, had_in, had_out, bias, bits, in_features):
     """The op in pure torch (the rotations and the order of operations of reference.rotated_linear_ref)."""
-    dt = compute_dtype(x)
-    w = dequantize_e8_weight(qweight, scales, bits, in_features).to(dt)
-    h = x.to(dt)
-    if su is not None:
-        h = hadamard.apply(h, su.to(dt), had_in)
-    y = torch.nn.functional.linear(h, w)
-    if sv is not None:
-        y = hadamard.apply(y, sv.to(dt), had_out, inverse=True)
-    if bias is not None:
-        y = y + bias.to(dt)
-    return y.to(x.dtype)
+    return rotated_product(x, dequantize_e8_weight(qweight, scales, bits, in_features), su, sv, had_in, had_out,
+                           bias)
 
 
 @torch.library.custom_op("lowbit::e8p_linear", mutates_args=())
@@ -93,14 +83,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     qweight, scales, su, sv, had_in, had_out = ctx.saved_tensors
     bits, in_features, has_bias, dtype = ctx.meta
-    dt = compute_dtype(grad)
-    g = grad.to(dt)
-    g_bias = g.reshape(-1, g.shape[-1]).sum(0) if has_bias else None
-    if sv is not None:  # y = Uᵀ z  ->  dz = U dy
-        g = hadamard.apply(g, sv.to(dt), had_out)
-    g = g @ e8p_weight(qweight, scales, bits, in_features).to(dt)
-    if su is not None:  # h = V x  ->  dx = Vᵀ dh
-        g = hadamard.apply(g, su.to(dt), had_in, inverse=True)
+    w = e8p_weight(qweight, scales, bits, in_features)
+    g, g_bias = rotated_product_grad(grad, w, su, sv, had_in, had_out, has_bias)
     return g.to(dtype), None, None, None, None, None, None, g_bias, None, None
 
 

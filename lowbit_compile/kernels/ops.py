@@ -110,14 +110,8 @@ def _rotated_setup(ctx, inputs, output):
 def _rotated_backward(ctx, grad):
     qweight, scales, su, sv, had_in, had_out = ctx.saved_tensors
     bits, in_features, group_size, has_bias, dtype = ctx.meta
-    g = grad.to(reference.compute_dtype(grad))
-    g_bias = g.reshape(-1, g.shape[-1]).sum(0) if has_bias else None
-    if sv is not None:  # y = Uᵀ z  ->  dz = U dy
-        g = reference.hadamard_ref(g, sv, had_out)
-    w = reference.dequantize_weight(qweight, scales, bits, in_features, group_size).to(g.dtype)
-    g = g @ w
-    if su is not None:  # h = V x  ->  dx = Vᵀ dh
-        g = reference.hadamard_ref(g, su, had_in, inverse=True)
+    w = reference.dequantize_weight(qweight, scales, bits, in_features, group_size)
+    g, g_bias = reference.rotated_product_grad(grad, w, su, sv, had_in, had_out, has_bias)
     return (g.to(dtype), None, None, None, None, None, None, g_bias, None, None, None)
 
 

@@ -38,8 +38,28 @@ def rotated_linear_ref(x, qweight, scales, su, sv, had_in, had_out, bias, bits, 
 
     su None: no input transform; sv None: no output transform (plain low-bit linear when both are None).
     """
+    return rotated_product(x, dequantize_weight(qweight, scales, bits, in_features, group_size), su, sv, had_in,
+                           had_out, bias)
+
+
+def rotated_product_grad(grad, w, su, sv, had_in, had_out, has_bias: bool):
+    """(dL/dx in the compute dtype, dL/dbias or None) of `rotated_product` for a frozen W: dz = U dy, dh = dz W,
+    dx = Vᵀ dh."""
+    dt = compute_dtype(grad)
+    g = grad.to(dt)
+    g_bias = g.reshape(-1, g.shape[-1]).sum(0) if has_bias else None
+    if sv is not None:
+        g = hadamard.apply(g, sv.to(dt), had_out)
+    g = g @ w.to(dt)
+    if su is not None:
+        g = hadamard.apply(g, su.to(dt), had_in, inverse=True)
+    return g, g_bias
+
+
+def rotated_product(x, w, su, sv, had_in, had_out, bias):
+    """y = Uᵀ W V x + b for a decoded float weight W (any record kind's), in the compute dtype of x."""
     dt = compute_dtype(x)
-    w = dequantize_weight(qweight, scales, bits, in_features, group_size).to(dt)
+    w = w.to(dt)
     h = x.to(dt)
     if su is not None:
         h = hadamard.apply(h, su.to(dt), had_in)
