@@ -7,6 +7,7 @@ import contextlib
 import re
 
 import pytest
+import tinymodels
 import torch
 
 pytest.importorskip("executorch")
@@ -61,8 +62,8 @@ def short_fp4_search():
 
 
 def token_batches(n=2, vocab=320):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab, (2, 16), generator=g) for _ in range(n)]
+    """Two seeded batches of 2 × 16 token ids (tinymodels.token_batches)."""
+    return tinymodels.token_batches(n, vocab, (2, 16))
 
 
 def quantized_model(model, records):

@@ -4,14 +4,13 @@ work_dir resumes it; `lowbit quantize --nproc 2` runs torchrun."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from tinymodels import tiny_llama
+from tinymodels import folder_digests, tiny_llama, token_batches
 
 import lowbit_compile as lb
 from lowbit_compile.distributed import assign
@@ -43,16 +42,6 @@ if distributed.rank() == 0:
 """
 
 
-def _batches():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 320, (2, 10), generator=g) for _ in range(3)]
-
-
-def _digests(folder) -> dict:
-    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
-            for f in sorted(os.listdir(folder))}
-
-
 def _torchrun(tmp_path, *args) -> subprocess.CompletedProcess:
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
@@ -78,16 +67,16 @@ def test_the_assignment_balances_cost_keeps_groups_together_and_is_the_same_ever
 
 
 def test_two_processes_give_the_one_process_checkpoint_byte_for_byte(folder, tmp_path):
-    one = lb.quantize(folder, "w2-quip", _batches(), progress=False, overrides={"lm_head": "w4-quip"})
-    expected = _digests(one.save(tmp_path / "one"))
+    one = lb.quantize(folder, "w2-quip", token_batches(), progress=False, overrides={"lm_head": "w4-quip"})
+    expected = folder_digests(one.save(tmp_path / "one"))
     proc = _torchrun(tmp_path, folder, "w2-quip", tmp_path / "two", "", "")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _digests(tmp_path / "two") == expected
+    assert folder_digests(tmp_path / "two") == expected
 
 
 def test_a_rank_that_dies_stops_the_run_and_the_work_dir_resumes_it(folder, tmp_path):
-    one = lb.quantize(folder, "w2-quip", _batches(), progress=False, overrides={"lm_head": "w4-quip"})
-    expected = _digests(one.save(tmp_path / "one"))
+    one = lb.quantize(folder, "w2-quip", token_batches(), progress=False, overrides={"lm_head": "w4-quip"})
+    expected = folder_digests(one.save(tmp_path / "one"))
     work = tmp_path / "work"
     proc = _torchrun(tmp_path, folder, "w2-quip", tmp_path / "two", work, "model.layers.2.")
     assert proc.returncode != 0 and not (tmp_path / "two").exists()
@@ -95,7 +84,7 @@ def test_a_rank_that_dies_stops_the_run_and_the_work_dir_resumes_it(folder, tmp_
     assert sorted(os.listdir(work / "units")) == ["model.layers.0", "model.layers.1"]
     proc = _torchrun(tmp_path, folder, "w2-quip", tmp_path / "two", work, "")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _digests(tmp_path / "two") == expected
+    assert folder_digests(tmp_path / "two") == expected
 
 
 def test_the_command_runs_torchrun_with_nproc(tmp_path):
@@ -114,4 +103,4 @@ def test_the_command_runs_torchrun_with_nproc(tmp_path):
     args = ["quantize", str(model_dir), "--recipe", "w3-quip", "-q"]
     assert main([*args, "-o", str(tmp_path / "one")]) == 0
     assert main([*args, "--nproc", "2", "-o", str(tmp_path / "two")]) == 0
-    assert _digests(tmp_path / "two") == _digests(tmp_path / "one")
+    assert folder_digests(tmp_path / "two") == folder_digests(tmp_path / "one")

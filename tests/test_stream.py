@@ -3,12 +3,11 @@ the in-memory path's, at most one block's weights are in memory at a time, an in
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
 import torch
-from tinymodels import tiny_llama
+from tinymodels import folder_digests, tiny_llama, token_batches
 
 import lowbit_compile as lb
 from lowbit_compile import stream
@@ -31,16 +30,6 @@ def llama_dirs(tmp_path_factory):
     return {tie: _save(tiny_llama(tie=tie, layers=3), out / f"tie{int(tie)}") for tie in (False, True)}
 
 
-def _batches():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 320, (2, 10), generator=g) for _ in range(3)]
-
-
-def _digests(folder) -> dict:
-    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
-            for f in sorted(os.listdir(folder))}
-
-
 def _in_memory(folder):
     from transformers import AutoModelForCausalLM
 
@@ -54,10 +43,10 @@ def test_a_streamed_folder_gives_the_in_memory_checkpoint_byte_for_byte(llama_di
     folder = llama_dirs[tie]
     assert len([f for f in os.listdir(folder) if f.endswith(".safetensors")]) > 3
     kw = {"progress": False, "sequential": sequential, "overrides": HEAD}
-    lb.quantize(_in_memory(folder), recipe, _batches(), **kw).save(tmp_path / "memory")
-    ck = lb.quantize(folder, recipe, _batches(), **kw)
+    lb.quantize(_in_memory(folder), recipe, token_batches(), **kw).save(tmp_path / "memory")
+    ck = lb.quantize(folder, recipe, token_batches(), **kw)
     assert "lm_head" in ck.plan[-1]["fqn"] and len(ck.records) == 3 * 7 + 1
-    assert _digests(ck.save(tmp_path / "stream")) == _digests(tmp_path / "memory")
+    assert folder_digests(ck.save(tmp_path / "stream")) == folder_digests(tmp_path / "memory")
 
 
 def test_at_most_one_block_is_in_memory_and_every_block_goes_back_to_meta(llama_dirs, monkeypatch):
@@ -71,7 +60,7 @@ def test_at_most_one_block_is_in_memory_and_every_block_goes_back_to_meta(llama_
         return quantize_weight(fqn, *a, **k)
 
     monkeypatch.setattr(core, "quantize_weight", watching)
-    lb.quantize(llama_dirs[False], "w2-quip", _batches(), progress=False, overrides=HEAD)
+    lb.quantize(llama_dirs[False], "w2-quip", token_batches(), progress=False, overrides=HEAD)
     assert loaded_blocks[:21] == [[f"model.layers.{i}"] for i in range(3) for _ in range(7)]
     assert loaded_blocks[21:] == [[]]  # the head: no block loaded
     source = opened[0]
@@ -81,8 +70,8 @@ def test_at_most_one_block_is_in_memory_and_every_block_goes_back_to_meta(llama_
 
 def test_an_interrupted_streamed_run_resumes_byte_identically(llama_dirs, tmp_path, monkeypatch):
     folder = llama_dirs[False]
-    ck = lb.quantize(_in_memory(folder), "w2-quip", _batches(), progress=False, overrides=HEAD)
-    expected = _digests(ck.save(tmp_path / "a"))
+    ck = lb.quantize(_in_memory(folder), "w2-quip", token_batches(), progress=False, overrides=HEAD)
+    expected = folder_digests(ck.save(tmp_path / "a"))
     calls = []
 
     def flaky(fqn, *a, **k):
@@ -94,22 +83,22 @@ def test_an_interrupted_streamed_run_resumes_byte_identically(llama_dirs, tmp_pa
     monkeypatch.setattr(core, "quantize_weight", flaky)
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        lb.quantize(folder, "w2-quip", _batches(), progress=False, overrides=HEAD, work_dir=work)
+        lb.quantize(folder, "w2-quip", token_batches(), progress=False, overrides=HEAD, work_dir=work)
     assert sorted(os.listdir(work / "units")) == ["model.layers.0", "model.layers.1"]
     calls.clear()
     monkeypatch.setattr(core, "quantize_weight",
                         lambda fqn, *a, **k: (calls.append(fqn), quantize_weight(fqn, *a, **k))[1])
-    ck = lb.quantize(folder, "w2-quip", _batches(), progress=False, overrides=HEAD, work_dir=work)
+    ck = lb.quantize(folder, "w2-quip", token_batches(), progress=False, overrides=HEAD, work_dir=work)
     assert [c.split(".")[2] for c in calls[:-1]] == ["2"] * 7 and calls[-1] == "lm_head"  # blocks 0, 1 not redone
-    assert _digests(ck.save(tmp_path / "b")) == expected
+    assert folder_digests(ck.save(tmp_path / "b")) == expected
     # the same work_dir with the in-memory model is another run (its identity hashes the files, not the state dict)
     with pytest.raises(lb.LowbitError, match="model_sha256"):
-        lb.quantize(_in_memory(folder), "w2-quip", _batches(), progress=False, overrides=HEAD, work_dir=work)
+        lb.quantize(_in_memory(folder), "w2-quip", token_batches(), progress=False, overrides=HEAD, work_dir=work)
 
 
 def test_streaming_refuses_budgets_and_folders_without_safetensors(llama_dirs, tmp_path):
     with pytest.raises(lb.LowbitError, match="cannot stream"):
-        lb.quantize(llama_dirs[False], "2.5bpw", _batches(), progress=False)
+        lb.quantize(llama_dirs[False], "2.5bpw", token_batches(), progress=False)
     (tmp_path / "config.json").write_text(open(os.path.join(llama_dirs[False], "config.json")).read())
     with pytest.raises(lb.LowbitError, match="no safetensors"):
         lb.quantize(str(tmp_path), "w4", progress=False)
@@ -130,4 +119,4 @@ def test_the_command_streams_with_its_flag_and_writes_the_same_checkpoint(tmp_pa
     args = ["quantize", folder, "--recipe", "w3-quip", "-q"]
     assert main([*args, "-o", str(tmp_path / "memory")]) == 0
     assert main([*args, "--stream", "-o", str(tmp_path / "stream")]) == 0
-    assert _digests(tmp_path / "stream") == _digests(tmp_path / "memory")
+    assert folder_digests(tmp_path / "stream") == folder_digests(tmp_path / "memory")

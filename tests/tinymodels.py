@@ -68,3 +68,18 @@ def with_weights(model, records):
         mod = ref.get_submodule(fqn)
         mod.weight = torch.nn.Parameter(rec.dequantized_weight().to(mod.weight.dtype), requires_grad=False)
     return ref
+
+
+def token_batches(n: int = 3, vocab: int = 320, shape=(2, 10)) -> list[torch.Tensor]:
+    """Seeded calibration batches of token ids for the tiny models."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, shape, generator=g) for _ in range(n)]
+
+
+def folder_digests(folder) -> dict:
+    """{file name: sha256} of a saved checkpoint folder: two runs' checkpoints are byte-identical when these are."""
+    import hashlib
+    import os
+
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(folder))}
