@@ -6,6 +6,7 @@ import torch
 
 from .. import formats
 from ..formats import IntFormat
+from .ldlq import nearest_code
 
 # Fractions of the max-abs scale tried per group. Low bit widths want strong clipping: for a Gaussian row
 # of a few hundred entries the MSE-optimal 2-bit scale is about half the max-abs one.
@@ -21,10 +22,15 @@ def search_scales(w: torch.Tensor, fmt: IntFormat, group_size: int,
     amax = wg.abs().amax(dim=-1)
     best_err = torch.full((rows, g), float("inf"))
     best = formats.round_scales(amax / fmt.half_range)
+    # One buffer, in-place steps, and rounding as clamp + add/subtract 1.5·2^23 (ldlq.nearest_code): the bounds
+    # are integers, so clamping before rounding gives round-then-clamp's codes, without torch.round's slow
+    # vectorized-math kernel. The same errors bit for bit as the plain expression, 3-5x faster.
+    q = torch.empty_like(wg)
     for alpha in clip_grid:
         s = formats.round_scales(alpha * amax / fmt.half_range)
-        q = torch.round(wg / s.float().unsqueeze(-1) + fmt.zero).clamp_(0, fmt.max_code)
-        err = ((q - fmt.zero) * s.float().unsqueeze(-1) - wg).pow_(2).sum(dim=-1)
+        sf = s.float().unsqueeze(-1)
+        torch.div(wg, sf, out=q)
+        err = nearest_code(q.add_(fmt.zero), fmt).sub_(fmt.zero).mul_(sf).sub_(wg).square_().sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, s, best)

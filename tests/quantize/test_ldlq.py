@@ -219,10 +219,44 @@ def test_nearest_code_rounds_like_torch_round(dtype, bits):
     v = torch.cat([torch.randn(5000, dtype=dtype) * fmt.max_code / 2 + fmt.zero,
                    torch.arange(-2 * 2, 2 * (fmt.max_code + 2), dtype=dtype) / 2])  # every .5 tie, out of range too
     want = torch.round(v).clamp(0, fmt.max_code)
-    assert torch.equal(L._nearest_code(v.clone(), fmt), want)
+    assert torch.equal(L.nearest_code(v.clone(), fmt), want)
 
 
 def test_all_finite():
     assert L.all_finite(torch.tensor([1e308, 1e308], dtype=F64))  # the sum overflows, the values do not
     assert not L.all_finite(torch.tensor([1.0, float("nan")]))
     assert not L.all_finite(torch.tensor([float("inf"), float("-inf")]))
+
+
+def plain_search_scales(w, fmt, group_size, clip_grid):
+    """rtn.search_scales as first written: torch.round, then clamp, out-of-place."""
+    rows, k = w.shape
+    g = formats.num_groups(k, group_size)
+    wg = w.to(torch.float32).reshape(rows, g, k // g)
+    amax = wg.abs().amax(dim=-1)
+    best_err = torch.full((rows, g), float("inf"))
+    best = formats.round_scales(amax / fmt.half_range)
+    for alpha in clip_grid:
+        s = formats.round_scales(alpha * amax / fmt.half_range)
+        q = torch.round(wg / s.float().unsqueeze(-1) + fmt.zero).clamp_(0, fmt.max_code)
+        err = ((q - fmt.zero) * s.float().unsqueeze(-1) - wg).pow_(2).sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("rows,k,group_size", [(37, 96, 0), (5, 96, 32), (130, 40, 8)])
+def test_search_scales_same_as_plain_expression(bits, rows, k, group_size):
+    """The in-place search with clamp-then-round picks the very scales of the plain expression: all-zero rows
+    (the smallest scale, huge quotients), outliers, exact .5 ties of w / s."""
+    from lowbit_compile.quantize.rtn import CLIP_GRID
+
+    fmt = formats.int_format(bits)
+    g = torch.Generator().manual_seed(bits + rows)
+    w = torch.randn(rows, k, generator=g) * torch.exp(torch.randn(rows, 1, generator=g))
+    w[0] = 0
+    w[1, 3] = 40.0
+    w[2] = torch.arange(k) / 2 - k / 4  # halves
+    assert torch.equal(search_scales(w, fmt, group_size), plain_search_scales(w, fmt, group_size, CLIP_GRID))
