@@ -114,10 +114,10 @@ def measure_candidates(fqn: str, w: torch.Tensor, hessian: torch.Tensor | None,
     a sample of the layer's inputs (and take its per-channel max |x|), as quantize_weight does."""
     from .layer import quantize_weight
 
-    results, records = {}, {}
+    results, records, spaces = {}, {}, {}  # spaces: the rotated, factored layer, shared by QuIP's bit widths
     for name, spec in candidates.items():
         extra = {"sample": sample, "absmax": absmax} if spec.method == "fp4" else {}
-        records[name] = quantize_weight(fqn, w, spec, seed, hessian=hessian, **extra)
+        records[name] = quantize_weight(fqn, w, spec, seed, hessian=hessian, spaces=spaces, **extra)
         results[name] = candidate_result(records[name], w, hessian)
     return results, records
 

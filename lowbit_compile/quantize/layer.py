@@ -79,16 +79,19 @@ def _recipe_text(spec: LayerSpec) -> str:
 
 def quantize_weight(fqn: str, w: torch.Tensor, spec: LayerSpec, seed: int = 0,
                     hessian: torch.Tensor | None = None, sample: torch.Tensor | None = None,
-                    absmax: torch.Tensor | None = None) -> QuantizedLinear | FP4QuantizedLinear:
+                    absmax: torch.Tensor | None = None, spaces: dict | None = None,
+                    ) -> QuantizedLinear | FP4QuantizedLinear:
     """Quantize one linear weight (out_features, in_features); LDLQ methods need its input Hessian, FP4 a
     sample of its inputs (and optionally the per-channel max |x| over all calibration tokens). The record
-    keeps the weight's digest, so a checkpoint can find its layer whatever a graph names it."""
-    rec = _quantize_weight(fqn, w, spec, seed, hessian, sample, absmax)
+    keeps the weight's digest, so a checkpoint can find its layer whatever a graph names it. `spaces`: a dict
+    kept across several specs of the same (w, hessian), so QuIP/OPTQ rotate and factor the layer once
+    (quip.quantize_quip)."""
+    rec = _quantize_weight(fqn, w, spec, seed, hessian, sample, absmax, spaces)
     rec.weight_sha256 = weight_digest(w)
     return rec
 
 
-def _quantize_weight(fqn, w, spec, seed, hessian, sample, absmax):
+def _quantize_weight(fqn, w, spec, seed, hessian, sample, absmax, spaces=None):
     check_weight(fqn, w)
     check_group_size(fqn, w.shape[1], spec)
     if spec.method == "fp4":
@@ -103,7 +106,7 @@ def _quantize_weight(fqn, w, spec, seed, hessian, sample, absmax):
         from .quip import quantize_quip
 
         return quantize_quip(w.detach(), hessian, spec.bits, spec.group_size, rotate=spec.rotate, seed=seed,
-                             rescale=spec.rescale, greedy=spec.greedy, damp=spec.damp, fqn=fqn)
+                             rescale=spec.rescale, greedy=spec.greedy, damp=spec.damp, fqn=fqn, spaces=spaces)
     w = w.detach().to(torch.float32)
     out_f, in_f = w.shape
     fmt = formats.int_format(spec.bits)

@@ -16,6 +16,8 @@ much as LDLQ itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import formats
@@ -126,17 +128,22 @@ def _to_quantization_space(w: torch.Tensor, h: torch.Tensor, transform: Transfor
     return w, h, d
 
 
-def quantize_quip(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = 0, *, rotate: bool = True,
-                  seed: int = 0, rescale: bool = False, greedy: int = 0, damp: float = 0.01,
-                  scale_search: bool = True, fqn: str = "") -> QuantizedLinear:
-    """Quantize one linear weight (out_features, in_features) given its input Hessian H = E[x xᵀ].
+@dataclass
+class _Space:
+    """A layer in the space LDLQ works in: what every bit width of one (rotate, rescale, damp, seed) shares."""
 
-    rotate=False is plain OPTQ (the baseline). The transform seed is layer_seed(seed, fqn), as for RTN.
-    With rescale, the record's su holds signs / d, so the runtime input transform also undoes the scaling.
-    """
-    fmt = _check_inputs(w, h, bits, group_size, rotate, rescale, fqn)
-    out_f, in_f = w.shape
-    w0 = w.detach().to(torch.float32)
+    wq: torch.Tensor  # W' float32, dead columns zeroed
+    extra: torch.Tensor  # what damping added to diag H', taken back out of the loss
+    ldl: LDL  # factor of the damped H', U cast to float32 once for all scale candidates
+    h_damped: torch.Tensor | None  # float64 damped H', kept for greedy passes only (n² doubles)
+    t: Transform | None
+    d: torch.Tensor | None
+    s: int | None
+
+
+def _space(w0: torch.Tensor, h: torch.Tensor, rotate: bool, seed: int, rescale: bool, damp: float, greedy: bool,
+           fqn: str) -> _Space:
+    out_f, in_f = w0.shape
     t, s = None, None
     if rotate:
         s = layer_seed(seed, fqn)
@@ -147,20 +154,42 @@ def quantize_quip(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     wq, hq, d = _to_quantization_space(w0, h.detach().to(torch.float64), t, rescale)
     dh = damp_hessian(hq, damp, fqn)
     wq[:, dh.dead] = 0
-    extra = dh.h.diagonal() - hq.diagonal()  # what damping added, taken back out of the loss
-    ldl = LDL(dh.ldl.u.to(torch.float32), dh.ldl.d)  # cast once for all candidates
-    h_damped = dh.h if greedy else None
-    del dh, hq  # the float64 matrices are large: drop what LDLQ no longer needs
+    extra = dh.h.diagonal() - hq.diagonal()
+    return _Space(wq, extra, LDL(dh.ldl.u.to(torch.float32), dh.ldl.d), dh.h if greedy else None, t, d, s)
+
+
+def quantize_quip(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = 0, *, rotate: bool = True,
+                  seed: int = 0, rescale: bool = False, greedy: int = 0, damp: float = 0.01,
+                  scale_search: bool = True, fqn: str = "", spaces: dict | None = None) -> QuantizedLinear:
+    """Quantize one linear weight (out_features, in_features) given its input Hessian H = E[x xᵀ].
+
+    rotate=False is plain OPTQ (the baseline). The transform seed is layer_seed(seed, fqn), as for RTN.
+    With rescale, the record's su holds signs / d, so the runtime input transform also undoes the scaling.
+    `spaces`: a dict the caller keeps for one (w, h) across calls (mixed precision measuring every bit width of a
+    layer): the rotated, damped and factored layer is computed once per (rotate, rescale, damp, seed) and reused,
+    with the same result as computing it again.
+    """
+    fmt = _check_inputs(w, h, bits, group_size, rotate, rescale, fqn)
+    out_f, in_f = w.shape
+    w0 = w.detach().to(torch.float32)
+    key = (rotate, seed, rescale, damp, greedy > 0)
+    sp = spaces.get(key) if spaces is not None else None
+    if sp is None:
+        sp = _space(w0, h, rotate, seed, rescale, damp, greedy > 0, fqn)
+        if spaces is not None:
+            spaces[key] = sp
+    wq, extra, ldl, t, d, s = sp.wq, sp.extra, sp.ldl, sp.t, sp.d, sp.s
+    h_damped = sp.h_damped if greedy else None
     grid = SCALE_GRID[bits] if scale_search else (1.0,)
     codes, scales, damped, loss = ldlq_scale_search(wq, ldl, extra, fmt, group_size, grid)
     if greedy:
         codes, change = greedy_refine(wq, h_damped, codes, scales, fmt, group_size, greedy)
         loss = _undamped_rows(damped + change, wq, codes, scales, fmt, group_size, extra)
-    su = None if t is None else (t.su if d is None else (t.su / d).to(torch.float32))
-    rec = QuantizedLinear(
+    su = None if t is None else (t.su.clone() if d is None else (t.su / d).to(torch.float32))
+    rec = QuantizedLinear(  # own sign vectors: records of one cached space must not share tensors (fine-tuning)
         fqn=fqn, method="quip" if rotate else "optq", bits=bits, in_features=in_f, out_features=out_f,
         group_size=group_size, qweight=formats.pack(codes, bits), scales=scales, seed=s, su=su,
-        sv=None if t is None else t.sv, weight_error=0.0, proxy_loss=float(loss.sum()),
+        sv=None if t is None else t.sv.clone(), weight_error=0.0, proxy_loss=float(loss.sum()),
     )
     err = torch.linalg.vector_norm(rec.dequantized_weight() - w0) / torch.linalg.vector_norm(w0).clamp_min(1e-30)
     rec.weight_error = float(err)

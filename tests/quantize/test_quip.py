@@ -136,6 +136,26 @@ def test_deterministic():
     assert c.seed != a.seed and not torch.equal(c.su, a.su)
 
 
+def test_cached_space_gives_the_same_records():
+    """Mixed precision measures every bit width of a layer with one `spaces` dict: rotated, damped and factored
+    once; each record is the one a fresh call makes, and owns its sign vectors."""
+    w, h = outlier_weight(40, 96, 8), hessian(96, 8)
+    spaces = {}
+    for bits, kw in ((2, {}), (3, {"group_size": 32}), (4, {}), (2, {"rescale": True}), (3, {"greedy": 1}),
+                     (2, {"rotate": False})):
+        got = quip.quantize_quip(w, h, bits, seed=3, fqn="a.b", spaces=spaces, **kw)
+        want = quip.quantize_quip(w, h, bits, seed=3, fqn="a.b", **kw)
+        assert torch.equal(got.qweight, want.qweight) and torch.equal(got.scales, want.scales)
+        assert got.proxy_loss == want.proxy_loss and got.weight_error == want.weight_error
+        if got.su is not None:
+            assert torch.equal(got.su, want.su) and torch.equal(got.sv, want.sv)
+    assert len(spaces) == 4  # (rotate, rescale, greedy) variants: plain, rescale, greedy, unrotated
+    a = quip.quantize_quip(w, h, 2, seed=3, fqn="a.b", spaces=spaces)
+    b = quip.quantize_quip(w, h, 3, seed=3, fqn="a.b", spaces=spaces)
+    a.su.mul_(2)
+    assert not torch.equal(a.su, b.su)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
