@@ -18,6 +18,8 @@ each `LowbitFP4Linear` by one that computes the same y = Q_a(Tₙ(su ⊙ x) ⊙ 
   though the XNNPACK library inside the runtime has QC2W kernels), and a weight computed in the graph is
   re-packed by XNNPACK on every call (batch-1 bmm: 1.7× the time of the float linear at 16 tokens, before any
   unpacking), so widening once at load is the only way to both small files and fast forwards in this runtime.
+  A 4-bit head tied to a quantized embedding takes that route too (int4="xnnpack-load"): its codes are the
+  gather's table, which the file then holds once (executorch.py's docstring).
 - `PackedLinear` (route "packed", any of 2/3/4/8 bits): the codes stay packed as in the record (uint8 buffers);
   the graph unpacks them with shifts and masks, applies the float16 scales and runs a float matmul on every
   forward. The file keeps the recipe's size and runs in any runtime without a loading step, but the unpacking
@@ -251,8 +253,8 @@ def int4_weight(lin: LowbitLinear) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Int4DynamicLinear(_RotatedBase):
     """2/3/4-bit codes as a torchao IntxUnpackedToInt8Tensor (int4) with int8 dynamic activations: XNNPACK's
-    4-bit kernel. `at_load`: the codes are widened when the program is loaded (route xnnpack-int4-load): the
-    record's packed codes and the bfloat16 scales stay on the module for LoadTimeWeights."""
+    4-bit kernel. `at_load`: XNNPACK's weight is rebuilt when the program is loaded (route xnnpack-int4-load): the
+    record's packed codes and scales, as the record stores them, stay on the module for LoadTimeWeights."""
 
     def __init__(self, lin: LowbitLinear, at_load: bool = False):
         super().__init__(lin)
@@ -271,7 +273,7 @@ class Int4DynamicLinear(_RotatedBase):
         # Plain attributes, not buffers: forward does not use them, so they stay out of its program.
         self.int4_codes = codes
         self.packed_codes = lin.qweight.clone() if at_load else None
-        self.bf16_scales = scales.to(torch.bfloat16) if at_load else None
+        self.record_scales = lin.scales.clone() if at_load else None
 
     def _linear(self, h, bias):
         return nn.functional.linear(h, self.weight, bias)
@@ -302,13 +304,18 @@ def _shifts(bits: int) -> torch.Tensor:
 
 class LoadTimeWeights(nn.Module):
     """The program's `lowbit_weights` method: the int4 weights of the xnnpack-int4-load layers, rebuilt from their
-    packed 2/3-bit codes; the loader (executorch.load_pte_method) runs it once and hands the outputs to forward's
-    XNNPACK delegate as its external named data.
+    records' packed codes and scales; the loader (executorch.load_pte_method) runs it once and hands the outputs to
+    forward's XNNPACK delegate as its external named data.
 
     Outputs, per layer: the codes in XNNPACK's 4-bit layout, (out, in/2) uint8 with two codes per byte offset by 8,
     code 2j in the low nibble (NodeVisitor.convert_to_qc4w; `in` is a multiple of 32 on this route, so no row is
     padded), and the scales as bfloat16, (out, groups): the bytes XNNPACK's serializer would have put in the file.
-    Computed once, on the runtime's portable kernels: shifts, masks and integer adds, about 12 ns per weight here.
+    2/3-bit codes c become 2c − (2^b − 1) + 8 (shifts, masks and integer adds on the runtime's portable kernels,
+    about 12 ns per weight here); 4-bit codes c (zero point 8) are already that layout: the record's packed bytes,
+    copied. Scales: the record's (float16) through float32, halved for 2/3 bits (exact), rounded to bfloat16, as
+    int4_weight does. The method's inputs are the record's own bytes, so where forward holds the same bytes (the
+    packed table of a tied embedding's gather) ExecuTorch stores them once for both methods (its emitter keeps one
+    copy of equal constants across a program): the file holds the table once and the head still runs on XNNPACK.
     Every constant is a tensor (a buffer): scalar operands become lifted tensor constants, and ExecuTorch's edge
     passes mix up their names once a program has ten of them."""
 
@@ -317,19 +324,20 @@ class LoadTimeWeights(nn.Module):
         self.layers = [(m.fqn, m.bits, m.in_features) for m in layers]
         for i, m in enumerate(layers):
             self.register_buffer(f"qweight{i}", m.packed_codes)
-            self.register_buffer(f"scales{i}", m.bf16_scales)
+            self.register_buffer(f"scales{i}", m.record_scales)
         u8, i32 = torch.uint8, torch.int32
-        for bits in sorted({m.bits for m in layers}):
+        for bits in sorted({m.bits for m in layers} - {4}):
             self.register_buffer(f"shifts{bits}", _shifts(bits))
             self.register_buffer(f"mask{bits}", torch.tensor([(1 << bits) - 1], dtype=u8 if bits == 2 else i32))
             self.register_buffer(f"offset{bits}", torch.tensor([9 - (1 << bits)], dtype=u8))  # 8 − (2^b − 1)
         self.register_buffer("byte_values", torch.tensor([256, 65536], dtype=i32))  # 3 bits: a 24-bit word
         self.register_buffer("two", torch.tensor([2], dtype=u8))
         self.register_buffer("sixteen", torch.tensor([16], dtype=u8))
+        self.register_buffer("one_half", torch.tensor([0.5], dtype=torch.float32))
         self.int4_codes = [m.int4_codes for m in layers]  # what forward's weights hold: the lowering tags them
 
     def codes(self, i: int) -> torch.Tensor:
-        """(out, in) codes of layer i (formats.unpack: code j in bits [j·b, (j+1)·b) of its group)."""
+        """(out, in) codes of a 2/3-bit layer i (formats.unpack: code j in bits [j·b, (j+1)·b) of its group)."""
         q, (_, bits, _) = getattr(self, f"qweight{i}"), self.layers[i]
         if bits == 2:
             c = torch.bitwise_right_shift(q.unsqueeze(-1), self.shifts2)
@@ -340,13 +348,25 @@ class LoadTimeWeights(nn.Module):
             c = torch.bitwise_right_shift(word, self.shifts3)
         return (c & getattr(self, f"mask{bits}")).reshape(q.shape[0], -1).to(torch.uint8)
 
+    def int4_bytes(self, i: int) -> torch.Tensor:
+        """Layer i's codes in XNNPACK's layout: two per byte, each + 8 (signed int4 → unsigned nibble)."""
+        q, (_, bits, _) = getattr(self, f"qweight{i}"), self.layers[i]
+        if bits == 4:  # codes 0..15 with zero point 8, element 0 in the low nibble: XNNPACK's bytes already
+            return q.clone()
+        nib = self.codes(i) * self.two + getattr(self, f"offset{bits}")  # 2c − (2^b − 1) + 8
+        pairs = nib.reshape(nib.shape[0], -1, 2)
+        return (pairs.narrow(-1, 0, 1) + pairs.narrow(-1, 1, 1) * self.sixteen).reshape(nib.shape[0], -1)
+
+    def bf16_scales(self, i: int) -> torch.Tensor:
+        """Layer i's scales as int4_weight gives them to XNNPACK: float32, halved for 2/3 bits, then bfloat16."""
+        s, (_, bits, _) = getattr(self, f"scales{i}").to(torch.float32), self.layers[i]
+        s = s if bits == 4 else s * self.one_half
+        return s.to(torch.bfloat16).reshape(s.shape[0], -1)
+
     def forward(self) -> tuple[torch.Tensor, ...]:
         out = []
-        for i, (_, bits, _) in enumerate(self.layers):
-            nib = self.codes(i) * self.two + getattr(self, f"offset{bits}")  # 2c − (2^b − 1) + 8
-            pairs = nib.reshape(nib.shape[0], -1, 2)
-            out.append((pairs.narrow(-1, 0, 1) + pairs.narrow(-1, 1, 1) * self.sixteen).reshape(nib.shape[0], -1))
-            out.append(getattr(self, f"scales{i}").clone())
+        for i in range(len(self.layers)):
+            out += [self.int4_bytes(i), self.bf16_scales(i)]
         return tuple(out)
 
 
@@ -477,34 +497,40 @@ class FP4TableLinear(nn.Module):
         return unflatten_tokens(y if self.bias is None else y + self.bias, x)
 
 
-def route_for(lin: LowbitLinear, int4: str = "xnnpack") -> str:
+def route_for(lin: LowbitLinear, int4: str = "xnnpack", tied: bool = False) -> str:
     """Which runtime form an integer layer gets (export_pte's `int4`):
 
     "xnnpack": 4-bit layers on XNNPACK's int4 kernel (xnnpack-int4), 2/3-bit layers packed (the file keeps their
         size, a plain runtime runs it, the unpacking runs on every forward);
     "xnnpack-load": 2/3-bit layers on the int4 kernel too, their codes widened when the program is loaded
-        (xnnpack-int4-load: the file keeps 2/3 bits; load it with executorch.load_pte_method);
+        (xnnpack-int4-load: the file keeps 2/3 bits; load it with executorch.load_pte_method), and so is a `tied`
+        4-bit layer (a head whose codes are its embedding's packed table, which the program holds for the gather
+        anyway): its XNNPACK weight is rebuilt at load from that table, so the file holds the table once;
     "xnnpack-wide": 2/3-bit layers on the int4 kernel with their codes widened in the file (xnnpack-int4: 4 bits
         per weight on disk, a plain runtime runs it);
     "packed": every layer packed (exact float math: tells a kernel problem from a decomposition problem).
     XNNPACK takes blocks of 32·k inputs (per channel: a block of in_features); other layers stay packed."""
     if int4 not in INT4_MODES:
         raise LowbitError(f"int4={int4!r}: valid choices are 'xnnpack' (XNNPACK's dynamic-int8 × int4 kernel for "
-                          f"4-bit layers), 'xnnpack-load' (and for 2/3-bit layers, widened at load), 'xnnpack-wide' "
-                          f"(and for 2/3-bit layers, widened in the file) and 'packed' (unpack in the graph, float "
-                          f"matmul)")
+                          f"4-bit layers), 'xnnpack-load' (and for 2/3-bit layers and tied heads, their weights "
+                          f"rebuilt at load), 'xnnpack-wide' (and for 2/3-bit layers, widened in the file) and "
+                          f"'packed' (unpack in the graph, float matmul)")
     # XNNPACK maps int4 per-channel to its blockwise kernel with block = in_features; blocks must be 32·k.
     if int4 == "packed" or lin.bits not in (2, 3, 4) or (lin.group_size or lin.in_features) % 32:
         return "packed"
+    if int4 == "xnnpack-load" and (lin.bits != 4 or tied):
+        return "xnnpack-int4-load"
     if lin.bits == 4 or int4 == "xnnpack-wide":
         return "xnnpack-int4"
-    return "xnnpack-int4-load" if int4 == "xnnpack-load" else "packed"
+    return "packed"
 
 
 def decompose_lowbit_linears(model: nn.Module, int4: str = "xnnpack") -> dict[str, str]:
     """Replace every LowbitLinear and LowbitFP4Linear of `model` (in place) by its runtime form, and every
     LowbitEmbedding by a GatherEmbedding (route "gather": packed rows gathered and decoded in portable integer ops);
-    returns {fqn: route}."""
+    returns {fqn: route}. A LowbitLinear that reads an embedding's very codes (swap_linears gives a tied head the
+    embedding's tensors) is `tied` for route_for."""
+    tables = [m.qweight for m in model.modules() if isinstance(m, LowbitEmbedding)]
     routes = {}
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LowbitEmbedding):
@@ -514,11 +540,12 @@ def decompose_lowbit_linears(model: nn.Module, int4: str = "xnnpack") -> dict[st
             new = FP4TableLinear(mod)
             route = new.route
         elif isinstance(mod, LowbitLinear):
-            route = route_for(mod, int4)
+            route = route_for(mod, int4, tied=any(mod.qweight is t for t in tables))
             new = (PackedLinear(mod) if route == "packed"
                    else Int4DynamicLinear(mod, at_load=route == "xnnpack-int4-load"))
         else:
             continue
+        new.fqn = name  # where it sits: a tied head's record is named after its embedding
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         routes[name] = route

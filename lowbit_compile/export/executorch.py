@@ -17,6 +17,18 @@ at load like weights from the file, so forward runs as fast as a 4-bit program. 
 `Runtime.load_program(path).load_method("forward")` fails on such a file (a missing named-data key): it needs
 that loader or its C++ equivalent (execute `lowbit_weights`, wrap the outputs in a NamedDataMap).
 
+The same route stores a tied table once. A head tied to a quantized embedding shares its record: the embedding's
+gather (portable ops) reads the packed table from the program's constants, and XNNPACK, left to itself, stores its
+own int4 copy of the same codes for the head (a delegate's weights cannot be read by the ops outside it: SmolLM2's
+49 152 × 576 table, 16 MB, twice). With int4="xnnpack-load" such a head takes route xnnpack-int4-load: its XNNPACK
+weight is left out of the file and `lowbit_weights` rebuilds it from the table (4-bit codes are already XNNPACK's
+nibbles: a copy; the float16 scales rounded to bfloat16). The method's inputs are the very bytes of the gather's
+constants, and ExecuTorch's emitter keeps one copy of equal constants across the methods of a program, so the file
+holds the table once, and the head runs XNNPACK's int4 kernel on the same bytes as before (the outputs equal the
+int4="xnnpack" program's bit for bit). The alternative that loads in a plain runtime, the head decoded from the
+table in the graph on every forward (route packed), is two orders of magnitude slower: SmolLM2's head alone, one
+token, one thread, 195 ms against 1.9 ms on XNNPACK's kernel.
+
 Tolerances (`verify`). An output y matches its reference r when max|y − r| ≤ atol + rtol·max|r|: relative to
 the output's scale, since an elementwise rtol means nothing for entries near zero. The reference is the
 PyTorch quantized model (swap_linears: the lowbit op's reference implementation).
@@ -519,7 +531,9 @@ def export_pte(model: torch.nn.Module, records, example_inputs, path, *, dynamic
             their size and runs in a plain runtime, several times slower than float32);
         "xnnpack-load": 2/3-bit layers too, widened when the program is loaded (route xnnpack-int4-load: the file
             keeps 2/3 bits and runs as fast as 4-bit layers, but needs `load_pte_method` or its C++ equivalent:
-            a plain `Runtime.load_program(path).load_method("forward")` fails for want of the widened weights);
+            a plain `Runtime.load_program(path).load_method("forward")` fails for want of the widened weights),
+            and a head tied to a quantized embedding, its XNNPACK weight rebuilt at load from the embedding's
+            table (the file holds the table once instead of twice);
         "xnnpack-wide": 2/3-bit layers too, widened in the file (4 bits per weight on disk, a plain runtime);
         "packed": every layer on the exact unpack + float matmul route.
     verify: run the program in executorch.runtime on the example inputs before writing it; raise LowbitError

@@ -20,6 +20,7 @@ from pte_support import (  # noqa: E402
 from lowbit_compile import hadamard  # noqa: E402
 from lowbit_compile.errors import LowbitError  # noqa: E402
 from lowbit_compile.export.decompose import (  # noqa: E402
+    INT4_MODES,
     FP4TableLinear,
     Int4DynamicLinear,
     KronTransform,
@@ -98,6 +99,11 @@ def test_routes():
     wide = {k: route_for(LowbitLinear(r), "xnnpack-wide") for k, r in recs.items()}
     assert wide == {**routes, "w2": "xnnpack-int4", "w3-g64": "xnnpack-int4"}
     assert {route_for(LowbitLinear(r), int4="packed") for r in recs.values()} == {"packed"}
+    # a head whose codes are its embedding's table: rebuilt at load from that table with "xnnpack-load" only
+    tied = {m: {k: route_for(LowbitLinear(r), m, tied=True) for k, r in recs.items()} for m in INT4_MODES}
+    assert tied == {"xnnpack": routes, "xnnpack-load": {**load, "w4": "xnnpack-int4-load",
+                                                        "w4-g32": "xnnpack-int4-load"},
+                    "xnnpack-wide": wide, "packed": {k: "packed" for k in recs}}
     with pytest.raises(LowbitError, match="valid choices.*xnnpack-load"):
         route_for(LowbitLinear(recs["w4"]), int4="int4")
 
@@ -118,10 +124,11 @@ def test_int4_weight_is_the_records_weight(recipe):
     assert torch.equal((codes.float().view(48, -1, block) * scales.unsqueeze(-1)).view(48, 128), expect)
 
 
-@pytest.mark.parametrize("recipe", ["w2", "w3", "w2-g32", "w3-g64"])
+@pytest.mark.parametrize("recipe", ["w2", "w3", "w2-g32", "w3-g64", "w4", "w4-rtn-g32"])
 def test_load_time_weights_are_xnnpacks_bytes(recipe):
     """What the lowbit_weights method computes from the packed codes is bit for bit what ExecuTorch's XNNPACK
-    serializer makes of the layer's int4 codes (NodeVisitor.convert_to_qc4w) and scales (bfloat16)."""
+    serializer makes of the layer's int4 codes (NodeVisitor.convert_to_qc4w) and scales (bfloat16). 4-bit codes
+    are the record's packed bytes as they are."""
     from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
 
     recs = [quantize_weight(f"l{i}", torch.randn(40 + 8 * i, 192), parse_spec(recipe), seed=i) for i in range(2)]
@@ -134,6 +141,8 @@ def test_load_time_weights_are_xnnpacks_bytes(recipe):
         codes, scales = int4_weight(LowbitLinear(rec))
         assert torch.equal(out[2 * i], NodeVisitor.convert_to_qc4w(codes))
         assert torch.equal(out[2 * i + 1], scales.to(torch.bfloat16))
+        if rec.bits == 4:
+            assert torch.equal(out[2 * i], rec.qweight)
     keys = weights_data(out)
     assert len(keys) == 4 and sum(k.startswith("scale_") for k in keys) == 2
 
@@ -202,3 +211,40 @@ def test_decompose_swaps_every_lowbit_linear(llama_fp4_checkpoint):
     widened = sorted(k for k, r in routes.items() if r == "xnnpack-int4-load")
     assert widened and all(re.fullmatch(r".*\.(v|o)_proj", k) for k in widened)  # the 2-bit layers
     assert sorted(fqn for fqn, _, _ in load_time_weights(q).layers) == widened
+
+
+def test_a_tied_head_reads_its_embeddings_table_at_load():
+    """A head that shares its embedding's record (swap_linears hands it the embedding's tensors) is rebuilt at load
+    with int4="xnnpack-load": the weights method's inputs are the gather's own table and scales (the same bytes, so
+    the program stores them once) and its outputs are XNNPACK's weight of the head. With "xnnpack" the head keeps
+    XNNPACK's own copy; an untied 4-bit head keeps it with either."""
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+    from tinymodels import tiny_llama
+
+    import lowbit_compile as lb
+    from lowbit_compile.export.embedding import GatherEmbedding
+
+    model = tiny_llama(tie=True, layers=1)
+    ck = lb.quantize(model, "w4", None, overrides={"model.embed_tokens": "w4-rtn-g32"}, progress=False)
+    assert ck.records["lm_head"] is ck.records["model.embed_tokens"]
+    q = swap_linears(model, ck.records)
+    routes = decompose_lowbit_linears(q, "xnnpack-load")
+    assert routes["lm_head"] == "xnnpack-int4-load" and routes["model.embed_tokens"] == "gather"
+    # the other layers are 4-bit (down_proj, 344 inputs, packed): XNNPACK's own copy, as with "xnnpack"
+    assert {r for k, r in routes.items() if k not in ("lm_head", "model.embed_tokens")} == {"xnnpack-int4", "packed"}
+    weights = load_time_weights(q)
+    assert [fqn for fqn, _, _ in weights.layers] == ["lm_head"]
+    gather = q.get_submodule("model.embed_tokens")
+    assert isinstance(gather, GatherEmbedding)
+    assert torch.equal(weights.qweight0, gather.qweight) and torch.equal(weights.scales0, gather.scales)
+    with torch.no_grad():
+        codes, scales = weights()
+    head = swap_linears(model, ck.records).lm_head
+    expect_codes, expect_scales = int4_weight(head)
+    assert torch.equal(codes, NodeVisitor.convert_to_qc4w(expect_codes))
+    assert torch.equal(scales, expect_scales.to(torch.bfloat16))
+    assert decompose_lowbit_linears(swap_linears(model, ck.records))["lm_head"] == "xnnpack-int4"
+    untied = tiny_llama(tie=False, layers=1)
+    ck = lb.quantize(untied, "w4", None, overrides={"model.embed_tokens": "w4-rtn-g32", "lm_head": "w4-rtn-g32"},
+                     progress=False)
+    assert decompose_lowbit_linears(swap_linears(untied, ck.records), "xnnpack-load")["lm_head"] == "xnnpack-int4"

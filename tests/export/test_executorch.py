@@ -439,22 +439,40 @@ def test_onnx_suffix_without_the_onnx_package_names_the_install_command(tmp_path
         export(mlp(dims=(8, 8)), {}, (torch.randn(1, 8),), tmp_path / "m.onnx")
 
 
-def test_a_quantized_tied_embedding_exports_to_pte_as_a_gather_of_the_packed_table(tmp_path):
-    """The embedding's packed rows are gathered and decoded in portable integer ops (route "gather", the same
-    module as the ONNX export) and the tied head runs the shared record: the program matches the PyTorch quantized
-    model and holds no float vocabulary × hidden table."""
-    from lowbit_compile.export.embedding import GatherEmbedding
-    from lowbit_compile.nn import LowbitEmbedding
-
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    """The tiny Llama with its embedding tied to the head, blocks at w4 and the embedding (so the head) at
+    w4-rtn-g32, exported with the default int4="xnnpack"."""
     model = tiny_llama(tie=True, layers=1)
     model.config.use_cache = False
     ck = lb.quantize(model, "w4", None, overrides={"model.embed_tokens": "w4-rtn-g32"}, progress=False)
-    emb = LowbitEmbedding(ck.records["model.embed_tokens"])
     ids = torch.randint(0, 320, (2, 9))
+    res = export(model, ck, (ids,), tmp_path_factory.mktemp("tied") / "tied.pte")
+    return model, ck, ids, res
+
+
+def _table_copies(path, rec) -> tuple[int, int]:
+    """How often the record's packed codes and its scales (as bfloat16, XNNPACK's form) appear in the file."""
+    data = path.read_bytes()
+    bf16 = rec.scales.to(torch.float32).to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes()
+    return data.count(rec.qweight.contiguous().numpy().tobytes()), data.count(bf16)
+
+
+def test_a_quantized_tied_embedding_exports_to_pte_as_a_gather_of_the_packed_table(tied_llama, tmp_path):
+    """The embedding's packed rows are gathered and decoded in portable integer ops (route "gather", the same
+    module as the ONNX export) and the tied head runs the shared record: the program matches the PyTorch quantized
+    model and holds no float vocabulary × hidden table. With int4="xnnpack" the head's weight is XNNPACK's own copy
+    of the table (a delegate's data cannot be read by the gather outside it): the codes are in the file twice."""
+    from lowbit_compile.export.embedding import GatherEmbedding
+    from lowbit_compile.nn import LowbitEmbedding
+
+    model, ck, ids, res = tied_llama
+    emb = LowbitEmbedding(ck.records["model.embed_tokens"])
     assert torch.equal(GatherEmbedding(emb)(ids), emb(ids))  # the decomposition is exact
-    res = export(model, ck, (ids,), tmp_path / "tied.pte")
-    assert res.routes["model.embed_tokens"] == "gather" and res.error <= res.rtol
+    assert res.routes["model.embed_tokens"] == "gather" and res.routes["lm_head"] == "xnnpack-int4"
+    assert res.error <= res.rtol
     assert res.error_vs_simulated < 1e-5  # int8 activations of the int4 layers aside, the program is exact
+    assert _table_copies(res.path, ck.records["model.embed_tokens"]) == (2, 1)
     float_res = export(model, {}, (ids,), tmp_path / "float.pte")
     table = 320 * 192 * 4  # float32 bytes of the table the float program holds
     assert float_res.nbytes - res.nbytes > 0.8 * table
@@ -463,3 +481,28 @@ def test_a_quantized_tied_embedding_exports_to_pte_as_a_gather_of_the_packed_tab
         ref = swap_linears(model, ck.records)(other).logits
     got = run_pte(res.path, [other])[0]
     assert float((got - ref).abs().max()) <= res.rtol * float(ref.abs().max())  # the int8-activation tolerance
+
+
+def test_a_tied_head_rebuilt_at_load_stores_the_table_once(tied_llama, tmp_path):
+    """int4="xnnpack-load": the head's XNNPACK weight is left out of the file and rebuilt at load from the gather's
+    table (route xnnpack-int4-load; for 4-bit codes, the table's bytes as they are): the packed codes appear in the
+    file once, the file is smaller by XNNPACK's copy (codes and bfloat16 scales), and the head runs the same kernel
+    on the same bytes, so the outputs equal the int4="xnnpack" program's bit for bit and match the PyTorch quantized
+    model at the int8-activation tolerance, at other batch and sequence sizes too."""
+    from executorch.runtime import Runtime
+
+    model, ck, ids, both = tied_llama
+    rec = ck.records["model.embed_tokens"]
+    res = export(model, ck, (ids,), tmp_path / "tied-load.pte", int4="xnnpack-load")
+    assert res.routes == {**both.routes, "lm_head": "xnnpack-int4-load"}
+    assert res.weights_method == WEIGHTS_METHOD and res.rtol == RTOL_INT8_ACTIVATIONS and res.error <= res.rtol
+    assert _table_copies(res.path, rec) == (1, 0)  # the scales: the gather's float16 ones only
+    xnnpack_copy = rec.qweight.numel() + 2 * rec.scales.numel()  # 4-bit codes and bfloat16 scales
+    assert 0.9 * xnnpack_copy < both.nbytes - res.nbytes <= xnnpack_copy
+    assert WEIGHTS_METHOD in Runtime.get().load_program(res.path).method_names
+    check_file(res, model, ck.records, (ids,))
+    for shape in [(3, 5), (1, 17)]:
+        other = torch.randint(0, 320, shape)
+        got = run_pte(res.path, [other])
+        assert torch.equal(got[0], run_pte(both.path, [other])[0])
+        assert max_rel_error(got, reference_outputs(model, ck.records, (other,))) <= RTOL_INT8_ACTIVATIONS
