@@ -9,8 +9,11 @@
    `swap_linears(fast=True)`: the same CPU kernels the backend picks, without recompiling for every length);
 4. perplexity and KL(float ‖ quantized) on held-out text (never used for calibration);
 5. sizes: the float parameters, the GGUF file the model ships as, the checkpoint, and with export the .pte and
-   .onnx files (verified by their exporters in executorch.runtime and onnxruntime);
-6. `demo-out/llm/report.md` with every figure and answer, and the per-layer plan plot next to it.
+   .onnx files (verified by their exporters in executorch.runtime and onnxruntime); the .pte runs every integer
+   layer on XNNPACK's int4 kernel with 2/3-bit codes and the tied table widened when it is loaded (int4=
+   "xnnpack-load": load it with export.executorch.load_pte_method), so it stays the checkpoint's size;
+6. `demo-out/llm/report.md` with every figure and answer, the seconds each step took, and the per-layer plan plot
+   next to it.
 """
 
 from __future__ import annotations
@@ -80,6 +83,13 @@ def run_llm_demo(recipe: str = DEFAULT_RECIPE, out: str = "demo-out", embedding:
     out = os.path.join(out, "llm")
     os.makedirs(out, exist_ok=True)
     t_start = time.perf_counter()
+    phases: dict[str, float] = {}  # seconds per step, in the report
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        phases[name] = now - since
+        return now
+
     say("loading SmolLM2-135M-Instruct (the first load converts its GGUF file, about a minute) ...")
     loaded = load_smollm2()
     model, tok = loaded.model.eval(), loaded.tokenizer
@@ -88,30 +98,34 @@ def run_llm_demo(recipe: str = DEFAULT_RECIPE, out: str = "demo-out", embedding:
         text_chunks(tok, "calibration", max_chunks=calib_chunks, min_tokens=256).split(4))
     held = text_chunks(tok, "heldout", max_chunks=eval_chunks, min_tokens=256)
     overrides = {"model.embed_tokens": embedding} if embedding else None
+    t = lap("load the model and the text", t_start)
 
     say(f"quantizing with recipe {recipe} on {calib_chunks} × 256 calibration tokens"
         f"{' in the chat format' if chat_calib else ''} "
         f"(embedding: {embedding or 'float'}) ...")
-    t = time.perf_counter()
     ckpt = lb.quantize(model, recipe, calib, overrides=overrides, progress=not quiet)
     quant_s = time.perf_counter() - t
     ckpt.meta["source"] = loaded.source
     ckpt_dir = os.path.join(out, "checkpoint")
     ckpt.save(ckpt_dir)
+    t = lap("quantize and save", t)
 
     say("compiling with backend='lowbit' and timing a decode step ...")
     torch._dynamo.reset()
     lb.reset()
     compiled = torch.compile(model, backend="lowbit", options={"checkpoint": ckpt})
     sec = _decode_seconds(model, {"float32 eager": model, "lowbit (torch.compile)": compiled})
+    t = lap("compile and time decode steps", t)
 
     say("answering the prompts (float, then quantized) ...")
     fast = lb.swap_linears(model, ckpt.records, fast=True).eval()
     answers = [(p, greedy_answer(model, tok, p, max_new_tokens), greedy_answer(fast, tok, p, max_new_tokens))
                for p in prompts]
+    t = lap("answer the prompts", t)
     say("perplexity and KL on held-out text ...")
     with torch.no_grad():
         quality = causal_lm_quality(model, fast, held)
+    t = lap("perplexity and KL", t)
 
     sizes = [("float32 parameters", n_params * 4), ("GGUF file it ships as", os.path.getsize(smollm2_path())),
              ("lowbit checkpoint", tree_bytes(ckpt_dir))]
@@ -120,7 +134,10 @@ def run_llm_demo(recipe: str = DEFAULT_RECIPE, out: str = "demo-out", embedding:
         from .export import export as lb_export
 
         ids = torch.tensor([tok("def quantize(model):", add_special_tokens=False)["input_ids"]])
-        for suffix, kw in ((".pte", {"dynamic_shapes": None}), (".onnx", {})):
+        # .pte: every integer layer on XNNPACK's int4 kernel, 2/3-bit codes (and the tied head's table) kept at their
+        # size in the file and widened when the program is loaded (export_pte int4="xnnpack-load"; load it with
+        # lowbit_compile.export.executorch.load_pte_method)
+        for suffix, kw in ((".pte", {"dynamic_shapes": None, "int4": "xnnpack-load"}), (".onnx", {})):
             path = os.path.join(out, "model" + suffix)
             say(f"exporting {path} (verified in its runtime) ...")
             t = time.perf_counter()
@@ -132,6 +149,7 @@ def run_llm_demo(recipe: str = DEFAULT_RECIPE, out: str = "demo-out", embedding:
             sizes.append((f"{suffix} file", res.nbytes))
             export_notes.append(f"{suffix}: written in {time.perf_counter() - t:.0f} s, relative error against the "
                                 f"PyTorch quantized model {res.error:.2g}")
+            t = lap(f"export and run the {suffix} file", t)
     plot = plot_checkpoint(ckpt, os.path.join(out, "plan.png"))
     total_s = time.perf_counter() - t_start
 
@@ -157,6 +175,8 @@ def run_llm_demo(recipe: str = DEFAULT_RECIPE, out: str = "demo-out", embedding:
     lines += [f"| {k} | {b / 1e6:.1f} | {8 * b / n_params:.2f} |" for k, b in sizes]
     if export_notes:
         lines += [""] + [f"- {n}" for n in export_notes]
+    lines += ["\n## Where the time went\n", "| step | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in phases.items()] + [f"| whole demo | {total_s:.0f} |"]
     lines += ["\n## Answers (greedy, right or wrong)\n"]
     for p, a_f, a_q in answers:
         lines += [f"**{p}**\n", f"- float32: {a_f!r}", f"- lowbit {recipe}: {a_q!r}\n"]
@@ -167,4 +187,4 @@ def run_llm_demo(recipe: str = DEFAULT_RECIPE, out: str = "demo-out", embedding:
     say(text)
     say(f"report written to {os.path.join(out, 'report.md')}, plot to {plot}")
     return {"quality": quality, "decode_s": sec, "sizes": dict(sizes), "answers": answers, "seconds": total_s,
-            "quantize_s": quant_s}
+            "quantize_s": quant_s, "phases": phases}

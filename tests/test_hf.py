@@ -88,3 +88,7 @@ def test_the_llm_demo_runs_end_to_end_on_a_two_layer_slice(smollm2, tmp_path, mo
     assert res["sizes"]["lowbit checkpoint"] < 0.5 * res["sizes"]["float32 parameters"]  # embedding included
     assert res["quality"]["tokens"] == 2 * 255 and res["quality"]["kl"] > 0
     assert set(res["decode_s"]) == {"float32 eager", "lowbit (torch.compile)"}
+    steps = ["load the model and the text", "quantize and save", "compile and time decode steps",
+             "answer the prompts", "perplexity and KL"]
+    assert list(res["phases"]) == steps and all(v >= 0 for v in res["phases"].values())
+    assert sum(res["phases"].values()) <= res["seconds"] and "| whole demo |" in report
