@@ -39,7 +39,8 @@ def test_native_loop_matches_python_bit_for_bit(monkeypatch, rows, n, bits, grou
         ldl = L.LDL(dh.ldl.u.to(dtype), dh.ldl.d)
         w = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 0.1
         scales = mse_scales(w.float(), fmt, group_size)
-        (c1, l1), (c2, l2) = both(monkeypatch, lambda: L.ldlq_factored(w, ldl, scales, fmt, group_size, block))
+        run = lambda w=w, ldl=ldl, s=scales: L.ldlq_factored(w, ldl, s, fmt, group_size, block)  # noqa: E731
+        (c1, l1), (c2, l2) = both(monkeypatch, run)
         assert c1.dtype == torch.uint8 and c1.shape == (rows, n)
         assert torch.equal(c1, c2)
         assert torch.equal(l1, l2)  # float64 loss, the same sums in the same order
