@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                                                      "checkpoint folder)")
     e.add_argument("--standard-ops", action="store_true",
                    help="onnx: only standard ONNX ops (no com.microsoft MatMulNBits)")
+    e.add_argument("--int4", default=None, choices=["xnnpack", "xnnpack-load", "xnnpack-wide", "packed"],
+                   help="pte: which integer layers run on XNNPACK's int4 kernel (default xnnpack: 4-bit layers; "
+                        "xnnpack-load: 2/3-bit layers and a tied head too, at their size in the file, widened when "
+                        "loaded with lowbit_compile.export.executorch.load_pte_method; see export_pte)")
     e.add_argument("--no-verify", action="store_true", help="skip running the file in its runtime")
 
     v = sub.add_parser("eval", parents=[common], help="quality of the quantized model against float")
@@ -190,6 +194,12 @@ def cmd_export(args, say) -> None:
 
             raise LowbitError("--standard-ops applies to --to onnx only")
         kw["standard_ops"] = True
+    if args.int4 is not None:
+        if args.to != "pte":
+            from .errors import LowbitError
+
+            raise LowbitError("--int4 applies to --to pte only (ONNX files hold 2/3/4-bit codes as MatMulNBits)")
+        kw["int4"] = args.int4
     ckpt = lb.Checkpoint.load(args.checkpoint)
     loaded = load_source(ckpt)
     path = args.out or os.path.join(args.checkpoint, f"model.{args.to}")
@@ -197,6 +207,9 @@ def cmd_export(args, say) -> None:
     result = lb.export(loaded.model, ckpt, example_inputs(loaded), path, **kw)
     size, err = result.nbytes, result.error  # ONNX: nbytes includes external data
     say(f"wrote {path}: {size / 1e6:.2f} MB" + ("" if err is None else f", verified in the runtime (error {err:.3g})"))
+    if "xnnpack-int4-load" in getattr(result, "routes", {}).values():
+        say("its weights are widened when loaded: run it with lowbit_compile.export.executorch.load_pte_method "
+            "(a plain load_method('forward') lacks them)")
 
 
 def cmd_eval(args, say) -> None:
