@@ -172,7 +172,7 @@ def quantize_quip(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     fmt = _check_inputs(w, h, bits, group_size, rotate, rescale, fqn)
     out_f, in_f = w.shape
     w0 = w.detach().to(torch.float32)
-    key = (rotate, seed, rescale, damp, greedy > 0)
+    key = (fqn, tuple(w.shape), rotate, seed, rescale, damp, greedy > 0)  # fqn, shape: a dict reused by mistake
     sp = spaces.get(key) if spaces is not None else None
     if sp is None:
         sp = _space(w0, h, rotate, seed, rescale, damp, greedy > 0, fqn)
