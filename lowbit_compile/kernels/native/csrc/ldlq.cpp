@@ -27,7 +27,7 @@ struct Rounder<double> {
 };
 
 // One column: codes_k = round(clamp(a / s + zero, 0, max_code)); w_hat = (codes_k − zero) · s;
-// e_k = w_k − w_hat; a −= w_hat (A_k − Ŵ_k, for the loss). Volatile-free: -ffp-contract=off keeps each op rounded.
+// e_k = w_k − w_hat; a −= w_hat (A_k − Ŵ_k, for the loss). -ffp-contract=off keeps each operation rounded on its own.
 template <typename T>
 void round_column(T* a, const T* s, const T* w, T* e, uint8_t* codes, int64_t rows, T zero, T max_code) {
   const T m = Rounder<T>::value;
@@ -48,6 +48,12 @@ void ldlq_columns(const at::Tensor& wt, const at::Tensor& ut, const at::Tensor& 
                   at::Tensor& codes, at::Tensor& loss) {
   const int64_t n = wt.size(0), rows = wt.size(1);
   const T zero = static_cast<T>(zero_d), max_code = static_cast<T>(max_code_d);
+  // wt, et, st and codes are contiguous with `rows` entries per row: column k's data by pointer arithmetic, no
+  // tensor views per column (only the GEMV needs them)
+  const T* w_p = wt.data_ptr<T>();
+  const T* s_p = st.data_ptr<T>();
+  T* e_p = et.data_ptr<T>();
+  uint8_t* c_p = codes.data_ptr<uint8_t>();
   for (int64_t b0 = 0; b0 < n; b0 += block) {
     const int64_t b1 = std::min(b0 + block, n);
     // at = W_blockᵀ + Ůᵀ_{block, <b0} (W − Ŵ)_{<b0}: feedback from all earlier blocks in one GEMM
@@ -56,8 +62,8 @@ void ldlq_columns(const at::Tensor& wt, const at::Tensor& ut, const at::Tensor& 
     for (int64_t k = b0; k < b1; ++k) {
       at::Tensor a = at_.select(0, k - b0);
       if (k > b0) a.addmv_(et.slice(0, b0, k).t(), ut.select(0, k).slice(0, b0, k));
-      round_column<T>(a.data_ptr<T>(), st.select(0, k / per_group).data_ptr<T>(), wt.select(0, k).data_ptr<T>(),
-                      et.select(0, k).data_ptr<T>(), codes.select(0, k).data_ptr<uint8_t>(), rows, zero, max_code);
+      round_column<T>(a.data_ptr<T>(), s_p + (k / per_group) * rows, w_p + k * rows, e_p + k * rows, c_p + k * rows,
+                      rows, zero, max_code);
     }
     loss.add_((at_.square_() * d.slice(0, b0, b1).unsqueeze(1)).sum(0));
   }
