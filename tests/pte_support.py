@@ -105,11 +105,12 @@ def check_file(result, model, records, inputs):
 def expected_route(rec, int4="xnnpack"):
     if rec.kind == "fp4":
         return "fp4-a16" if rec.a_format is None else "fp4-a4"
-    if rec.bits not in (2, 3, 4) or (rec.group_size or rec.in_features) % 32:
+    channelwise = rec.group_size in (0, rec.in_features)  # an even in_features; blocks of 32·k otherwise
+    if rec.bits not in (2, 3, 4) or (rec.in_features % 2 if channelwise else rec.group_size % 32):
         return "packed"
-    if rec.bits == 4 or int4 == "xnnpack-wide":
-        return "xnnpack-int4"
-    return "xnnpack-int4-load" if int4 == "xnnpack-load" else "packed"
+    if int4 == "xnnpack-load" and rec.bits != 4 and rec.in_features % 8 == 0:
+        return "xnnpack-int4-load"
+    return "xnnpack-int4" if rec.bits == 4 or int4 == "xnnpack-wide" else "packed"
 
 
 def mlp(dims=(512, 1376, 512)):

@@ -4,10 +4,14 @@
 Each `LowbitLinear` is replaced by a module of plain ATen ops that computes the same y = sv ⊙ Tₘᵀ(Ŵ' · Tₙ(su ⊙ x)) + b,
 each `LowbitFP4Linear` by one that computes the same y = Q_a(Tₙ(su ⊙ x) ⊙ 2**k) · Ŵ'ᵀ + b:
 
-- `Int4DynamicLinear` (route "xnnpack-int4"): the 4-bit codes (minus 8: signed int4) and scales become a torchao
-  `IntxUnpackedToInt8Tensor` weight with int8 per-token dynamic activation quantization. XNNPACK recognizes the
-  pattern and runs its qd8-f32-qb4w kernel (blocks of 32·k inputs; per channel = one block of in_features),
-  storing the codes as 4 bits and the scales as bfloat16.
+- `Int4DynamicLinear` (route "xnnpack-int4"): the 4-bit codes (minus 8: signed int4) and scales run on XNNPACK's
+  int8 × int4 kernels with int8 per-token dynamic activation quantization; the file holds the codes as 4 bits.
+  A layer with one scale per output channel is written as `quantized_decomposed.dequantize_per_channel` of int8
+  codes in [-8, 7] with float32 scales: XNNPACK's qd8-f32-qc4w kernel, any even in_features. A grouped layer
+  becomes a torchao `IntxUnpackedToInt8Tensor` weight: the qd8-f32-qb4w kernel (blocks of 32·k inputs, bfloat16 scales).
+  (torchao's form of a per-channel weight also lands on qb4w, one block of in_features: ExecuTorch 1.5 maps every
+  2-D int4 scale to it.) On an AVX2 CPU without VNNI, qc4w runs 1.5–2× faster than qb4w at the same shape
+  (docs/benchmarks.md), so per-channel layers take the channelwise form.
 - `Int4DynamicLinear` also takes 2/3-bit records: their zero point (2^b − 1)/2 is a half-integer, so the codes
   become the odd int4 values 2c − (2^b − 1) with half the scale, exactly the record's weight. Stored that way
   (route "xnnpack-int4" again, int4="xnnpack-wide") the file holds 4 bits per weight. Route "xnnpack-int4-load"
@@ -230,9 +234,15 @@ class _RotatedBase(nn.Module):
         return unflatten_tokens(y if self.bias is None else y + self.bias, x)
 
 
+def per_channel(lin: LowbitLinear) -> bool:
+    """One scale per output channel (no groups, or one group of in_features): XNNPACK's channelwise int4 kernel."""
+    return lin.group_size in (0, lin.in_features)
+
+
 def int4_weight(lin: LowbitLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scales): the record's weight as signed int4 codes (int8 in [-8, 7], (out, in)) times float32 scales
-    ((out, groups), rounded to bfloat16 as XNNPACK stores them), equal to the record's (c − zero)·s.
+    ((out, groups)), equal to the record's (c − zero)·s. Grouped scales are rounded to bfloat16, as XNNPACK's
+    blockwise kernel stores them; per-channel scales stay float32 (its channelwise kernel's), exactly the record's.
 
     4 bits: c − 8 and s. 2/3 bits: the zero point (2^b − 1)/2 is a half-integer, so 2c − (2^b − 1) (odd, within
     ±7) and s/2; halving is exact and commutes with the bfloat16 rounding."""
@@ -246,37 +256,62 @@ def int4_weight(lin: LowbitLinear) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         codes = codes - twice_zero // 2
     scales = scales.reshape(lin.out_features, -1)
+    if per_channel(lin):
+        return codes.to(torch.int8), scales
     # XNNPACK stores int4 block scales as bfloat16 (relative rounding <= 2^-9); round here too, so that the module's
     # eager forward is a faithful simulation of the kernel (int8 activations, bf16 scales).
     return codes.to(torch.int8), scales.to(torch.bfloat16).to(torch.float32)
 
 
 class Int4DynamicLinear(_RotatedBase):
-    """2/3/4-bit codes as a torchao IntxUnpackedToInt8Tensor (int4) with int8 dynamic activations: XNNPACK's
-    4-bit kernel. `at_load`: XNNPACK's weight is rebuilt when the program is loaded (route xnnpack-int4-load): the
-    record's packed codes and scales, as the record stores them, stay on the module for LoadTimeWeights."""
+    """2/3/4-bit codes with int8 dynamic activations on XNNPACK's 4-bit kernels: per-channel codes as int8 in
+    [-8, 7] dequantized per channel (qd8-f32-qc4w), grouped codes as a torchao IntxUnpackedToInt8Tensor
+    (qd8-f32-qb4w). `at_load`: XNNPACK's weight is rebuilt when the program is loaded (route xnnpack-int4-load):
+    the record's packed codes and scales, as the record stores them, stay on the module for LoadTimeWeights."""
 
     def __init__(self, lin: LowbitLinear, at_load: bool = False):
         super().__init__(lin)
-        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-            IntxUnpackedToInt8Tensor,
-            IntxUnpackedToInt8TensorActivationQuantization,
-        )
-
         self.route = "xnnpack-int4-load" if at_load else "xnnpack-int4"
+        self.per_channel = per_channel(lin)
         codes, scales = int4_weight(lin)
-        block = lin.in_features if lin.group_size == 0 else lin.group_size
-        weight = IntxUnpackedToInt8Tensor(
-            codes, scales, torch.zeros(scales.shape, dtype=torch.int8), torch.int4,
-            (1, block), torch.float32, IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        if self.per_channel:
+            _quantized_decomposed()
+            self.register_buffer("codes", codes)
+            self.register_buffer("channel_scales", scales.reshape(-1).contiguous())
+            # XNNPACK's int4 weights are symmetric: the zero points are part of the pattern, not of the file
+            self.register_buffer("zero_points", torch.zeros(lin.out_features, dtype=torch.int64))
+            self.weight = None
+        else:
+            from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+                IntxUnpackedToInt8Tensor,
+                IntxUnpackedToInt8TensorActivationQuantization,
+            )
+
+            weight = IntxUnpackedToInt8Tensor(
+                codes, scales, torch.zeros(scales.shape, dtype=torch.int8), torch.int4,
+                (1, lin.group_size), torch.float32, IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
+            self.weight = nn.Parameter(weight, requires_grad=False)
         # Plain attributes, not buffers: forward does not use them, so they stay out of its program.
         self.int4_codes = codes
         self.packed_codes = lin.qweight.clone() if at_load else None
         self.record_scales = lin.scales.clone() if at_load else None
 
     def _linear(self, h, bias):
-        return nn.functional.linear(h, self.weight, bias)
+        if not self.per_channel:
+            return nn.functional.linear(h, self.weight, bias)
+        # XNNPACK's qd8 pattern: per-token asymmetric int8 activations, int4 weights dequantized per channel. In
+        # PyTorch these ops compute exactly what the kernel does (the module's eager forward is its simulation).
+        qd = torch.ops.quantized_decomposed
+        s, z = qd.choose_qparams_per_token_asymmetric(h, torch.int8)
+        hq = qd.quantize_per_token(h, s, z, -128, 127, torch.int8)
+        h = qd.dequantize_per_token(hq, s, z, -128, 127, torch.int8, torch.float32)
+        w = qd.dequantize_per_channel(self.codes, self.channel_scales, self.zero_points, 0, -8, 7, torch.int8)
+        return nn.functional.linear(h, w, bias)
+
+
+def _quantized_decomposed() -> None:
+    """Registers torch.ops.quantized_decomposed (the quantize/dequantize ops XNNPACK's partitioner matches)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
 
 
 def unpack_in_graph(q: torch.Tensor, bits: int, n: int, shifts: torch.Tensor) -> torch.Tensor:
@@ -308,20 +343,23 @@ class LoadTimeWeights(nn.Module):
     forward's XNNPACK delegate as its external named data.
 
     Outputs, per layer: the codes in XNNPACK's 4-bit layout, (out, in/2) uint8 with two codes per byte offset by 8,
-    code 2j in the low nibble (NodeVisitor.convert_to_qc4w; `in` is a multiple of 32 on this route, so no row is
-    padded), and the scales as bfloat16, (out, groups): the bytes XNNPACK's serializer would have put in the file.
+    code 2j in the low nibble (NodeVisitor.convert_to_qc4w; `in` is a multiple of 8 on this route, so no row is
+    padded), and the scales: float32 (out,) for a per-channel layer, bfloat16 (out, groups) for a grouped one. These
+    are the bytes XNNPACK's serializer would have put in the file.
     2/3-bit codes c become 2c − (2^b − 1) + 8 (shifts, masks and integer adds on the runtime's portable kernels,
     about 12 ns per weight here); 4-bit codes c (zero point 8) are already that layout: the record's packed bytes,
-    copied. Scales: the record's (float16) through float32, halved for 2/3 bits (exact), rounded to bfloat16, as
-    int4_weight does. The method's inputs are the record's own bytes, so where forward holds the same bytes (the
-    packed table of a tied embedding's gather) ExecuTorch stores them once for both methods (its emitter keeps one
-    copy of equal constants across a program): the file holds the table once and the head still runs on XNNPACK.
+    copied. Scales: the record's (float16) through float32, halved for 2/3 bits (exact), rounded to bfloat16 for a
+    grouped layer, as int4_weight does. The method's inputs are the record's own bytes, so where forward holds the
+    same bytes (the packed table of a tied embedding's gather) ExecuTorch stores them once for both methods (its
+    emitter keeps one copy of equal constants across a program): the file holds the table once and the head still
+    runs on XNNPACK.
     Every constant is a tensor (a buffer): scalar operands become lifted tensor constants, and ExecuTorch's edge
     passes mix up their names once a program has ten of them."""
 
     def __init__(self, layers: list[Int4DynamicLinear]):
         super().__init__()
         self.layers = [(m.fqn, m.bits, m.in_features) for m in layers]
+        self.per_channel = [m.per_channel for m in layers]
         for i, m in enumerate(layers):
             self.register_buffer(f"qweight{i}", m.packed_codes)
             self.register_buffer(f"scales{i}", m.record_scales)
@@ -357,16 +395,18 @@ class LoadTimeWeights(nn.Module):
         pairs = nib.reshape(nib.shape[0], -1, 2)
         return (pairs.narrow(-1, 0, 1) + pairs.narrow(-1, 1, 1) * self.sixteen).reshape(nib.shape[0], -1)
 
-    def bf16_scales(self, i: int) -> torch.Tensor:
-        """Layer i's scales as int4_weight gives them to XNNPACK: float32, halved for 2/3 bits, then bfloat16."""
+    def xnnpack_scales(self, i: int) -> torch.Tensor:
+        """Layer i's scales as int4_weight gives them to XNNPACK: float32, halved for 2/3 bits; a grouped layer's
+        then rounded to bfloat16."""
         s, (_, bits, _) = getattr(self, f"scales{i}").to(torch.float32), self.layers[i]
         s = s if bits == 4 else s * self.one_half
-        return s.to(torch.bfloat16).reshape(s.shape[0], -1)
+        return s.reshape(-1) if self.per_channel[i] else s.to(torch.bfloat16).reshape(s.shape[0], -1)
 
     def forward(self) -> tuple[torch.Tensor, ...]:
+        """(codes of layer 0, scales of layer 0, codes of layer 1, …)."""
         out = []
         for i in range(len(self.layers)):
-            out += [self.int4_bytes(i), self.bf16_scales(i)]
+            out += [self.int4_bytes(i), self.xnnpack_scales(i)]
         return tuple(out)
 
 
@@ -509,16 +549,19 @@ def route_for(lin: LowbitLinear, int4: str = "xnnpack", tied: bool = False) -> s
     "xnnpack-wide": 2/3-bit layers on the int4 kernel with their codes widened in the file (xnnpack-int4: 4 bits
         per weight on disk, a plain runtime runs it);
     "packed": every layer packed (exact float math: tells a kernel problem from a decomposition problem).
-    XNNPACK takes blocks of 32·k inputs (per channel: a block of in_features); other layers stay packed."""
+    XNNPACK's blockwise kernel takes groups of 32·k inputs, its channelwise kernel an even in_features (on the load
+    route a multiple of 8, so that packed codes fill whole rows); other layers stay packed. With an odd
+    in_features, ExecuTorch 1.5.1's qc4w program computes rows 2 and 3 of a 2- or 3-token batch wrong (error
+    of the order of the outputs; export verification refuses such files), so odd widths stay packed."""
     if int4 not in INT4_MODES:
         raise LowbitError(f"int4={int4!r}: valid choices are 'xnnpack' (XNNPACK's dynamic-int8 × int4 kernel for "
                           f"4-bit layers), 'xnnpack-load' (and for 2/3-bit layers and tied heads, their weights "
                           f"rebuilt at load), 'xnnpack-wide' (and for 2/3-bit layers, widened in the file) and "
                           f"'packed' (unpack in the graph, float matmul)")
-    # XNNPACK maps int4 per-channel to its blockwise kernel with block = in_features; blocks must be 32·k.
-    if int4 == "packed" or lin.bits not in (2, 3, 4) or (lin.group_size or lin.in_features) % 32:
+    fits = lin.in_features % 2 == 0 if per_channel(lin) else lin.group_size % 32 == 0
+    if int4 == "packed" or lin.bits not in (2, 3, 4) or not fits:
         return "packed"
-    if int4 == "xnnpack-load" and (lin.bits != 4 or tied):
+    if int4 == "xnnpack-load" and (lin.bits != 4 or tied) and lin.in_features % 8 == 0:
         return "xnnpack-int4-load"
     if lin.bits == 4 or int4 == "xnnpack-wide":
         return "xnnpack-int4"

@@ -349,14 +349,14 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 def weights_data(outputs: Sequence[torch.Tensor]) -> dict[str, bytes]:
     """The named data forward's XNNPACK delegate reads, from the outputs of WEIGHTS_METHOD: each under the key
-    ExecuTorch 1.5's XNNPACK serializer gives it, the sha256 of its bytes ("scale_" + sha256 for the bfloat16
-    scales). export_pte checks these keys and bytes against what the serializer left out of the file."""
+    ExecuTorch 1.5's XNNPACK serializer gives it, the sha256 of its bytes ("scale_" + sha256 for the block or
+    channel scales). export_pte checks these keys and bytes against what the serializer left out of the file."""
     import hashlib
 
     data = {}
-    for t in outputs:
+    for i, t in enumerate(outputs):  # (codes, scales) per layer
         b = _tensor_bytes(t)
-        data[("scale_" if t.dtype == torch.bfloat16 else "") + hashlib.sha256(b).hexdigest()] = b
+        data[("scale_" if i % 2 else "") + hashlib.sha256(b).hexdigest()] = b
     return data
 
 

@@ -89,20 +89,27 @@ def _unpacked(rec):
 def test_routes():
     recs = {r: quantize_weight("l", torch.randn(64, k), parse_spec(r)) for r, k in
             [("w4", 192), ("w4-g32", 192), ("w2", 192), ("w3-g64", 192), ("w8", 192)]}
-    recs["w4-odd"] = quantize_weight("l", torch.randn(64, 344), parse_spec("w4"))  # 344 is no multiple of 32
-    recs["w2-odd"] = quantize_weight("l", torch.randn(64, 344), parse_spec("w2"))
+    # per channel, XNNPACK's channelwise kernel takes any even in_features: 344 (no multiple of 32), not 45 (odd)
+    recs["w4-344"] = quantize_weight("l", torch.randn(64, 344), parse_spec("w4"))
+    recs["w2-344"] = quantize_weight("l", torch.randn(64, 344), parse_spec("w2"))
+    recs["w4-45"] = quantize_weight("l", torch.randn(64, 45), parse_spec("w4"))
+    recs["w2-45"] = quantize_weight("l", torch.randn(64, 45), parse_spec("w2"))
+    recs["w4-g16"] = quantize_weight("l", torch.randn(64, 192), parse_spec("w4-g16"))  # blocks must be 32·k
     routes = {k: route_for(LowbitLinear(r)) for k, r in recs.items()}
     assert routes == {"w4": "xnnpack-int4", "w4-g32": "xnnpack-int4", "w2": "packed", "w3-g64": "packed",
-                      "w8": "packed", "w4-odd": "packed", "w2-odd": "packed"}
+                      "w8": "packed", "w4-344": "xnnpack-int4", "w2-344": "packed", "w4-45": "packed",
+                      "w2-45": "packed", "w4-g16": "packed"}
     load = {k: route_for(LowbitLinear(r), "xnnpack-load") for k, r in recs.items()}
-    assert load == {**routes, "w2": "xnnpack-int4-load", "w3-g64": "xnnpack-int4-load"}
+    # widened at load when packed codes fill whole rows (in_features a multiple of 8)
+    assert load == {**routes, "w2": "xnnpack-int4-load", "w3-g64": "xnnpack-int4-load",
+                    "w2-344": "xnnpack-int4-load"}
     wide = {k: route_for(LowbitLinear(r), "xnnpack-wide") for k, r in recs.items()}
-    assert wide == {**routes, "w2": "xnnpack-int4", "w3-g64": "xnnpack-int4"}
+    assert wide == {**routes, "w2": "xnnpack-int4", "w3-g64": "xnnpack-int4", "w2-344": "xnnpack-int4"}
     assert {route_for(LowbitLinear(r), int4="packed") for r in recs.values()} == {"packed"}
     # a head whose codes are its embedding's table: rebuilt at load from that table with "xnnpack-load" only
     tied = {m: {k: route_for(LowbitLinear(r), m, tied=True) for k, r in recs.items()} for m in INT4_MODES}
-    assert tied == {"xnnpack": routes, "xnnpack-load": {**load, "w4": "xnnpack-int4-load",
-                                                        "w4-g32": "xnnpack-int4-load"},
+    tied_load = {**load, "w4": "xnnpack-int4-load", "w4-g32": "xnnpack-int4-load", "w4-344": "xnnpack-int4-load"}
+    assert tied == {"xnnpack": routes, "xnnpack-load": tied_load,
                     "xnnpack-wide": wide, "packed": {k: "packed" for k in recs}}
     with pytest.raises(LowbitError, match="valid choices.*xnnpack-load"):
         route_for(LowbitLinear(recs["w4"]), int4="int4")
@@ -111,14 +118,16 @@ def test_routes():
 @pytest.mark.parametrize("recipe", ["w2", "w3", "w4", "w2-g32", "w3-rtn-g64", "w4-g32"])
 def test_int4_weight_is_the_records_weight(recipe):
     """2/3-bit codes as odd int4 values with half the scale: codes · scales is the record's (c − zero)·s exactly, with
-    s rounded to bfloat16 as XNNPACK stores it."""
+    a grouped layer's s rounded to bfloat16 as XNNPACK's blockwise kernel stores it (per channel: float32, exact)."""
     from lowbit_compile import formats
 
     rec = quantize_weight("l", torch.randn(48, 128), parse_spec(recipe), seed=1)
     codes, scales = int4_weight(LowbitLinear(rec))
     assert codes.dtype == torch.int8 and -8 <= int(codes.min()) and int(codes.max()) <= 7
     c = formats.unpack(rec.qweight, rec.bits, 128).to(torch.float32) - formats.int_format(rec.bits).zero
-    s = rec.scales.to(torch.bfloat16).to(torch.float32).reshape(48, -1)
+    s = rec.scales.to(torch.float32).reshape(48, -1)
+    if rec.group_size:
+        s = s.to(torch.bfloat16).to(torch.float32)
     block = rec.group_size or 128
     expect = (c.view(48, -1, block) * s.unsqueeze(-1)).view(48, 128)
     assert torch.equal((codes.float().view(48, -1, block) * scales.unsqueeze(-1)).view(48, 128), expect)
@@ -127,8 +136,8 @@ def test_int4_weight_is_the_records_weight(recipe):
 @pytest.mark.parametrize("recipe", ["w2", "w3", "w2-g32", "w3-g64", "w4", "w4-rtn-g32"])
 def test_load_time_weights_are_xnnpacks_bytes(recipe):
     """What the lowbit_weights method computes from the packed codes is bit for bit what ExecuTorch's XNNPACK
-    serializer makes of the layer's int4 codes (NodeVisitor.convert_to_qc4w) and scales (bfloat16). 4-bit codes
-    are the record's packed bytes as they are."""
+    serializer makes of the layer's int4 codes (NodeVisitor.convert_to_qc4w) and scales (float32 per channel,
+    bfloat16 per group). 4-bit codes are the record's packed bytes as they are."""
     from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
 
     recs = [quantize_weight(f"l{i}", torch.randn(40 + 8 * i, 192), parse_spec(recipe), seed=i) for i in range(2)]
@@ -140,7 +149,10 @@ def test_load_time_weights_are_xnnpacks_bytes(recipe):
     for i, rec in enumerate(recs):
         codes, scales = int4_weight(LowbitLinear(rec))
         assert torch.equal(out[2 * i], NodeVisitor.convert_to_qc4w(codes))
-        assert torch.equal(out[2 * i + 1], scales.to(torch.bfloat16))
+        if rec.group_size:
+            assert torch.equal(out[2 * i + 1], scales.to(torch.bfloat16))
+        else:
+            assert out[2 * i + 1].dtype == torch.float32 and torch.equal(out[2 * i + 1], scales.reshape(-1))
         if rec.bits == 4:
             assert torch.equal(out[2 * i], rec.qweight)
     keys = weights_data(out)
@@ -230,8 +242,8 @@ def test_a_tied_head_reads_its_embeddings_table_at_load():
     q = swap_linears(model, ck.records)
     routes = decompose_lowbit_linears(q, "xnnpack-load")
     assert routes["lm_head"] == "xnnpack-int4-load" and routes["model.embed_tokens"] == "gather"
-    # the other layers are 4-bit (down_proj, 344 inputs, packed): XNNPACK's own copy, as with "xnnpack"
-    assert {r for k, r in routes.items() if k not in ("lm_head", "model.embed_tokens")} == {"xnnpack-int4", "packed"}
+    # the other layers are 4-bit (down_proj too: 344 inputs, per channel): XNNPACK's own copy, as with "xnnpack"
+    assert {r for k, r in routes.items() if k not in ("lm_head", "model.embed_tokens")} == {"xnnpack-int4"}
     weights = load_time_weights(q)
     assert [fqn for fqn, _, _ in weights.layers] == ["lm_head"]
     gather = q.get_submodule("model.embed_tokens")

@@ -68,8 +68,8 @@ def test_llama_pte_runs_and_matches(plan, tmp_path):
     assert res.routes == {k: expected_route(r) for k, r in records.items()}
     assert not any(op.startswith("lowbit") for op in res.portable_ops)
     assert res.error <= res.rtol
-    if plan == "w4":  # XNNPACK's int4 kernel, except down_proj: 344 inputs are no multiple of 32
-        assert set(res.routes.values()) == {"xnnpack-int4", "packed"} and res.error_vs_simulated < 0.02
+    if plan == "w4":  # XNNPACK's int4 kernel, down_proj too (344 inputs, per channel: the channelwise kernel)
+        assert set(res.routes.values()) == {"xnnpack-int4"} and res.error_vs_simulated < 0.02
     else:  # packed codes are unpacked in the graph; float rounding only
         assert res.portable_ops.get(SHIFT_OP, 0) > 0 and res.error < 1e-5
     check_file(res, model, records, inputs)
@@ -183,8 +183,8 @@ def test_full_minilm_pte_runs_and_matches(minilm_inputs, tmp_path):
 @pytest.fixture(scope="module")
 def llama_load(tmp_path_factory):
     """The tiny Llama at 3 bits (attention) and 2 bits (MLP) with int4="xnnpack-load", dynamic batch and sequence
-    (max_batch 4, max_seq 32): every layer with 192 inputs widened at load, down_proj (344 inputs, no multiple of
-    32) packed."""
+    (max_batch 4, max_seq 32): every layer widened at load, down_proj too (344 inputs, no multiple of 32: per
+    channel, on XNNPACK's channelwise kernel)."""
     model = tiny_llama(layers=1)
     records = quantize_all(model, [(r".*\.(q|k|v|o)_proj", "w3"), (r".*", "w2")])
     inputs = (torch.randint(0, 320, (2, 12)),)
@@ -199,7 +199,7 @@ def test_llama_load_time_weights_pte_matches(llama_load):
     away)."""
     model, records, inputs, res = llama_load
     assert res.routes == {k: expected_route(r, "xnnpack-load") for k, r in records.items()}
-    assert set(res.routes.values()) == {"xnnpack-int4-load", "packed"} and {r.bits for r in records.values()} == {2, 3}
+    assert set(res.routes.values()) == {"xnnpack-int4-load"} and {r.bits for r in records.values()} == {2, 3}
     assert res.weights_method == WEIGHTS_METHOD and res.weights_method_ops.get(SHIFT_OP, 0) > 0
     assert res.rtol == RTOL_INT8_ACTIVATIONS and res.error <= res.rtol and res.error_vs_simulated < 0.02
     check_file(res, model, records, inputs)
@@ -340,6 +340,25 @@ def test_pte_bits_per_quantized_weight(recipe, bits, int4, mlp_fp32_bytes, tmp_p
     if int4 == "xnnpack-load":
         assert res.routes == {"0": "xnnpack-int4-load", "2": "xnnpack-int4-load"} and file_bits <= 2.3
         assert res.file_bits_per_quantized_weight <= 2.35  # the whole file, biases and program included
+
+
+@pytest.mark.parametrize("int4", ["xnnpack", "xnnpack-load"])
+def test_odd_widths_run_on_the_channelwise_int4_kernel(int4, tmp_path):
+    """Per-channel layers of any even width take XNNPACK's channelwise int4 kernel (qd8-f32-qc4w): 46 inputs (no
+    multiple of 32) at 4 bits, 96 inputs at 2 bits widened at load. 45 inputs (odd) stay packed: ExecuTorch
+    1.5.1's qc4w program gets rows 2 and 3 of a 2- or 3-row batch wrong there. A plain 2-D input of batch 1, the
+    batch dynamic: batches of 2 and 3 rows are checked too."""
+    model = mlp(dims=(45, 46, 96, 37))
+    records = quantize_all(model, [("0|2", "w4"), ("4", "w2")])
+    x = (torch.randn(1, 45),)
+    res = export_pte(model, records, x, tmp_path / "odd.pte", int4=int4)
+    assert res.routes == {"0": "packed", "2": "xnnpack-int4",
+                          "4": "xnnpack-int4-load" if int4 == "xnnpack-load" else "packed"}
+    assert res.routes == {k: expected_route(r, int4) for k, r in records.items()}
+    check_file(res, model, records, x)
+    for rows in (2, 3):
+        xs = (torch.randn(rows, 45),)
+        assert matches(run_pte(res.path, xs), model, records, xs, RTOL_INT8_ACTIVATIONS)
 
 
 # ----------------------------------------------------------------------------- errors
