@@ -6,7 +6,8 @@ The default shape (hidden 512, MLP 1536, 112 blocks, vocabulary 4096: 1.53 GB of
 block) took 523 s at one thread on a 2-core AVX2 machine shared with other jobs (load average 5.4): peak 1001 MiB
 (402 MiB after imports), 1.47x less than the weights, 2.5x above the import baseline. The peak creeps up with the
 block count (812 MiB for 8 blocks): the returned checkpoint's records (2-bit codes, ~1 MB per block here) stay in
-memory, and the heap fragments. Narrow blocks are on purpose: the time per
+memory, and the heap fragments. `--layers 340` (4437 MiB of weights) peaked at 1448 MiB, 3.06x less than the
+weights, in 651 s (one thread, AVX2, quiet machine). Narrow blocks are on purpose: the time per
 weight byte grows with the layer width (LDLQ is O(rows x cols^2)) and so does the working memory of quantizing a
 block (float64 Hessians and LDLQ temporaries, O(cols^2): about 300 MB at hidden 512 / MLP 1536, 700 MB at
 1024 / 2816), so at a fixed time a narrow, deep model shows the largest weights/peak ratio. The child's VmHWM
