@@ -10,8 +10,8 @@ each `LowbitFP4Linear` by one that computes the same y = Q_a(Tₙ(su ⊙ x) ⊙ 
   codes in [-8, 7] with float32 scales: XNNPACK's qd8-f32-qc4w kernel, any even in_features. A grouped layer
   becomes a torchao `IntxUnpackedToInt8Tensor` weight: the qd8-f32-qb4w kernel (blocks of 32·k inputs, bfloat16 scales).
   (torchao's form of a per-channel weight also lands on qb4w, one block of in_features: ExecuTorch 1.5 maps every
-  2-D int4 scale to it.) On an AVX2 CPU without VNNI, qc4w runs 1.5–2× faster than qb4w at the same shape
-  (docs/benchmarks.md), so per-channel layers take the channelwise form.
+  2-D int4 scale to it.) On an AVX2 CPU without VNNI, qc4w runs 1.3–2.2× faster than qb4w at the same shape
+  (`python -m bench.xnnpack_int4`), so per-channel layers take the channelwise form.
 - `Int4DynamicLinear` also takes 2/3-bit records: their zero point (2^b − 1)/2 is a half-integer, so the codes
   become the odd int4 values 2c − (2^b − 1) with half the scale, exactly the record's weight. Stored that way
   (route "xnnpack-int4" again, int4="xnnpack-wide") the file holds 4 bits per weight. Route "xnnpack-int4-load"
@@ -280,7 +280,6 @@ class Int4DynamicLinear(_RotatedBase):
             self.register_buffer("channel_scales", scales.reshape(-1).contiguous())
             # XNNPACK's int4 weights are symmetric: the zero points are part of the pattern, not of the file
             self.register_buffer("zero_points", torch.zeros(lin.out_features, dtype=torch.int64))
-            self.weight = None
         else:
             from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
                 IntxUnpackedToInt8Tensor,
