@@ -20,15 +20,16 @@ from torch import nn
 SHAPES = "22x384x384,22x384x1536,22x1536x384,16x1024x1024,16x1024x2816,1x1024x1024,1x4096x4096"
 
 
-def _programs(tokens: int, n_in: int, n_out: int, k: int):
-    """{"fp32" | "qc4w" | "qb4w": (module, eager outputs)} with the same int4 weights."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (torch.ops.quantized_decomposed)
+def _programs(n_in: int, n_out: int, k: int):
+    """{"fp32" | "qc4w" | "qb4w": module} with the same int4 weights; qc4w is the exporter's own pattern
+    (export.decompose.channelwise_int4_linear)."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
         IntxUnpackedToInt8TensorActivationQuantization,
     )
 
-    qd = torch.ops.quantized_decomposed
+    from lowbit_compile.export.decompose import channelwise_int4_linear
+
     g = torch.Generator().manual_seed(0)
     codes = [torch.randint(-8, 8, (n_out, n_in), dtype=torch.int8, generator=g) for _ in range(k)]
     scales = [torch.rand(n_out, generator=g) * 0.01 + 1e-3 for _ in range(k)]
@@ -51,15 +52,8 @@ def _programs(tokens: int, n_in: int, n_out: int, k: int):
                 self.register_buffer(f"z{i}", torch.zeros(n_out, dtype=torch.int64))
 
         def forward(self, x):
-            out = []
-            for i in range(k):
-                s, z = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
-                xq = qd.dequantize_per_token(qd.quantize_per_token(x, s, z, -128, 127, torch.int8), s, z, -128, 127,
-                                             torch.int8, torch.float32)
-                w = qd.dequantize_per_channel(getattr(self, f"c{i}"), getattr(self, f"s{i}"), getattr(self, f"z{i}"),
-                                              0, -8, 7, torch.int8)
-                out.append(nn.functional.linear(xq, w))
-            return out
+            return [channelwise_int4_linear(x, getattr(self, f"c{i}"), getattr(self, f"s{i}"), getattr(self, f"z{i}"))
+                    for i in range(k)]
 
     class Blockwise(nn.Module):
         def __init__(self):
@@ -86,7 +80,7 @@ def measure(tokens: int, n_in: int, n_out: int, k: int, rounds: int) -> list:
 
     x = torch.randn(tokens, n_in, generator=torch.Generator().manual_seed(1))
     runtime, keep, methods, errors, nbytes = Runtime.get(), [], {}, {}, {}
-    for name, module in _programs(tokens, n_in, n_out, k).items():
+    for name, module in _programs(n_in, n_out, k).items():
         with torch.no_grad():
             ref = module(x)
         program = to_edge_transform_and_lower(torch.export.export(module, (x,)),

@@ -275,7 +275,6 @@ class Int4DynamicLinear(_RotatedBase):
         self.per_channel = per_channel(lin)
         codes, scales = int4_weight(lin)
         if self.per_channel:
-            _quantized_decomposed()
             self.register_buffer("codes", codes)
             self.register_buffer("channel_scales", scales.reshape(-1).contiguous())
             # XNNPACK's int4 weights are symmetric: the zero points are part of the pattern, not of the file
@@ -298,19 +297,23 @@ class Int4DynamicLinear(_RotatedBase):
     def _linear(self, h, bias):
         if not self.per_channel:
             return nn.functional.linear(h, self.weight, bias)
-        # XNNPACK's qd8 pattern: per-token asymmetric int8 activations, int4 weights dequantized per channel. In
-        # PyTorch these ops compute exactly what the kernel does (the module's eager forward is its simulation).
-        qd = torch.ops.quantized_decomposed
-        s, z = qd.choose_qparams_per_token_asymmetric(h, torch.int8)
-        hq = qd.quantize_per_token(h, s, z, -128, 127, torch.int8)
-        h = qd.dequantize_per_token(hq, s, z, -128, 127, torch.int8, torch.float32)
-        w = qd.dequantize_per_channel(self.codes, self.channel_scales, self.zero_points, 0, -8, 7, torch.int8)
-        return nn.functional.linear(h, w, bias)
+        return channelwise_int4_linear(h, self.codes, self.channel_scales, self.zero_points, bias)
 
 
-def _quantized_decomposed() -> None:
-    """Registers torch.ops.quantized_decomposed (the quantize/dequantize ops XNNPACK's partitioner matches)."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401
+def channelwise_int4_linear(h: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """XNNPACK's qd8-f32-qc4w pattern: h (tokens, in) quantized per token to asymmetric int8, times int4 codes
+    ((out, in) int8 in [-8, 7]) dequantized per channel with float32 scales (out,) (zero_points: (out,) int64 zeros,
+    part of the pattern, not of the file). In PyTorch these ops compute exactly what the kernel does, so a module's
+    eager forward is its simulation."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+
+    qd = torch.ops.quantized_decomposed
+    s, z = qd.choose_qparams_per_token_asymmetric(h, torch.int8)
+    hq = qd.quantize_per_token(h, s, z, -128, 127, torch.int8)
+    h = qd.dequantize_per_token(hq, s, z, -128, 127, torch.int8, torch.float32)
+    w = qd.dequantize_per_channel(codes, scales, zero_points, 0, -8, 7, torch.int8)
+    return nn.functional.linear(h, w, bias)
 
 
 def unpack_in_graph(q: torch.Tensor, bits: int, n: int, shifts: torch.Tensor) -> torch.Tensor:
