@@ -5,6 +5,11 @@ Each accumulator also keeps a bounded, deterministic sample of input tokens (`SA
 sampling with a fixed seed): the FP4 search evaluates the layer-output error on real activations, which a
 second moment alone cannot give (activation rounding is not a function of H).
 
+Summation order: each call's x xᵀ is formed on its own (one float64 GEMM) and added to the running sum, calls in
+batch order. That fixed order is what lets several processes split the batches (`Shard`): each rank forms the
+products of its own batches, and every rank adds all of them in batch order after each round, so the Hessians,
+and the checkpoint, are the one-process ones byte for byte.
+
 Streaming, block by block (GPTQ/QuIP practice): the inputs of the first repeated block are captured once;
 then each block in turn is run on the stored boundary activations to collect its linears' Hessians, the
 caller quantizes those linears, and the block is run again -- with the quantized weights when sequential --
@@ -29,14 +34,20 @@ SAMPLE_SEED = 0
 
 class HessianAccumulator:
     """Running H = Σ x xᵀ / tokens in float64, max |x| per input channel, and a sample of up to
-    `sample_size` input rows (float32), the same rows for the same data in the same order."""
+    `sample_size` input rows (float32), the same rows for the same data in the same order.
 
-    def __init__(self, n: int, name: str = "", sample_size: int = SAMPLE_TOKENS):
+    `deferred=True` (calibration split over processes, see `Shard`): `add` only forms the call's x xᵀ and keeps it
+    in `pending`; `fold` adds pending products, its own and the other ranks', in batch order. No sample is kept then
+    (a sample needs every token in order; recipes that use it do not split their calibration)."""
+
+    def __init__(self, n: int, name: str = "", sample_size: int = SAMPLE_TOKENS, deferred: bool = False):
         self.n, self.name = n, name
         self.sum = torch.zeros(n, n, dtype=torch.float64)
         self.absmax = torch.zeros(n, dtype=torch.float32)
         self.tokens = 0
-        self.sample_size = sample_size
+        self.deferred = deferred
+        self.sample_size = 0 if deferred else sample_size
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (x xᵀ, max |x|, rows) per call
         self._sample = torch.empty(0, n, dtype=torch.float32)
         self._gen = torch.Generator().manual_seed(SAMPLE_SEED)
 
@@ -50,10 +61,20 @@ class HessianAccumulator:
                               f"{chans[0]} has {kind}; {len(chans)} channel(s) affected: {chans[:8]}); check "
                               f"the calibration data and that the float model runs cleanly on it")
         x64 = x.to(torch.float64)
-        self.sum.addmm_(x64.t(), x64)
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0).float())
-        self._add_sample(x.to(torch.float32))
-        self.tokens += x.shape[0]
+        part = (torch.mm(x64.t(), x64), x.abs().amax(0).float(), x.shape[0])
+        if self.deferred:
+            self.pending.append(part)
+            return
+        if self.sample_size:
+            self._add_sample(x.to(torch.float32))
+        self.fold([part])
+
+    def fold(self, parts) -> None:
+        """Add calls' (x xᵀ, max |x|, rows), in the order given (the batches' order)."""
+        for xx, amax, rows in parts:
+            self.sum.add_(xx)
+            self.absmax = torch.maximum(self.absmax, amax)
+            self.tokens += rows
 
     def _add_sample(self, x: torch.Tensor) -> None:
         """Reservoir sampling (Vitter's algorithm R), vectorized per batch; the generator has a fixed seed."""
@@ -102,6 +123,65 @@ class CalibrationSummary:
     def as_dict(self) -> dict:
         return {"batches": self.batches, "tokens": self.tokens, "sequential": self.sequential,
                 "blocks": self.blocks, "lim": self.lim}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which calibration batches this process runs when lb.quantize is split over processes (distributed.py): batch b
+    belongs to rank b % world, so round j (each rank's j-th batch) is batches j·world .. j·world + world − 1, the next
+    stretch of the batch order. After each round the ranks exchange their batches' products (`exchange`) and every
+    rank adds them in batch order: the Hessians of one process, byte for byte. One process (the default): every
+    batch, nothing exchanged."""
+
+    rank: int = 0
+    world: int = 1
+
+    def mine(self, items: list) -> list:
+        return list(items)[self.rank::self.world]
+
+    def rounds(self, n_batches: int) -> int:
+        return -(-n_batches // self.world)
+
+    def index(self, j: int) -> int:
+        """The batch index of this rank's j-th batch."""
+        return j * self.world + self.rank
+
+    def exchange(self, accs: dict[str, HessianAccumulator], share: dict[str, str], what: str) -> None:
+        """Every rank's pending products of this round added, in batch (= rank) order, to every rank's accumulators;
+        accumulators and input sharing that only other ranks met are taken over. The small things (which products,
+        max |x|, rows) travel as objects, the float64 products as tensors (a broadcast each: no pickling)."""
+        if self.world == 1:
+            return
+        from . import distributed
+
+        meta = {k: (a.n, [(amax, rows) for _, amax, rows in a.pending]) for k, a in accs.items() if a.pending}
+        gathered = distributed.exchange((dict(share), meta), what)
+        for other_share, _ in gathered:
+            for fqn, owner in other_share.items():
+                share.setdefault(fqn, owner)
+        for key in sorted({k for _, m in gathered for k in m}):
+            for r, (_, m) in enumerate(gathered):
+                if key not in m:
+                    continue
+                n, parts = m[key]
+                if key not in accs:
+                    accs[key] = HessianAccumulator(n, key, deferred=True)
+                acc = accs[key]
+                for i, (amax, rows) in enumerate(parts):
+                    xx = acc.pending[i][0] if r == self.rank else torch.empty(n, n, dtype=torch.float64)
+                    distributed.broadcast(xx, r, what)
+                    acc.fold([(xx, amax, rows)])
+        for a in accs.values():
+            a.pending = []
+
+    def in_order(self, local: list, n_batches: int, what: str) -> list:
+        """Per-batch values, this rank's in its batches' order, as one list in batch order (every rank's)."""
+        if self.world == 1:
+            return list(local)
+        from . import distributed
+
+        parts = distributed.exchange(list(local), what)
+        return [parts[b % self.world][b // self.world] for b in range(n_batches)]
 
 
 # ----------------------------------------------------------------------------- calibration inputs
@@ -270,10 +350,12 @@ def _no_cache(model):
 
 
 @contextlib.contextmanager
-def _observing(root: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], accs: dict[str, HessianAccumulator]):
+def _observing(root: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], accs: dict[str, HessianAccumulator],
+               deferred: bool = False):
     """Forward pre-hooks accumulating each linear's input. Linears fed the very same tensor within one call of
     `root` (q/k/v, gate/up) share one accumulator, decided on the first call. The tensors seen in a call are
-    held until the next call starts, so a freed activation's memory cannot be mistaken for a shared input."""
+    held until the next call starts, so a freed activation's memory cannot be mistaken for a shared input.
+    `deferred`: the accumulators keep their products for `Shard.exchange`."""
     share: dict[str, str] = {}
     seen: dict[int, tuple[str, torch.Tensor]] = {}
 
@@ -287,10 +369,10 @@ def _observing(root: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], ac
             owner = hit[0] if hit is not None and hit[1] is x else fqn
             if fqn not in share:
                 share[fqn] = owner
-                if owner == fqn:
-                    accs[fqn] = HessianAccumulator(lin.in_features, fqn)
             seen[id(x)] = (share[fqn], x)
             if share[fqn] == fqn:
+                if fqn not in accs:
+                    accs[fqn] = HessianAccumulator(lin.in_features, fqn, deferred=deferred)
                 accs[fqn].add(x)
         return hook
 
@@ -305,7 +387,8 @@ def _observing(root: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], ac
 
 
 def _stats(share: Mapping[str, str], accs: Mapping[str, HessianAccumulator]) -> dict[str, LayerStats]:
-    by_owner = {o: LayerStats(accs[o].hessian(), accs[o].absmax, accs[o].tokens, accs[o].sample, o)
+    by_owner = {o: LayerStats(accs[o].hessian(), accs[o].absmax, accs[o].tokens,
+                              None if accs[o].deferred else accs[o].sample, o)
                 for o in set(share.values())}
     return {fqn: by_owner[owner] for fqn, owner in share.items()}
 
@@ -369,6 +452,7 @@ def calibrate_blocks(
     progress: bool = True,
     resume: Callable[[str, dict[str, torch.nn.Linear]], dict | None] | None = None,
     loader: Callable[[str], contextlib.AbstractContextManager] | None = None,
+    shard: Shard = Shard(),
 ) -> CalibrationSummary:
     """Drive calibration block by block. `quantize_layers(linears, stats)` quantizes the given linears and
     returns {fqn: dequantized weight, or a module that replaces the linear} (what the rest of the model
@@ -382,7 +466,10 @@ def calibrate_blocks(
     blocks stream from disk: stream.py). The float pass then stops at the first block; the float model's own hidden
     states are carried block by block beside the calibrated ones, and the linears outside the blocks are observed
     on a last pass in which every block returns the float model's output of the last block (`_Replay`): the same
-    tensors the in-memory float pass gives them."""
+    tensors the in-memory float pass gives them.
+
+    `shard` (several processes, see `Shard`): this process runs only its share of the batches, the statistics are
+    exchanged after each round, and every process calls `quantize_layers` with the statistics of all batches."""
     from tqdm.auto import tqdm
 
     batches = as_batches(calibration)
@@ -395,6 +482,8 @@ def calibrate_blocks(
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     outside = {n: m for n, m in named_linears(model).items() if id(m) not in in_blocks}
     streaming = loader is not None and bool(blocks)
+    n_batches, deferred = len(batches), shard.world > 1
+    local = shard.mine(batches)
 
     # pass A: one float pass; capture the first block's inputs and the statistics of linears outside blocks
     stored: list[tuple[tuple, dict]] = []
@@ -419,19 +508,22 @@ def calibrate_blocks(
         handles.append(blocks[0].register_forward_pre_hook(capture, with_kwargs=True))
         handles += [b.register_forward_hook(check_output(p), with_kwargs=True) for p, b in zip(prefixes, blocks)]
     try:
-        with torch.no_grad(), _no_cache(model), _observing(model, {} if streaming else outside, accs) as share:
-            for i, batch in enumerate(tqdm(batches, desc="calibration: float pass", disable=not progress,
-                                           leave=False)):
-                current[0] = i
-                try:
-                    _run(model, batch, i)
-                except _Captured:
-                    pass
-                except LowbitError as e:  # NaN/Inf met on the way: name the data when it comes from there
-                    bad = _nonfinite_input(batch, i)
-                    if bad is None:
-                        raise
-                    raise LowbitError(f"{bad}; clean the calibration data (it reached {e})") from None
+        with torch.no_grad(), _no_cache(model), \
+                _observing(model, {} if streaming else outside, accs, deferred) as share:
+            for j in tqdm(range(shard.rounds(n_batches)), desc="calibration: float pass", disable=not progress,
+                          leave=False):
+                if j < len(local):
+                    current[0] = i = shard.index(j)
+                    try:
+                        _run(model, local[j], i)
+                    except _Captured:
+                        pass
+                    except LowbitError as e:  # NaN/Inf met on the way: name the data when it comes from there
+                        bad = _nonfinite_input(local[j], i)
+                        if bad is None:
+                            raise
+                        raise LowbitError(f"{bad}; clean the calibration data (it reached {e})") from None
+                shard.exchange(accs, share, "the statistics of the float pass")
     finally:
         for h in handles:
             h.remove()
@@ -440,33 +532,36 @@ def calibrate_blocks(
 
     for prefix, block in zip(prefixes, tqdm(blocks, desc="calibration: blocks", disable=not progress)):
         with loader(prefix) if streaming else contextlib.nullcontext():
-            stored = _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume)
+            stored = _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume, shard)
             if floats is not None:
                 with torch.no_grad():
                     last_outputs = [block(*a, **k) for a, k in floats]
-                for i, out in enumerate(last_outputs):
-                    _check_finite(_first(out), f"the output of block {prefix} (its input is finite)", i)
+                for j, out in enumerate(last_outputs):
+                    _check_finite(_first(out), f"the output of block {prefix} (its input is finite)", shard.index(j))
                 floats = [_with_hidden(a, k, _first(out)) for (a, k), out in zip(floats, last_outputs)]
 
     if outside and (resume is None or resume(OUTSIDE_UNIT, outside) is None):
         if streaming:
-            outside_stats = _replayed_stats(model, blocks_name, last_outputs, batches, outside)
+            outside_stats = _replayed_stats(model, blocks_name, last_outputs, local, outside, shard, n_batches)
         quantize_layers(outside, outside_stats)
     return summary
 
 
-def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume):
+def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume, shard=Shard()):
     """One step of calibrate_blocks: the block's statistics, its quantization (unless resumed) and the inputs of
-    the next block (returned)."""
+    the next block (returned). `stored` holds this rank's batches (`shard`)."""
     summary.blocks.append(prefix)
     linears = named_linears(block, prefix)
     deq = resume(prefix, linears) if resume is not None else None
     if deq is None:
         accs = {}
         outputs = []
-        with torch.no_grad(), _observing(block, linears, accs) as share:
-            for args, kwargs in stored:
-                outputs.append(_first(block(*args, **kwargs)))
+        with torch.no_grad(), _observing(block, linears, accs, shard.world > 1) as share:
+            for j in range(shard.rounds(summary.batches)):
+                if j < len(stored):
+                    args, kwargs = stored[j]
+                    outputs.append(_first(block(*args, **kwargs)))
+                shard.exchange(accs, share, f"the statistics of {prefix}")
         deq = quantize_layers(linears, _stats(share, accs))
     elif not (sequential and deq):  # finished earlier: only the block's float outputs are needed
         with torch.no_grad():
@@ -474,14 +569,13 @@ def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential
     if sequential and deq:
         with _quantized(block, prefix, linears, deq) as run, torch.no_grad():
             outputs = [_first(run(*a, **k)) for a, k in stored]
+    lims = shard.in_order([_lim(_hidden(a, k), out) for (a, k), out in zip(stored, outputs)], summary.batches,
+                          f"the LIM of {prefix}")
     lim_sum, lim_n = 0.0, 0
-    new_stored = []
-    for (args, kwargs), out in zip(stored, outputs):
-        s, n = _lim(_hidden(args, kwargs), out)
+    for s, n in lims:  # in batch order, however many processes
         lim_sum, lim_n = lim_sum + s, lim_n + n
-        new_stored.append(_with_hidden(args, kwargs, out))
     summary.lim[prefix] = lim_sum / max(lim_n, 1)
-    return new_stored
+    return [_with_hidden(a, k, out) for (a, k), out in zip(stored, outputs)]
 
 
 class _Replay(torch.nn.Module):
@@ -503,18 +597,21 @@ class _Replay(torch.nn.Module):
             return getattr(object.__getattribute__(self, "_block"), name)
 
 
-def _replayed_stats(model, blocks_name: str, outputs: list, batches: list, outside: Mapping) -> dict[str, LayerStats]:
+def _replayed_stats(model, blocks_name: str, outputs: list, batches: list, outside: Mapping, shard: Shard = Shard(),
+                    n_batches: int | None = None) -> dict[str, LayerStats]:
     """Statistics of the linears outside the blocks, from a pass in which each block returns the float model's
-    output of the last block for that batch (`outputs`, computed block by block)."""
+    output of the last block for that batch (`outputs`, computed block by block; this rank's `batches`)."""
     layers = model.get_submodule(blocks_name)
     saved, current, accs = list(layers), [0], {}
     try:
         for i, b in enumerate(saved):
             layers[i] = _Replay(b, outputs, current)
-        with torch.no_grad(), _no_cache(model), _observing(model, outside, accs) as share:
-            for i, batch in enumerate(batches):
-                current[0] = i
-                _run(model, batch, i)
+        with torch.no_grad(), _no_cache(model), _observing(model, outside, accs, shard.world > 1) as share:
+            for j in range(shard.rounds(len(batches) if n_batches is None else n_batches)):
+                if j < len(batches):
+                    current[0] = j
+                    _run(model, batches[j], shard.index(j))
+                shard.exchange(accs, share, "the statistics of the linears outside the blocks")
     finally:
         for i, b in enumerate(saved):
             layers[i] = b

@@ -13,9 +13,12 @@ record is made by the same function from the same weight, Hessian and seed, wher
     if distributed.rank() == 0:
         ckpt.save("out/")
 
-What is not split: every rank runs the calibration forward passes on all batches (their Hessians are then identical
-without a reduction); the split is of the per-linear work (rotations, LDLQ, searches), which is most of the time
-of the LDLQ and FP4 recipes. FP4 layers that share an input (one group) stay on one rank. Only rank 0 logs, shows
+The calibration batches are split too (calibrate.Shard): batch b runs on rank b % N, and after each round of N
+batches the ranks exchange the x xᵀ products of their batches, which every rank adds in batch order -- the order one
+process adds them in, so the Hessians are the same bytes. Not split: recipes with FP4 layers (their search reads a
+sample of every layer's input tokens, drawn in token order) and block fine-tuning (-ft: each block is fitted to the
+outputs of all batches); there every rank runs every batch. FP4 layers that share an input (one group) stay on one
+rank. Only rank 0 logs, shows
 progress and writes the work_dir; a resumed run reads it on every rank, so several machines need it on a shared
 filesystem. A rank that dies ends the others: torchrun stops the group, and a rank waiting in an exchange fails
 with a LowbitError naming the unit (after `timeout`).
@@ -23,6 +26,7 @@ with a LowbitError naming the unit (after `timeout`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -81,11 +85,51 @@ def assign(layers: list, world_size: int) -> dict[str, int]:
     return owner
 
 
+def exchange(obj, what: str) -> list:
+    """Every rank's `obj`, in rank order (all_gather_object); a rank that died or timed out makes it a LowbitError
+    naming `what` was being exchanged."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * world()[1]
+    with _failing(what):
+        dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast(tensor: torch.Tensor, src: int, what: str) -> None:
+    """`tensor` of rank `src` copied into every rank's `tensor` (same shape and dtype everywhere)."""
+    import torch.distributed as dist
+
+    with _failing(what):
+        dist.broadcast(tensor, src)
+
+
+@contextlib.contextmanager
+def _failing(what: str):
+    try:
+        yield
+    except RuntimeError as e:  # a rank died or timed out
+        raise LowbitError(f"rank {rank()}: the exchange of {what} failed, another rank stopped "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); run again with the same "
+                          f"work_dir to resume from the last finished block") from e
+
+
+def shard(recipe, finetune: bool = False):
+    """calibrate.Shard of this process: its share of the calibration batches, or all of them (one process; a recipe
+    with FP4 layers, whose search needs a sample of every layer's input tokens in order; block fine-tuning, which
+    fits each block to the outputs of every batch)."""
+    from .calibrate import Shard
+
+    r, n = world()
+    specs = [recipe.default] + [s for _, s in recipe.overrides]
+    if n == 1 or finetune or any(s is not None and s.method == "fp4" for s in specs):
+        return Shard()
+    return Shard(r, n)
+
+
 def quantize_linears(layers, recipe, *, on_record=None, unit: str = ""):
     """quantize.core.quantize_linears with the layers split over the ranks (see the module docstring): the same rows
     and records on every rank, `on_record` called for every layer in the given order."""
-    import torch.distributed as dist
-
     from .quantize import core
 
     layers = list(layers)
@@ -94,16 +138,8 @@ def quantize_linears(layers, recipe, *, on_record=None, unit: str = ""):
         return core.quantize_linears(layers, recipe, on_record=on_record)
     owner = assign(layers, n)
     mine = core.quantize_linears([la for la in layers if owner[la.group or la.fqn] == r], recipe)
-    made = {row.fqn: row.record for row in mine}
-    gathered: list = [None] * n
-    try:
-        dist.all_gather_object(gathered, made)
-    except RuntimeError as e:  # a rank died or timed out
-        raise LowbitError(f"rank {r}: the exchange of the records of {unit or 'a unit'} failed, another rank stopped "
-                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); run again with the same "
-                          f"work_dir to resume from the last finished block") from e
     records = {}
-    for part in gathered:
+    for part in exchange({row.fqn: row.record for row in mine}, f"the records of {unit or 'a unit'}"):
         records.update(part)
     return core.quantize_linears(layers, recipe, cache=lambda w, key, make: (records.get(key[0]), False),
                                  on_record=on_record)

@@ -145,7 +145,8 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
         with _dequantized_embeddings(model, embedded.records if sequential else {}), tuner or contextlib.nullcontext():
             summary = calibrate_blocks(model, batches, quantize_unit, sequential, progress,
                                        resume=resume if store is not None else None,
-                                       loader=None if source is None else source.loaded).as_dict()
+                                       loader=None if source is None else source.loaded,
+                                       shard=distributed.shard(rec, finetune=tuner is not None)).as_dict()
         meta["calibration_sha256"] = fingerprint(batches)
     else:
         for unit, linears in units.items():

@@ -1,6 +1,6 @@
 """lb.quantize over 2 processes (torchrun, gloo, one thread each; lowbit_compile/distributed.py): the linears of each
-block split over the ranks give the one-process checkpoint byte for byte; a rank that dies stops the run and the
-work_dir resumes it; `lowbit quantize --nproc 2` runs torchrun."""
+block and the calibration batches split over the ranks give the one-process checkpoint byte for byte; a rank that
+dies stops the run and the work_dir resumes it; `lowbit quantize --nproc 2` runs torchrun."""
 
 from __future__ import annotations
 
@@ -27,6 +27,13 @@ from lowbit_compile import distributed
 from lowbit_compile.quantize import core
 folder, recipe, out, work, die_at = sys.argv[1:6]
 distributed.init()
+from lowbit_compile import calibrate
+rows = [0]  # input rows this rank fed to its Hessian accumulators: its share of the calibration batches
+real_add = calibrate.HessianAccumulator.add
+def counting(self, x):
+    rows[0] += x.reshape(-1, self.n).shape[0]
+    return real_add(self, x)
+calibrate.HessianAccumulator.add = counting
 if die_at and distributed.rank() == 1:  # this rank dies (a kill, an out-of-memory) at its first layer of die_at
     real = core.quantize_weight
     def dying(fqn, *a, **k):
@@ -39,6 +46,8 @@ batches = [torch.randint(0, 320, (2, 10), generator=g) for _ in range(3)]
 ck = lb.quantize(folder, recipe, batches, progress=False, overrides={"lm_head": "w4-quip"}, work_dir=work or None)
 if distributed.rank() == 0:
     ck.save(out)
+with open(f"{out}.rows{distributed.rank()}", "w") as f:
+    f.write(str(rows[0]))
 """
 
 
@@ -67,11 +76,16 @@ def test_the_assignment_balances_cost_keeps_groups_together_and_is_the_same_ever
 
 
 def test_two_processes_give_the_one_process_checkpoint_byte_for_byte(folder, tmp_path):
+    """Both the linears and the calibration batches are split (3 batches: rank 0 runs batches 0 and 2, rank 1 batch
+    1); the Hessians are summed in batch order on every rank, so the records, the LIM scores and the token counts are
+    the one-process ones."""
     one = lb.quantize(folder, "w2-quip", token_batches(), progress=False, overrides={"lm_head": "w4-quip"})
     expected = folder_digests(one.save(tmp_path / "one"))
     proc = _torchrun(tmp_path, folder, "w2-quip", tmp_path / "two", "", "")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert folder_digests(tmp_path / "two") == expected
+    rows = [int((tmp_path / f"two.rows{r}").read_text()) for r in (0, 1)]
+    assert rows[0] == 2 * rows[1] > 0  # each rank observed only its own batches (equal sizes here)
 
 
 def test_a_rank_that_dies_stops_the_run_and_the_work_dir_resumes_it(folder, tmp_path):
@@ -100,7 +114,9 @@ def test_the_command_runs_torchrun_with_nproc(tmp_path):
     model_dir = tmp_path / "model"
     LlamaForCausalLM(cfg).eval().save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    args = ["quantize", str(model_dir), "--recipe", "w3-quip", "-q"]
+    (tmp_path / "one_line.txt").write_text("The quick brown fox jumps over the lazy dog.\n")
+    # one calibration batch: the second process has no batch of its own and only adds what the first sends
+    args = ["quantize", str(model_dir), "--recipe", "w3-quip", "-q", "--calibration", str(tmp_path / "one_line.txt")]
     assert main([*args, "-o", str(tmp_path / "one")]) == 0
     assert main([*args, "--nproc", "2", "-o", str(tmp_path / "two")]) == 0
     assert folder_digests(tmp_path / "two") == folder_digests(tmp_path / "one")
