@@ -21,7 +21,8 @@ ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
 
 BENCHMARKS = ["bench.quality", "bench.quality_llm", "bench.mixed_precision", "bench.onnx_latency", "bench.pte_latency",
               "bench.xnnpack_int4",
-              "bench.quantize_time", "bench.llm_size", "bench.stream_memory", "bench.export_size", "bench.kernels",
+              "bench.quantize_time", "bench.distributed", "bench.llm_size", "bench.stream_memory", "bench.export_size",
+              "bench.kernels",
               "bench.ops", "bench.e2e", "bench.native"]
 QUICK_ARGS = {"bench.onnx_latency": ["--variants", "w4,w2", "--runs", "5"],  # default: ["--quick"]
               "bench.llm_size": ["--no-export"], "bench.stream_memory": ["--layers", "8"]}

@@ -43,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="read one block at a time from the folder's safetensors (models larger than memory; the same "
                         "checkpoint)")
     q.add_argument("--nproc", type=int, default=1,
-                   help="processes on this machine, started with torchrun: each block's linears are split over them "
-                        "(the same checkpoint; docs/scale.md)")
+                   help="processes on this machine, started with torchrun: the calibration batches and each block's "
+                        "linears are split over them (the same checkpoint; docs/scale.md)")
     q.add_argument("-o", "--out", required=True, help="checkpoint folder to write")
 
     i = sub.add_parser("inspect", parents=[common], help="print a checkpoint's per-layer plan")
