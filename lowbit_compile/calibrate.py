@@ -127,27 +127,47 @@ class CalibrationSummary:
 
 @dataclass(frozen=True)
 class Shard:
-    """Which calibration batches this process runs when lb.quantize is split over processes (distributed.py): batch b
-    belongs to rank b % world, so round j (each rank's j-th batch) is batches j·world .. j·world + world − 1, the next
-    stretch of the batch order. After each round the ranks exchange their batches' products (`exchange`) and every
-    rank adds them in batch order: the Hessians of one process, byte for byte. One process (the default): every
-    batch, nothing exchanged."""
+    """Which calibration batches this process runs, and the order every process adds their statistics in.
+
+    `order` is the fold order of the batches: their indices, largest first (tokens, then index) when `balance`
+    is set (a recipe whose calibration may be split: distributed.shard), else 0, 1, 2, ... Position p of that order
+    is in round p // world; within a round the positions go to the ranks in turn, reversed every other round (a
+    snake: 0, 1, 1, 0, ... for two ranks), so that each rank gets a fair share of the tokens. After each round the
+    ranks exchange their batches' products (`exchange`) and every rank adds them in position order -- the order in
+    which one process runs and adds them with the same `balance`: the Hessians of one process, byte for byte. One
+    process runs every batch in that order and exchanges nothing. `over(batches)` fixes the order for a batch list."""
 
     rank: int = 0
     world: int = 1
+    balance: bool = False
+    order: tuple[int, ...] | None = None
+
+    def over(self, batches: list) -> Shard:
+        n = len(batches)
+        order = (tuple(sorted(range(n), key=lambda b: (-_tokens_of(batches[b]), b))) if self.balance
+                 else tuple(range(n)))
+        return Shard(self.rank, self.world, self.balance, order)
+
+    def _owner(self, p: int) -> int:
+        j, slot = divmod(p, self.world)
+        return slot if j % 2 == 0 else self.world - 1 - slot
+
+    def _positions(self) -> list[int]:
+        return [p for p in range(len(self.order)) if self._owner(p) == self.rank]
 
     def mine(self, items: list) -> list:
-        return list(items)[self.rank::self.world]
+        """This rank's items (one per batch, in the batches' order) in the order it runs them."""
+        return [items[self.order[p]] for p in self._positions()]
 
-    def rounds(self, n_batches: int) -> int:
-        return -(-n_batches // self.world)
+    def rounds(self) -> int:
+        return -(-len(self.order) // self.world)
 
     def index(self, j: int) -> int:
-        """The batch index of this rank's j-th batch."""
-        return j * self.world + self.rank
+        """The batch index of this rank's j-th batch (its batch of round j)."""
+        return self.order[self._positions()[j]]
 
-    def exchange(self, accs: dict[str, HessianAccumulator], share: dict[str, str], what: str) -> None:
-        """Every rank's pending products of this round added, in batch (= rank) order, to every rank's accumulators;
+    def exchange(self, accs: dict[str, HessianAccumulator], share: dict[str, str], j: int, what: str) -> None:
+        """Every rank's pending products of round j added, in position order, to every rank's accumulators;
         accumulators and input sharing that only other ranks met are taken over. The small things (which products,
         max |x|, rows) travel as objects, the float64 products as tensors (a broadcast each: no pickling)."""
         if self.world == 1:
@@ -159,8 +179,10 @@ class Shard:
         for other_share, _ in gathered:
             for fqn, owner in other_share.items():
                 share.setdefault(fqn, owner)
+        ranks = [self._owner(p) for p in range(j * self.world, min((j + 1) * self.world, len(self.order)))]
         for key in sorted({k for _, m in gathered for k in m}):
-            for r, (_, m) in enumerate(gathered):
+            for r in ranks:
+                m = gathered[r][1]
                 if key not in m:
                     continue
                 n, parts = m[key]
@@ -174,14 +196,15 @@ class Shard:
         for a in accs.values():
             a.pending = []
 
-    def in_order(self, local: list, n_batches: int, what: str) -> list:
-        """Per-batch values, this rank's in its batches' order, as one list in batch order (every rank's)."""
+    def in_order(self, local: list, what: str) -> list:
+        """Per-batch values, this rank's in the order it ran its batches, as one list in position order (every
+        rank's)."""
         if self.world == 1:
             return list(local)
         from . import distributed
 
         parts = distributed.exchange(list(local), what)
-        return [parts[b % self.world][b // self.world] for b in range(n_batches)]
+        return [parts[self._owner(p)][p // self.world] for p in range(len(self.order))]
 
 
 # ----------------------------------------------------------------------------- calibration inputs
@@ -482,7 +505,8 @@ def calibrate_blocks(
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     outside = {n: m for n, m in named_linears(model).items() if id(m) not in in_blocks}
     streaming = loader is not None and bool(blocks)
-    n_batches, deferred = len(batches), shard.world > 1
+    shard = shard.over(batches)
+    deferred = shard.world > 1
     local = shard.mine(batches)
 
     # pass A: one float pass; capture the first block's inputs and the statistics of linears outside blocks
@@ -510,7 +534,7 @@ def calibrate_blocks(
     try:
         with torch.no_grad(), _no_cache(model), \
                 _observing(model, {} if streaming else outside, accs, deferred) as share:
-            for j in tqdm(range(shard.rounds(n_batches)), desc="calibration: float pass", disable=not progress,
+            for j in tqdm(range(shard.rounds()), desc="calibration: float pass", disable=not progress,
                           leave=False):
                 if j < len(local):
                     current[0] = i = shard.index(j)
@@ -523,7 +547,7 @@ def calibrate_blocks(
                         if bad is None:
                             raise
                         raise LowbitError(f"{bad}; clean the calibration data (it reached {e})") from None
-                shard.exchange(accs, share, "the statistics of the float pass")
+                shard.exchange(accs, share, j, "the statistics of the float pass")
     finally:
         for h in handles:
             h.remove()
@@ -542,14 +566,15 @@ def calibrate_blocks(
 
     if outside and (resume is None or resume(OUTSIDE_UNIT, outside) is None):
         if streaming:
-            outside_stats = _replayed_stats(model, blocks_name, last_outputs, local, outside, shard, n_batches)
+            outside_stats = _replayed_stats(model, blocks_name, last_outputs, local, outside, shard)
         quantize_layers(outside, outside_stats)
     return summary
 
 
-def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume, shard=Shard()):
+def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume, shard=None):
     """One step of calibrate_blocks: the block's statistics, its quantization (unless resumed) and the inputs of
-    the next block (returned). `stored` holds this rank's batches (`shard`)."""
+    the next block (returned). `stored` holds this rank's batches (`shard`; default: one process, every batch)."""
+    shard = shard or Shard().over(stored)
     summary.blocks.append(prefix)
     linears = named_linears(block, prefix)
     deq = resume(prefix, linears) if resume is not None else None
@@ -557,11 +582,11 @@ def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential
         accs = {}
         outputs = []
         with torch.no_grad(), _observing(block, linears, accs, shard.world > 1) as share:
-            for j in range(shard.rounds(summary.batches)):
+            for j in range(shard.rounds()):
                 if j < len(stored):
                     args, kwargs = stored[j]
                     outputs.append(_first(block(*args, **kwargs)))
-                shard.exchange(accs, share, f"the statistics of {prefix}")
+                shard.exchange(accs, share, j, f"the statistics of {prefix}")
         deq = quantize_layers(linears, _stats(share, accs))
     elif not (sequential and deq):  # finished earlier: only the block's float outputs are needed
         with torch.no_grad():
@@ -569,10 +594,9 @@ def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential
     if sequential and deq:
         with _quantized(block, prefix, linears, deq) as run, torch.no_grad():
             outputs = [_first(run(*a, **k)) for a, k in stored]
-    lims = shard.in_order([_lim(_hidden(a, k), out) for (a, k), out in zip(stored, outputs)], summary.batches,
-                          f"the LIM of {prefix}")
+    lims = shard.in_order([_lim(_hidden(a, k), out) for (a, k), out in zip(stored, outputs)], f"the LIM of {prefix}")
     lim_sum, lim_n = 0.0, 0
-    for s, n in lims:  # in batch order, however many processes
+    for s, n in lims:  # in the fold order, however many processes
         lim_sum, lim_n = lim_sum + s, lim_n + n
     summary.lim[prefix] = lim_sum / max(lim_n, 1)
     return [_with_hidden(a, k, out) for (a, k), out in zip(stored, outputs)]
@@ -597,21 +621,22 @@ class _Replay(torch.nn.Module):
             return getattr(object.__getattribute__(self, "_block"), name)
 
 
-def _replayed_stats(model, blocks_name: str, outputs: list, batches: list, outside: Mapping, shard: Shard = Shard(),
-                    n_batches: int | None = None) -> dict[str, LayerStats]:
+def _replayed_stats(model, blocks_name: str, outputs: list, batches: list, outside: Mapping,
+                    shard: Shard | None = None) -> dict[str, LayerStats]:
     """Statistics of the linears outside the blocks, from a pass in which each block returns the float model's
     output of the last block for that batch (`outputs`, computed block by block; this rank's `batches`)."""
+    shard = shard or Shard().over(batches)
     layers = model.get_submodule(blocks_name)
     saved, current, accs = list(layers), [0], {}
     try:
         for i, b in enumerate(saved):
             layers[i] = _Replay(b, outputs, current)
         with torch.no_grad(), _no_cache(model), _observing(model, outside, accs, shard.world > 1) as share:
-            for j in range(shard.rounds(len(batches) if n_batches is None else n_batches)):
+            for j in range(shard.rounds()):
                 if j < len(batches):
                     current[0] = j
                     _run(model, batches[j], shard.index(j))
-                shard.exchange(accs, share, "the statistics of the linears outside the blocks")
+                shard.exchange(accs, share, j, "the statistics of the linears outside the blocks")
     finally:
         for i, b in enumerate(saved):
             layers[i] = b

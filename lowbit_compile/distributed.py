@@ -13,15 +13,14 @@ record is made by the same function from the same weight, Hessian and seed, wher
     if distributed.rank() == 0:
         ckpt.save("out/")
 
-The calibration batches are split too (calibrate.Shard): batch b runs on rank b % N, and after each round of N
-batches the ranks exchange the x xᵀ products of their batches, which every rank adds in batch order -- the order one
-process adds them in, so the Hessians are the same bytes. Not split: recipes with FP4 layers (their search reads a
-sample of every layer's input tokens, drawn in token order) and block fine-tuning (-ft: each block is fitted to the
-outputs of all batches); there every rank runs every batch. FP4 layers that share an input (one group) stay on one
-rank. Only rank 0 logs, shows
-progress and writes the work_dir; a resumed run reads it on every rank, so several machines need it on a shared
-filesystem. A rank that dies ends the others: torchrun stops the group, and a rank waiting in an exchange fails
-with a LowbitError naming the unit (after `timeout`).
+The calibration batches are split too (calibrate.Shard): largest first, dealt out to the ranks in turn, and after
+each round of N batches the ranks exchange the x xᵀ products of their batches, which every rank adds in that order
+-- the order one process runs and adds them in, so the Hessians are the same bytes. Not split: recipes with FP4
+layers (their search reads a sample of every layer's input tokens, drawn in token order) and block fine-tuning (-ft:
+each block is fitted to the outputs of all batches); there every rank runs every batch. FP4 layers that share an
+input (one group) stay on one rank. Only rank 0 logs, shows progress and writes the work_dir; a resumed run reads it
+on every rank, so several machines need it on a shared filesystem. A rank that dies ends the others: torchrun stops
+the group, and a rank waiting in an exchange fails with a LowbitError naming the unit (after `timeout`).
 """
 
 from __future__ import annotations
@@ -115,16 +114,41 @@ def _failing(what: str):
 
 
 def shard(recipe, finetune: bool = False):
-    """calibrate.Shard of this process: its share of the calibration batches, or all of them (one process; a recipe
-    with FP4 layers, whose search needs a sample of every layer's input tokens in order; block fine-tuning, which
-    fits each block to the outputs of every batch)."""
+    """calibrate.Shard of this process: its share of the calibration batches, largest first and dealt out in turn
+    (balanced tokens per rank; one process runs all of them in that order), or all of them in their order on every
+    rank (a recipe with FP4 layers, whose search needs a sample of every layer's input tokens in order; block
+    fine-tuning, which fits each block to the outputs of every batch)."""
     from .calibrate import Shard
 
     r, n = world()
     specs = [recipe.default] + [s for _, s in recipe.overrides]
-    if n == 1 or finetune or any(s is not None and s.method == "fp4" for s in specs):
+    if finetune or any(s is not None and s.method == "fp4" for s in specs):
         return Shard()
-    return Shard(r, n)
+    return Shard(r, n, balance=True)  # in one process too: the order of the sums is the same for any N
+
+
+def replacements(layers, records: dict, make, *, is_tensor, unit: str = "") -> dict:
+    """{fqn: make(fqn, record)} for the layers that have a record, on every rank. With several ranks, a record for
+    which `is_tensor(record)` holds (a dequantized float32 weight of the layer's shape) is made by the rank that
+    quantized the layer (`assign`) and broadcast: the same bytes as made anywhere, made once. Others are made on
+    every rank."""
+    r, n = world()
+    if n == 1:
+        return {la.fqn: make(la.fqn, records[la.fqn]) for la in layers if la.fqn in records}
+    owner = assign(list(layers), n)
+    out = {}
+    for la in layers:
+        rec = records.get(la.fqn)
+        if rec is None:
+            continue
+        src = owner[la.group or la.fqn]
+        if not is_tensor(rec):
+            out[la.fqn] = make(la.fqn, rec)
+            continue
+        t = make(la.fqn, rec).contiguous() if src == r else torch.empty(la.shape, dtype=torch.float32)
+        broadcast(t, src, f"the quantized weight of {la.fqn}" + (f" ({unit})" if unit else ""))
+        out[la.fqn] = t
+    return out
 
 
 def quantize_linears(layers, recipe, *, on_record=None, unit: str = ""):

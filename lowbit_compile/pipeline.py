@@ -113,14 +113,13 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
     def quantize_unit(linears, stats):
         deq, unit_records, unit_plan = {}, {}, []
 
-        def swap_in(fqn, r):  # what the next blocks see when calibrating sequentially
-            unit_records[fqn] = r
-            deq[fqn] = _replacement(r, linears[fqn])
-
         layers = [Layer(fqn, lin.weight, stats.get(fqn), getattr(stats.get(fqn), "owner", "") or fqn)
                   for fqn, lin in linears.items()]
         unit = unit_of.get(next(iter(linears), ""), "")
-        rows = distributed.quantize_linears(layers, rec, on_record=swap_in, unit=unit)  # core's, or split over ranks
+        rows = distributed.quantize_linears(layers, rec, on_record=unit_records.__setitem__, unit=unit)  # core's, or
+        # split over ranks; then what the next blocks see when calibrating sequentially (each weight rebuilt once)
+        deq.update(distributed.replacements(layers, unit_records, lambda f, r: _replacement(r, linears[f]),
+                                            is_tensor=_replaced_by_weight, unit=unit))
         unit_plan += [_plan_entry(row, stats.get(row.fqn)) for row in rows]
         if tuner is not None:  # -ft: tune the block's records to its float outputs before the next block sees it
             deq.update(tuner.tune(rows, deq, unit_plan))
@@ -208,6 +207,13 @@ def _dequantized_embeddings(model: torch.nn.Module, records: dict):
     finally:
         for p, data in saved:
             p.data = data
+
+
+def _replaced_by_weight(r) -> bool:
+    """True when `_replacement` gives a dequantized weight (float32, the layer's shape), not a module."""
+    from .quantize.records import FP4QuantizedLinear
+
+    return not (isinstance(r, FP4QuantizedLinear) and r.a_format is not None)
 
 
 def _replacement(r, lin: torch.nn.Linear):

@@ -128,3 +128,23 @@ def test_a_plain_module_list_model_quantizes_and_stays_close_to_float(kind, reci
         par = lb.quantize(model, recipe, calibration, sequential=False, progress=False)
         second = "layers.1" if kind == "linear" else "layers.1.fc1"
         assert not torch.equal(par.records[second].act_scale, ck.records[second].act_scale)
+
+
+def test_a_shard_deals_the_batches_largest_first_in_a_snake_and_every_batch_once():
+    """The fold order and each rank's share (calibrate.Shard; no process group needed to decide them)."""
+    from lowbit_compile.calibrate import Shard
+
+    lengths = [61, 33, 50, 40, 45, 51, 52, 41]  # MiniLM's default calibration: 16 sentences padded to these
+    batches = [torch.zeros(16, n, dtype=torch.long) for n in lengths]
+    one = Shard(0, 1, balance=True).over(batches)
+    assert [lengths[b] for b in one.order] == sorted(lengths, reverse=True)
+    assert one.mine(lengths) == sorted(lengths, reverse=True) and one.rounds() == 8
+    ranks = [Shard(r, 2, balance=True).over(batches) for r in (0, 1)]
+    shares = [s.mine(lengths) for s in ranks]
+    assert shares == [[61, 50, 45, 33], [52, 51, 41, 40]]  # positions 0, 3, 4, 7 | 1, 2, 5, 6
+    assert [ranks[0].index(j) for j in range(4)] == [0, 2, 4, 1]
+    assert abs(sum(shares[0]) - sum(shares[1])) <= 10  # 189 / 184 tokens; batch b % 2 would give 208 / 165
+    three = [Shard(r, 3, balance=True).over(batches[:7]) for r in range(3)]  # a last round with one batch
+    assert sorted(b for s in three for b in s.mine(list(range(7)))) == list(range(7))
+    assert [s.rounds() for s in three] == [3, 3, 3] and [len(s.mine(lengths[:7])) for s in three] == [3, 2, 2]
+    assert Shard().over(batches).order == tuple(range(8))  # no balance: the batches' own order

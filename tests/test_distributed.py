@@ -76,16 +76,16 @@ def test_the_assignment_balances_cost_keeps_groups_together_and_is_the_same_ever
 
 
 def test_two_processes_give_the_one_process_checkpoint_byte_for_byte(folder, tmp_path):
-    """Both the linears and the calibration batches are split (3 batches: rank 0 runs batches 0 and 2, rank 1 batch
-    1); the Hessians are summed in batch order on every rank, so the records, the LIM scores and the token counts are
-    the one-process ones."""
+    """Both the linears and the calibration batches are split (3 batches of equal size, dealt 0, 1 | 1: rank 0 runs
+    batch 0, rank 1 batches 1 and 2); the Hessians are summed in the same order on every rank and in one process, so
+    the records, the LIM scores and the token counts are the one-process ones."""
     one = lb.quantize(folder, "w2-quip", token_batches(), progress=False, overrides={"lm_head": "w4-quip"})
     expected = folder_digests(one.save(tmp_path / "one"))
     proc = _torchrun(tmp_path, folder, "w2-quip", tmp_path / "two", "", "")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert folder_digests(tmp_path / "two") == expected
     rows = [int((tmp_path / f"two.rows{r}").read_text()) for r in (0, 1)]
-    assert rows[0] == 2 * rows[1] > 0  # each rank observed only its own batches (equal sizes here)
+    assert rows[1] == 2 * rows[0] > 0  # each rank observed only its own batches (equal sizes here)
 
 
 def test_a_rank_that_dies_stops_the_run_and_the_work_dir_resumes_it(folder, tmp_path):
