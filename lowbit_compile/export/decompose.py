@@ -55,12 +55,13 @@ from torch import nn
 from .. import formats, hadamard
 from ..errors import LowbitError
 from ..formats import fp4 as f4
+from ..kernels.specs import E8P_LINEAR
 from ..nn import LowbitEmbedding, LowbitFP4Linear, LowbitLinear
 from .embedding import GatherEmbedding
 
 MAX_BLOCK = 64  # largest Sylvester block; a 64×64 float32 block is 16 KiB, stored once per size in the file
 
-ROUTES = ("xnnpack-int4", "xnnpack-int4-load", "packed", "fp4-a16", "fp4-a4")
+ROUTES = ("xnnpack-int4", "xnnpack-int4-load", "packed", "fp4-a16", "fp4-a4", "e8-packed")
 # How integer layers are lowered (export_pte's `int4`): which of them take XNNPACK's int8 × int4 kernel, and where
 # 2/3-bit codes are widened to its 4-bit layout (see route_for).
 INT4_MODES = ("xnnpack", "xnnpack-load", "xnnpack-wide", "packed")
@@ -200,10 +201,14 @@ class KronTransform(nn.Module):
 
 
 def _compact_signs(v: torch.Tensor | None) -> torch.Tensor | None:
-    """A ±1 sign vector as int8 (a quarter of the bytes; cast back in the graph), any other vector as float32."""
+    """A ±1 sign vector as int8 (a quarter of the bytes; cast back in the graph), a vector of float16 values (E8
+    records after block fine-tuning, quantize/finetune.py) as float16, any other vector as float32."""
     if v is None:
         return None
-    return v.to(torch.int8) if bool((v.abs() == 1).all()) else v.to(torch.float32).clone()
+    if bool((v.abs() == 1).all()):
+        return v.to(torch.int8)
+    h = v.to(torch.float16)
+    return h if torch.equal(h.to(v.dtype), v) else v.to(torch.float32).clone()
 
 
 class _RotatedBase(nn.Module):
@@ -213,7 +218,7 @@ class _RotatedBase(nn.Module):
         super().__init__()
         self.fqn = lin.fqn
         self.in_features, self.out_features = lin.in_features, lin.out_features
-        self.bits, self.group_size = lin.bits, lin.group_size
+        self.bits, self.group_size = lin.bits, getattr(lin, "group_size", 0)  # E8 records have no groups
         self.register_buffer("su", _compact_signs(lin.su))
         self.register_buffer("sv", _compact_signs(lin.sv))
         self.rot_in = None if lin.su is None else KronTransform(kron_blocks(lin.in_features, lin.had_in))
@@ -441,6 +446,57 @@ class PackedLinear(_RotatedBase):
         return y if bias is None else y + bias
 
 
+class E8PackedLinear(_RotatedBase):
+    """An E8 lattice-code linear (E8QuantizedLinear, `lowbit::e8p_linear`) in ops the runtime has (route "e8-packed").
+
+    The record's code bytes stay in the file (2, 3 or 4 bytes per 8 weights, uint8 (out, in / 8, bytes)) with its
+    float16 row scales and the 4.3 KB of int8 digit tables of e8p.digit_tables (one copy per file: ExecuTorch keeps
+    one copy of equal constants). The graph decodes the codes on every forward: per E8P stage two `index_select`
+    gathers (magnitudes by the code's high byte, signs and offsets by its low byte), a product and a sum give the
+    4-bit digits d = 2C + 7.5; the weight is Σ_stage m·(d − 7.5) times the row scale (e8p.DIGIT_MULTIPLIERS; at 3
+    bits 0.25·(2d₁ + ball[c₂] − 15)): exact small dyadic numbers, so the float32 weight equals the reference's. Then
+    a float matmul, and the record's rotations as for integer layers (su / sv int8 ±1, float16 after fine-tuning).
+    Like the packed integer route, the decoding runs on the portable kernels on every forward."""
+
+    route = "e8-packed"
+
+    def __init__(self, lin: LowbitLinear):
+        from ..formats import e8p
+
+        super().__init__(lin)
+        fmt = e8p.e8_format(lin.bits)
+        t = e8p.digit_tables()
+        self.register_buffer("qweight", lin.qweight.reshape(lin.out_features, -1, fmt.bytes_per_group).clone())
+        self.register_buffer("scales", lin.scales.clone())  # float16 (out, 1) in the file, float32 in the graph
+        self.register_buffer("magnitudes", t.magnitudes.clone())
+        self.register_buffer("signs", t.signs.clone())
+        self.register_buffer("offsets", t.offsets.clone())
+        self.register_buffer("ball", t.ball.clone() if lin.bits == 3 else None)
+
+    def _byte(self, j: int) -> torch.Tensor:
+        return self.qweight.narrow(2, j, 1).reshape(-1).to(torch.int64)
+
+    def _digits(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """(out·in/8, 8) float32 digits 2C + 7.5 of the E8P codes with bytes lo, hi."""
+        mag = self.magnitudes.index_select(0, hi).to(torch.float32)
+        sign = self.signs.index_select(0, lo).to(torch.float32)
+        return mag * sign + self.offsets.index_select(0, lo).to(torch.float32).unsqueeze(-1)
+
+    def dequantized(self) -> torch.Tensor:
+        d1 = self._digits(self._byte(0), self._byte(1))
+        if self.bits == 2:
+            w = (d1 - 7.5) * 0.5
+        elif self.bits == 3:
+            w = (d1 * 2.0 + self.ball.index_select(0, self._byte(2)).to(torch.float32) - 15.0) * 0.25
+        else:
+            w = (d1 - 7.5) * 0.5 + (self._digits(self._byte(2), self._byte(3)) - 7.5) * 0.125
+        return w.reshape(self.out_features, self.in_features) * self.scales.to(torch.float32)
+
+    def _linear(self, h, bias):
+        y = matmul_computed_weight(h, self.dequantized())
+        return y if bias is None else y + bias
+
+
 def fp4_rounding_steps(fmt: f4.FP4Format) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Round-to-nearest on the bias-0 magnitudes g₀ < … < g₇ of `fmt` as a count of midpoints passed.
 
@@ -583,6 +639,9 @@ def decompose_lowbit_linears(model: nn.Module, int4: str = "xnnpack") -> dict[st
             route = new.route
         elif isinstance(mod, LowbitFP4Linear):
             new = FP4TableLinear(mod)
+            route = new.route
+        elif isinstance(mod, LowbitLinear) and mod.op == E8P_LINEAR:  # a deep copy holds a copy of the spec
+            new = E8PackedLinear(mod)
             route = new.route
         elif isinstance(mod, LowbitLinear):
             route = route_for(mod, int4, tied=any(mod.qweight is t for t in tables))

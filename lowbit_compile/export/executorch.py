@@ -101,8 +101,8 @@ RTOL_FLOAT = 1e-4
 RTOL_INT8_ACTIVATIONS = 0.1
 # The default rtol of a program is the largest of its routes'. W4A4 FP4 is checked at the float tolerance, and a
 # mismatch is accepted only when a few activations rounded the other way at an FP4 rounding midpoint explain it.
-ROUTE_RTOL = {"gather": RTOL_FLOAT, "packed": RTOL_FLOAT, "fp4-a16": RTOL_FLOAT, "fp4-a4": RTOL_FLOAT,
-              "xnnpack-int4": RTOL_INT8_ACTIVATIONS, "xnnpack-int4-load": RTOL_INT8_ACTIVATIONS}
+ROUTE_RTOL = {"gather": RTOL_FLOAT, "packed": RTOL_FLOAT, "e8-packed": RTOL_FLOAT, "fp4-a16": RTOL_FLOAT,
+              "fp4-a4": RTOL_FLOAT, "xnnpack-int4": RTOL_INT8_ACTIVATIONS, "xnnpack-int4-load": RTOL_INT8_ACTIVATIONS}
 INT8_ACTIVATION_ROUTES = ("xnnpack-int4", "xnnpack-int4-load")
 
 # Route xnnpack-int4-load: the method that rebuilds the int4 weights (decompose.LoadTimeWeights), and the tag of

@@ -260,3 +260,25 @@ def test_a_tied_head_reads_its_embeddings_table_at_load():
     ck = lb.quantize(untied, "w4", None, overrides={"model.embed_tokens": "w4-rtn-g32", "lm_head": "w4-rtn-g32"},
                      progress=False)
     assert decompose_lowbit_linears(swap_linears(untied, ck.records), "xnnpack-load")["lm_head"] == "xnnpack-int4"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_e8_packed_linear_decodes_the_records_weight_exactly(bits):
+    """E8PackedLinear's in-graph decode (int8 digit tables through index_select) gives the record's rotated weight
+    bit for bit, and its forward the reference op's outputs to float rounding, fine-tuned sign vectors included
+    (stored as float16: exact)."""
+    from tinymodels import e8_records
+
+    from lowbit_compile.export.decompose import E8PackedLinear
+    from lowbit_compile.nn import LowbitLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 24)
+    rec = e8_records(torch.nn.Sequential(lin), bits, tuned=("0",))["0"]
+    ref = LowbitLinear(rec, lin.bias)
+    mod = E8PackedLinear(ref)
+    assert torch.equal(mod.dequantized(), rec.rotated_weight())
+    assert mod.su.dtype == torch.float16 and torch.equal(mod.su.float(), rec.su)
+    x = torch.randn(3, 5, 40)
+    with torch.no_grad():
+        assert torch.allclose(mod(x), ref(x), rtol=0, atol=1e-5)
