@@ -282,3 +282,36 @@ def test_e8_packed_linear_decodes_the_records_weight_exactly(bits):
     x = torch.randn(3, 5, 40)
     with torch.no_grad():
         assert torch.allclose(mod(x), ref(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_e8_int4_linear_and_its_load_time_weights(bits):
+    """E8Int4Linear (routes e8-xnnpack-int4[-load]): per stage the digits − 8 as int4 codes with scales m·s, plus the
+    rank-one ½·m·s term, equal the record's weight exactly (in float, without the int8 activation rounding); its
+    eager forward (int8 activations simulated) is within RTOL_INT8_ACTIVATIONS of the reference; LoadTimeWeights
+    rebuilds exactly the XNNPACK bytes (codes + 8, two per byte, low nibble first) and scales from the E8 code bytes."""
+    from tinymodels import e8_records
+
+    from lowbit_compile.export.decompose import E8Int4Linear, load_time_weights
+    from lowbit_compile.export.executorch import RTOL_INT8_ACTIVATIONS
+    from lowbit_compile.nn import LowbitLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 24)
+    rec = e8_records(torch.nn.Sequential(lin), bits, tuned=("0",))["0"]
+    ref = LowbitLinear(rec, lin.bias)
+    mod = E8Int4Linear(ref, at_load=True)
+    w = sum(getattr(mod, f"codes{k}").float() * getattr(mod, f"channel_scales{k}")[:, None]
+            for k in range(mod.stages)) + mod.half_sum * rec.scales.float()
+    assert torch.equal(w, rec.rotated_weight())
+    x = torch.randn(4, 40)
+    with torch.no_grad():
+        r = ref(x)
+        assert float((mod(x) - r).abs().max()) <= RTOL_INT8_ACTIVATIONS * float(r.abs().max())
+    model = torch.nn.Sequential(mod)
+    outs = load_time_weights(model)()
+    assert len(outs) == 2 * mod.stages
+    for k in range(mod.stages):
+        nib = (getattr(mod, f"codes{k}").to(torch.int16) + 8).to(torch.uint8).reshape(24, -1, 2)
+        assert torch.equal(outs[2 * k], nib[..., 0] | (nib[..., 1] << 4))
+        assert torch.equal(outs[2 * k + 1], getattr(mod, f"channel_scales{k}"))

@@ -315,7 +315,7 @@ def mlp_fp32_bytes(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe,bits,int4", [("w2", 2, "xnnpack"), ("w3", 3, "xnnpack"), ("w4", 4, "xnnpack"),
                                              ("fp4", 4, "xnnpack"), ("w2", 2, "xnnpack-load"),
-                                             ("w2-e8", 2, "xnnpack")])
+                                             ("w2-e8", 2, "xnnpack"), ("w2-e8", 2, "xnnpack-load")])
 def test_pte_bits_per_quantized_weight(recipe, bits, int4, mlp_fp32_bytes, tmp_path):
     """File cost per quantized weight, measured against the fp32 file of the same model:
     bits = 32 − 8·(fp32 bytes − quantized bytes) / quantized weights. Everything the quantized file adds
@@ -338,7 +338,7 @@ def test_pte_bits_per_quantized_weight(recipe, bits, int4, mlp_fp32_bytes, tmp_p
 
         records = e8_records(model, 2)
         res = export_pte(model, records, x, tmp_path / "mlp.pte", dynamic_shapes=None, int4=int4)
-        assert set(res.routes.values()) == {"e8-packed"}
+        assert set(res.routes.values()) == {"e8-packed" if int4 == "xnnpack" else "e8-xnnpack-int4-load"}
     else:
         records = quantize_all(model, recipe)
         res = export_pte(model, records, x, tmp_path / "mlp.pte", dynamic_shapes=None, int4=int4)
@@ -346,8 +346,11 @@ def test_pte_bits_per_quantized_weight(recipe, bits, int4, mlp_fp32_bytes, tmp_p
     n = sum(r.in_features * r.out_features for r in records.values())
     file_bits = 32 - 8 * (mlp_fp32_bytes - res.nbytes) / n
     stored_bits = sum(r.bits_per_weight() * r.in_features * r.out_features for r in records.values()) / n
-    assert bits <= stored_bits < file_bits < bits + 0.3, (file_bits, stored_bits)
-    if int4 == "xnnpack-load":
+    # E8 at load adds the 4.3 KB digit tables and a float32 row of ones per input width (the rank-one term's Σx'),
+    # once per file / width: 0.07 bits on this 2-layer MLP (measured 2.35 against 2.28 packed)
+    limit = bits + (0.4 if recipe == "w2-e8" and int4 == "xnnpack-load" else 0.3)
+    assert bits <= stored_bits < file_bits < limit, (file_bits, stored_bits)
+    if int4 == "xnnpack-load" and recipe == "w2":
         assert res.routes == {"0": "xnnpack-int4-load", "2": "xnnpack-int4-load"} and file_bits <= 2.3
         assert res.file_bits_per_quantized_weight <= 2.35  # the whole file, biases and program included
 
@@ -555,3 +558,22 @@ def test_e8_records_export_to_pte_and_match(bits, tmp_path):
     assert res.portable_ops.get(TABLE_OP, 0) == 2 * {2: 3, 3: 4, 4: 6}[bits]  # per layer and E8P stage: 3 gathers
     for x in (torch.randn(1, 40), torch.randn(5, 40)):
         assert max_rel_error(run_pte(res.path, (x,)), outputs(quantized_model(model, records), (x,))) <= 1e-5
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_e8_records_on_xnnpacks_int4_kernel_rebuilt_at_load(bits, tmp_path):
+    """int4="xnnpack-load": E8 layers run XNNPACK's int4 kernel, one product per E8 stage plus the rank-one
+    correction, their int4 weights rebuilt at load from the E8 code bytes by the lowbit_weights method (left out of
+    the file, checked byte for byte at export). Measured: 0.5 % (2 bits) and 0.9 % (3 bits) against the reference
+    (int8 activations), ~2e-7 against the int8-simulated model."""
+    from tinymodels import e8_records
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.GELU(), torch.nn.Linear(24, 56)).eval()
+    records = e8_records(model, bits, tuned=("2",))
+    res = export_pte(model, records, (torch.randn(2, 40),), tmp_path / "e8.pte", int4="xnnpack-load")
+    assert res.routes == {"0": "e8-xnnpack-int4-load", "2": "e8-xnnpack-int4-load"}
+    assert res.weights_method == WEIGHTS_METHOD and res.rtol == RTOL_INT8_ACTIVATIONS and res.delegates >= 1
+    assert res.error <= 0.03 and res.error_vs_simulated <= 1e-5
+    x = torch.randn(5, 40)
+    assert max_rel_error(run_pte(res.path, (x,)), outputs(quantized_model(model, records), (x,))) <= 0.03
