@@ -222,9 +222,9 @@ def _check_no_lowbit_ops(ep: torch.export.ExportedProgram) -> None:
         if node.op == "call_function" and str(node.target).startswith("lowbit."):
             raise LowbitError(
                 f"node {node.name} ({node.target}) in layer {_layer_of(node)}: the ExecuTorch exporter has no "
-                f"lowering for this op (it decomposes the lowbit linears made from QuantizedLinear and "
-                f"FP4QuantizedLinear records, not lowbit ops called directly); keep that layer in float for "
-                f"export, or run it through torch.compile(backend='lowbit')")
+                f"lowering for this op (it decomposes the lowbit linears made from QuantizedLinear, "
+                f"E8QuantizedLinear and FP4QuantizedLinear records, not lowbit ops called directly); keep that layer "
+                f"in float for export, or run it through torch.compile(backend='lowbit')")
 
 
 def _runtime_op_name(target) -> str | None:
