@@ -83,3 +83,25 @@ def folder_digests(folder) -> dict:
 
     return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
             for f in sorted(os.listdir(folder))}
+
+
+def e8_records(model, bits: int = 2, skip: str = r"(^|.*\.)(lm_head|pooler\..*)$", tuned: tuple = ()):
+    """E8 records (w{bits}-e8) for every nn.Linear not matching `skip`, from identity Hessians (the exporters do not
+    care how the codes were chosen; calibration costs time). Layers named in `tuned` get su / sv with real float16
+    values, as block fine-tuning (-ft recipes) leaves them."""
+    import re
+
+    from lowbit_compile.quantize.layer import quantize_weight
+    from lowbit_compile.recipe import parse_spec
+
+    records = {}
+    g = torch.Generator().manual_seed(1)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or re.fullmatch(skip, name):
+            continue
+        rec = quantize_weight(name, mod.weight, parse_spec(f"w{bits}-e8"), hessian=torch.eye(mod.in_features))
+        if name in tuned:
+            rec.su = (rec.su * (1 + 0.2 * torch.rand(rec.in_features, generator=g))).half().float()
+            rec.sv = (rec.sv * (1 - 0.2 * torch.rand(rec.out_features, generator=g))).half().float()
+        records[name] = rec
+    return records

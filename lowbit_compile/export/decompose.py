@@ -33,6 +33,16 @@ each `LowbitFP4Linear` by one that computes the same y = Q_a(Tₙ(su ⊙ x) ⊙ 
   scales and runs a float matmul. W4A4 layers also round their activations to the FP4 grid in the graph, bit
   for bit as `kernels.fp4_ops.quantize_fp4_activations` does; fp4-rot layers rotate their input first.
 
+- E8 lattice codes (E8QuantizedLinear: w2/w3/w4-e8 and -ft), as 4-bit digits d = 2C + 7.5 of each E8 stage
+  (formats/e8p.py: e8p.int4_digits; the graphs compute them from the code bytes through the 4.3 KB of int8 tables of
+  e8p.digit_tables). `E8PackedLinear` (route "e8-packed", int4 "xnnpack" or "packed"): the code bytes stay in the
+  file and are decoded on every forward (index_select gathers on the portable kernels) into the exact float weight,
+  then a float matmul. `E8Int4Linear` (int4 "xnnpack-load": route "e8-xnnpack-int4-load", the file keeps the E8
+  codes and `LoadTimeWeights` rebuilds XNNPACK's int4 weights from them at load; "xnnpack-wide": "e8-xnnpack-int4",
+  4 bits per weight and stage in the file): one XNNPACK int4 product per stage on the codes d − 8 with scales m·s,
+  and the rank-one term (Σ ½·m)·s_row·Σ_j x'_j in float for the difference between XNNPACK's zero 8 and the digits'
+  7.5. Fine-tuned (-ft) sign vectors hold float16 values and are stored as float16.
+
 The rotations Tₙ = F_K ⊗ H_P/√P are applied as a Kronecker product of small orthonormal blocks (`KronTransform`):
 the dense factor F_K and Sylvester blocks H_p/√p with p ≤ MAX_BLOCK, one `linear` per block on a reshaped view
 and a permute between blocks. XNNPACK delegates these ops with dynamic batch and sequence sizes (it does not
@@ -55,12 +65,14 @@ from torch import nn
 from .. import formats, hadamard
 from ..errors import LowbitError
 from ..formats import fp4 as f4
+from ..kernels.specs import E8P_LINEAR
 from ..nn import LowbitEmbedding, LowbitFP4Linear, LowbitLinear
 from .embedding import GatherEmbedding
 
 MAX_BLOCK = 64  # largest Sylvester block; a 64×64 float32 block is 16 KiB, stored once per size in the file
 
-ROUTES = ("xnnpack-int4", "xnnpack-int4-load", "packed", "fp4-a16", "fp4-a4")
+ROUTES = ("xnnpack-int4", "xnnpack-int4-load", "packed", "fp4-a16", "fp4-a4", "e8-packed", "e8-xnnpack-int4",
+          "e8-xnnpack-int4-load")
 # How integer layers are lowered (export_pte's `int4`): which of them take XNNPACK's int8 × int4 kernel, and where
 # 2/3-bit codes are widened to its 4-bit layout (see route_for).
 INT4_MODES = ("xnnpack", "xnnpack-load", "xnnpack-wide", "packed")
@@ -200,10 +212,14 @@ class KronTransform(nn.Module):
 
 
 def _compact_signs(v: torch.Tensor | None) -> torch.Tensor | None:
-    """A ±1 sign vector as int8 (a quarter of the bytes; cast back in the graph), any other vector as float32."""
+    """A ±1 sign vector as int8 (a quarter of the bytes; cast back in the graph), a vector of float16 values (E8
+    records after block fine-tuning, quantize/finetune.py) as float16, any other vector as float32."""
     if v is None:
         return None
-    return v.to(torch.int8) if bool((v.abs() == 1).all()) else v.to(torch.float32).clone()
+    if bool((v.abs() == 1).all()):
+        return v.to(torch.int8)
+    h = v.to(torch.float16)
+    return h if torch.equal(h.to(v.dtype), v) else v.to(torch.float32).clone()
 
 
 class _RotatedBase(nn.Module):
@@ -213,7 +229,7 @@ class _RotatedBase(nn.Module):
         super().__init__()
         self.fqn = lin.fqn
         self.in_features, self.out_features = lin.in_features, lin.out_features
-        self.bits, self.group_size = lin.bits, lin.group_size
+        self.bits, self.group_size = lin.bits, getattr(lin, "group_size", 0)  # E8 records have no groups
         self.register_buffer("su", _compact_signs(lin.su))
         self.register_buffer("sv", _compact_signs(lin.sv))
         self.rot_in = None if lin.su is None else KronTransform(kron_blocks(lin.in_features, lin.had_in))
@@ -355,18 +371,37 @@ class LoadTimeWeights(nn.Module):
     same bytes (the packed table of a tied embedding's gather) ExecuTorch stores them once for both methods (its
     emitter keeps one copy of equal constants across a program): the file holds the table once and the head still
     runs on XNNPACK.
+    E8 layers (E8Int4Linear) give one (codes, scales) pair per E8 stage: the digits d (d − 8 + 8 = d as nibbles),
+    computed from the E8 code bytes through the digit tables, and float32 scales m·s. The code bytes of all E8
+    layers of a width are one buffer decoded by one set of ops and cut into layers (narrow), so the method's program
+    does not grow with the layer count (decoding layer by layer made MiniLM's w2-e8 file 2.32 bits per weight, this
+    2.24).
     Every constant is a tensor (a buffer): scalar operands become lifted tensor constants, and ExecuTorch's edge
     passes mix up their names once a program has ten of them."""
 
-    def __init__(self, layers: list[Int4DynamicLinear]):
+    def __init__(self, layers: list[Int4DynamicLinear | E8Int4Linear]):
         super().__init__()
         self.layers = [(m.fqn, m.bits, m.in_features) for m in layers]
         self.per_channel = [m.per_channel for m in layers]
+        self.e8 = [isinstance(m, E8Int4Linear) for m in layers]
+        self.e8_groups: dict[int, tuple[int, int]] = {}  # E8 layer i -> (first group, groups) in e8_codes{bits}
+        e8_codes: dict[int, list[torch.Tensor]] = {}
         for i, m in enumerate(layers):
-            self.register_buffer(f"qweight{i}", m.packed_codes)
+            if self.e8[i]:
+                # E8 codes of one width are decoded together (one set of ops for all layers: the method's program
+                # is part of the file), then cut into layers
+                parts = e8_codes.setdefault(m.bits, [])
+                self.e8_groups[i] = (sum(p.shape[0] for p in parts), m.packed_codes.numel() // m.bits)
+                parts.append(m.packed_codes.reshape(-1, m.bits))
+            else:
+                self.register_buffer(f"qweight{i}", m.packed_codes)
             self.register_buffer(f"scales{i}", m.record_scales)
         u8, i32 = torch.uint8, torch.int32
-        for bits in sorted({m.bits for m in layers} - {4}):
+        if e8_codes:
+            self._register_e8_tables(sorted(e8_codes))
+            for bits, parts in e8_codes.items():
+                self.register_buffer(f"e8_codes{bits}", torch.cat(parts).contiguous())
+        for bits in sorted({m.bits for m, e8 in zip(layers, self.e8) if not e8} - {4}):
             self.register_buffer(f"shifts{bits}", _shifts(bits))
             self.register_buffer(f"mask{bits}", torch.tensor([(1 << bits) - 1], dtype=u8 if bits == 2 else i32))
             self.register_buffer(f"offset{bits}", torch.tensor([9 - (1 << bits)], dtype=u8))  # 8 − (2^b − 1)
@@ -374,7 +409,9 @@ class LoadTimeWeights(nn.Module):
         self.register_buffer("two", torch.tensor([2], dtype=u8))
         self.register_buffer("sixteen", torch.tensor([16], dtype=u8))
         self.register_buffer("one_half", torch.tensor([0.5], dtype=torch.float32))
-        self.int4_codes = [m.int4_codes for m in layers]  # what forward's weights hold: the lowering tags them
+        # what forward's weights hold (an E8 layer: one per stage): the lowering tags them
+        self.int4_codes = [c for m in layers for c in (m.int4_codes if isinstance(m.int4_codes, list) else
+                                                       [m.int4_codes])]
 
     def codes(self, i: int) -> torch.Tensor:
         """(out, in) codes of a 2/3-bit layer i (formats.unpack: code j in bits [j·b, (j+1)·b) of its group)."""
@@ -404,11 +441,68 @@ class LoadTimeWeights(nn.Module):
         s = s if bits == 4 else s * self.one_half
         return s.reshape(-1) if self.per_channel[i] else s.to(torch.bfloat16).reshape(s.shape[0], -1)
 
-    def forward(self) -> tuple[torch.Tensor, ...]:
-        """(codes of layer 0, scales of layer 0, codes of layer 1, …)."""
+    def _register_e8_tables(self, bits: list[int]) -> None:
+        from ..formats import e8p
+
+        t = e8p.digit_tables()
+        self.register_buffer("e8_magnitudes", t.magnitudes.clone())
+        self.register_buffer("e8_signs", t.signs.clone())
+        self.register_buffer("e8_offsets", t.offsets.clone())
+        if 3 in bits:
+            self.register_buffer("e8_ball", t.ball.clone())
+        self.register_buffer("fifteen", torch.tensor([15], dtype=torch.int32))
+        self.register_buffer("two_i32", torch.tensor([2], dtype=torch.int32))
+        for b in bits:
+            mults = torch.tensor(e8p.DIGIT_MULTIPLIERS[b], dtype=torch.float32).reshape(-1, 1)
+            self.register_buffer(f"e8_mults{b}", mults)
+
+    def e8_nibbles(self, bits: int) -> list[torch.Tensor]:
+        """Every E8 layer's digits of width `bits`, per stage, as XNNPACK nibbles: (groups, 4) uint8, the digit d of
+        weight 2j in the low nibble of byte j (d − 8 as signed int4, + 8: d itself). The digits come from the
+        code bytes through the digit tables (e8p.digits_from_bytes)."""
+        b = getattr(self, f"e8_codes{bits}")
+
+        def byte(j):
+            return b.narrow(1, j, 1).reshape(-1).to(torch.int64)
+
+        def digits(lo, hi):
+            mag = self.e8_magnitudes.index_select(0, hi).to(torch.int32)
+            return mag * self.e8_signs.index_select(0, lo).to(torch.int32) + \
+                self.e8_offsets.index_select(0, lo).to(torch.int32).unsqueeze(-1)
+
+        d1 = digits(byte(0), byte(1))
+        if bits == 2:
+            stages = [d1]
+        elif bits == 3:
+            v = d1 * self.two_i32 + self.e8_ball.index_select(0, byte(2)).to(torch.int32)
+            first = torch.minimum(v, self.fifteen)
+            stages = [first, v - first]
+        else:
+            stages = [d1, digits(byte(2), byte(3))]
         out = []
-        for i in range(len(self.layers)):
-            out += [self.int4_bytes(i), self.xnnpack_scales(i)]
+        for d in stages:
+            pairs = d.to(torch.uint8).reshape(-1, 4, 2)
+            out.append((pairs.narrow(-1, 0, 1) + pairs.narrow(-1, 1, 1) * self.sixteen).reshape(-1, 4))
+        return out
+
+    def e8_outputs(self, i: int, nibbles: list[torch.Tensor]) -> list[torch.Tensor]:
+        """E8 layer i's XNNPACK weights, per stage: its rows of `nibbles` (e8_nibbles), (out, in/2), and the float32
+        channel scales m·s (E8Int4Linear)."""
+        s, (_, bits, k) = getattr(self, f"scales{i}").to(torch.float32), self.layers[i]
+        scales = getattr(self, f"e8_mults{bits}") * s.reshape(1, -1)  # (stages, out): exact (powers of two)
+        first, n = self.e8_groups[i]
+        out = []
+        for stage, nib in enumerate(nibbles):
+            out += [nib.narrow(0, first, n).reshape(-1, k // 2), scales.narrow(0, stage, 1).reshape(-1)]
+        return out
+
+    def forward(self) -> tuple[torch.Tensor, ...]:
+        """(codes of layer 0, scales of layer 0, codes of layer 1, …); an E8 layer gives one pair per stage."""
+        nibbles = {bits: self.e8_nibbles(bits) for bits in sorted({b for (_, b, _), e8 in zip(self.layers, self.e8)
+                                                                   if e8})}
+        out = []
+        for i, (_, bits, _) in enumerate(self.layers):
+            out += self.e8_outputs(i, nibbles[bits]) if self.e8[i] else [self.int4_bytes(i), self.xnnpack_scales(i)]
         return tuple(out)
 
 
@@ -438,6 +532,107 @@ class PackedLinear(_RotatedBase):
 
     def _linear(self, h, bias):
         y = matmul_computed_weight(h, self.dequantized())
+        return y if bias is None else y + bias
+
+
+class E8PackedLinear(_RotatedBase):
+    """An E8 lattice-code linear (E8QuantizedLinear, `lowbit::e8p_linear`) in ops the runtime has (route "e8-packed").
+
+    The record's code bytes stay in the file (2, 3 or 4 bytes per 8 weights, uint8 (out, in / 8, bytes)) with its
+    float16 row scales and the 4.3 KB of int8 digit tables of e8p.digit_tables (one copy per file: ExecuTorch keeps
+    one copy of equal constants). The graph decodes the codes on every forward: per E8P stage two `index_select`
+    gathers (magnitudes by the code's high byte, signs and offsets by its low byte), a product and a sum give the
+    4-bit digits d = 2C + 7.5; the weight is Σ_stage m·(d − 7.5) times the row scale (e8p.DIGIT_MULTIPLIERS; at 3
+    bits 0.25·(2d₁ + ball[c₂] − 15)): exact small dyadic numbers, so the float32 weight equals the reference's. Then
+    a float matmul, and the record's rotations as for integer layers (su / sv int8 ±1, float16 after fine-tuning).
+    Like the packed integer route, the decoding runs on the portable kernels on every forward."""
+
+    route = "e8-packed"
+
+    def __init__(self, lin: LowbitLinear):
+        from ..formats import e8p
+
+        super().__init__(lin)
+        fmt = e8p.e8_format(lin.bits)
+        t = e8p.digit_tables()
+        self.register_buffer("qweight", lin.qweight.reshape(lin.out_features, -1, fmt.bytes_per_group).clone())
+        self.register_buffer("scales", lin.scales.clone())  # float16 (out, 1) in the file, float32 in the graph
+        self.register_buffer("magnitudes", t.magnitudes.clone())
+        self.register_buffer("signs", t.signs.clone())
+        self.register_buffer("offsets", t.offsets.clone())
+        self.register_buffer("ball", t.ball.clone() if lin.bits == 3 else None)
+
+    def _byte(self, j: int) -> torch.Tensor:
+        return self.qweight.narrow(2, j, 1).reshape(-1).to(torch.int64)
+
+    def _digits(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """(out·in/8, 8) float32 digits 2C + 7.5 of the E8P codes with bytes lo, hi."""
+        mag = self.magnitudes.index_select(0, hi).to(torch.float32)
+        sign = self.signs.index_select(0, lo).to(torch.float32)
+        return mag * sign + self.offsets.index_select(0, lo).to(torch.float32).unsqueeze(-1)
+
+    def dequantized(self) -> torch.Tensor:
+        d1 = self._digits(self._byte(0), self._byte(1))
+        if self.bits == 2:
+            w = (d1 - 7.5) * 0.5
+        elif self.bits == 3:
+            w = (d1 * 2.0 + self.ball.index_select(0, self._byte(2)).to(torch.float32) - 15.0) * 0.25
+        else:
+            w = (d1 - 7.5) * 0.5 + (self._digits(self._byte(2), self._byte(3)) - 7.5) * 0.125
+        return w.reshape(self.out_features, self.in_features) * self.scales.to(torch.float32)
+
+    def _linear(self, h, bias):
+        y = matmul_computed_weight(h, self.dequantized())
+        return y if bias is None else y + bias
+
+
+class E8Int4Linear(_RotatedBase):
+    """An E8 lattice-code linear on XNNPACK's int8 × int4 channelwise kernel (qd8-f32-qc4w), one int4 product per
+    E8 stage (e8p.int4_digits: digits d in [0, 15] with zero 7.5 and row scale m·s, the stages' products summed).
+
+    XNNPACK's int4 weights are symmetric around 8, the digits' zero is 7.5: (d − 7.5)·m·s = (d − 8)·m·s + ½·m·s, so
+    each stage runs the int4 codes d − 8 with float32 scales m·s, and the ½·m·s parts of all stages are one rank-one
+    term added in float: (Σ_stage ½·m)·s_row · Σ_j x'_j of the rotated input x' (a linear with a row of ones,
+    delegated; the float16 row scales, shared with the weights method's input). Exact in float; the int4 product
+    rounds the activations to int8 per token as on route xnnpack-int4.
+
+    `at_load` (route e8-xnnpack-int4-load, int4="xnnpack-load"): the int4 codes and scales are left out of the file
+    and rebuilt at load by LoadTimeWeights from the record's E8 code bytes (the digit tables, e8p.digit_tables): the
+    file holds the E8 codes. Otherwise (route e8-xnnpack-int4, int4="xnnpack-wide") the file holds 4 bits per
+    weight and stage."""
+
+    per_channel = True
+
+    def __init__(self, lin: LowbitLinear, at_load: bool = False):
+        from ..formats import e8p
+
+        super().__init__(lin)
+        self.route = "e8-xnnpack-int4-load" if at_load else "e8-xnnpack-int4"
+        fmt = e8p.e8_format(lin.bits)
+        codes = e8p.unpack_codes(lin.qweight, fmt)
+        digits = e8p.int4_digits(codes, fmt).to(torch.int8) - 8  # (stages, out, in) in [-8, 7]
+        mults = e8p.DIGIT_MULTIPLIERS[lin.bits]
+        self.stages = fmt.stages
+        for k in range(self.stages):
+            self.register_buffer(f"codes{k}", digits[k].contiguous())
+            self.register_buffer(f"channel_scales{k}", (mults[k] * lin.scales.to(torch.float32)).reshape(-1))
+        self.register_buffer("zero_points", torch.zeros(lin.out_features, dtype=torch.int64))
+        self.register_buffer("row_scales", lin.scales.clone())  # float16 (out, 1): the rank-one term's
+        self.register_buffer("ones", torch.ones(1, lin.in_features))
+        self.half_sum = 0.5 * sum(mults)
+        self.int4_codes = [digits[k] for k in range(self.stages)]  # what forward's weights hold: the lowering tags them
+        self.packed_codes = lin.qweight.clone() if at_load else None
+        self.record_scales = lin.scales.clone() if at_load else None
+
+    def _linear(self, h, bias):
+        y = None
+        for k in range(self.stages):
+            t = channelwise_int4_linear(h, getattr(self, f"codes{k}"), getattr(self, f"channel_scales{k}"),
+                                        self.zero_points)
+            y = t if y is None else y + t
+        # float32 × the float16 scales (promoted exactly): a cast of the constant would be folded into a float32 copy
+        correction = (nn.functional.linear(h, self.ones) * self.half_sum) * self.row_scales.view(1, -1)
+        y = y + correction
         return y if bias is None else y + bias
 
 
@@ -551,6 +746,8 @@ def route_for(lin: LowbitLinear, int4: str = "xnnpack", tied: bool = False) -> s
     "xnnpack-wide": 2/3-bit layers on the int4 kernel with their codes widened in the file (xnnpack-int4: 4 bits
         per weight on disk, a plain runtime runs it);
     "packed": every layer packed (exact float math: tells a kernel problem from a decomposition problem).
+    (E8 layers are not routed here: decompose_lowbit_linears gives them e8-packed, or E8Int4Linear with
+    "xnnpack-load" and "xnnpack-wide".)
     XNNPACK's blockwise kernel takes groups of 32·k inputs, its channelwise kernel an even in_features (on the load
     route a multiple of 8, so that packed codes fill whole rows); other layers stay packed. With an odd
     in_features, ExecuTorch 1.5.1's qc4w program computes rows 2 and 3 of a 2- or 3-token batch wrong (error
@@ -571,9 +768,9 @@ def route_for(lin: LowbitLinear, int4: str = "xnnpack", tied: bool = False) -> s
 
 
 def decompose_lowbit_linears(model: nn.Module, int4: str = "xnnpack") -> dict[str, str]:
-    """Replace every LowbitLinear and LowbitFP4Linear of `model` (in place) by its runtime form, and every
-    LowbitEmbedding by a GatherEmbedding (route "gather": packed rows gathered and decoded in portable integer ops);
-    returns {fqn: route}. A LowbitLinear that reads an embedding's very codes (swap_linears gives a tied head the
+    """Replace every LowbitLinear (integer or E8) and LowbitFP4Linear of `model` (in place) by its runtime form, and
+    every LowbitEmbedding by a GatherEmbedding (route "gather": packed rows gathered and decoded in portable integer
+    ops); returns {fqn: route}. A LowbitLinear that reads an embedding's very codes (swap_linears gives a tied head the
     embedding's tensors) is `tied` for route_for."""
     tables = [m.qweight for m in model.modules() if isinstance(m, LowbitEmbedding)]
     routes = {}
@@ -583,6 +780,10 @@ def decompose_lowbit_linears(model: nn.Module, int4: str = "xnnpack") -> dict[st
             route = new.route
         elif isinstance(mod, LowbitFP4Linear):
             new = FP4TableLinear(mod)
+            route = new.route
+        elif isinstance(mod, LowbitLinear) and mod.op == E8P_LINEAR:  # a deep copy holds a copy of the spec
+            new = (E8Int4Linear(mod, at_load=int4 == "xnnpack-load") if int4 in ("xnnpack-load", "xnnpack-wide")
+                   else E8PackedLinear(mod))
             route = new.route
         elif isinstance(mod, LowbitLinear):
             route = route_for(mod, int4, tied=any(mod.qweight is t for t in tables))
@@ -599,5 +800,6 @@ def decompose_lowbit_linears(model: nn.Module, int4: str = "xnnpack") -> dict[st
 
 def load_time_weights(model: nn.Module) -> LoadTimeWeights | None:
     """The `lowbit_weights` method for the xnnpack-int4-load layers of a decomposed model (None if it has none)."""
-    layers = [m for m in model.modules() if isinstance(m, Int4DynamicLinear) and m.route == "xnnpack-int4-load"]
+    layers = [m for m in model.modules() if isinstance(m, (Int4DynamicLinear, E8Int4Linear))
+              and m.route in ("xnnpack-int4-load", "e8-xnnpack-int4-load")]
     return LoadTimeWeights(layers) if layers else None

@@ -49,6 +49,11 @@ PyTorch quantized model (swap_linears: the lowbit op's reference implementation)
   halving commutes with the bfloat16 rounding), so RTOL_INT8_ACTIVATIONS holds for the same reasons. We measure
   1–2 % (tiny Llama at 2/3 bits, MiniLM's first layer, a 512-wide MLP; 2.1 % on the 2-layer benchmark Llama) and
   6e-4–1e-3 against the int8-simulated model. The widening itself is checked bit for bit at export.
+- E8 (decompose.E8PackedLinear, route e8-packed): the codes decode exactly to the reference's float weight, so a
+  float-rounding route (RTOL_FLOAT; measured ≤ 1e-6 on MLPs at 2/3/4 bits and the 1-layer tiny Llama, 3.1e-6 on
+  all-MiniLM-L6-v2 w2-e8). E8 on XNNPACK (E8Int4Linear, e8-xnnpack-int4[-load]): int8 activations as on the int4
+  route (RTOL_INT8_ACTIVATIONS); the rank-one zero-point term is float. Measured 0.5–1 % on small MLPs, ~2e-7
+  against the int8-simulated model.
 - FP4 (decompose.FP4TableLinear): weights decode exactly through the 16-entry table, and W4A4 layers round
   their activations in the graph bit for bit as the reference does given the same input, so both FP4 routes
   are float-rounding routes (RTOL_FLOAT; we measure 3e-7–9e-7 on 1–2-layer Llama and the 6-layer MiniLM,
@@ -101,9 +106,10 @@ RTOL_FLOAT = 1e-4
 RTOL_INT8_ACTIVATIONS = 0.1
 # The default rtol of a program is the largest of its routes'. W4A4 FP4 is checked at the float tolerance, and a
 # mismatch is accepted only when a few activations rounded the other way at an FP4 rounding midpoint explain it.
-ROUTE_RTOL = {"gather": RTOL_FLOAT, "packed": RTOL_FLOAT, "fp4-a16": RTOL_FLOAT, "fp4-a4": RTOL_FLOAT,
-              "xnnpack-int4": RTOL_INT8_ACTIVATIONS, "xnnpack-int4-load": RTOL_INT8_ACTIVATIONS}
-INT8_ACTIVATION_ROUTES = ("xnnpack-int4", "xnnpack-int4-load")
+ROUTE_RTOL = {"gather": RTOL_FLOAT, "packed": RTOL_FLOAT, "e8-packed": RTOL_FLOAT, "fp4-a16": RTOL_FLOAT,
+              "fp4-a4": RTOL_FLOAT, "xnnpack-int4": RTOL_INT8_ACTIVATIONS, "xnnpack-int4-load": RTOL_INT8_ACTIVATIONS,
+              "e8-xnnpack-int4": RTOL_INT8_ACTIVATIONS, "e8-xnnpack-int4-load": RTOL_INT8_ACTIVATIONS}
+INT8_ACTIVATION_ROUTES = ("xnnpack-int4", "xnnpack-int4-load", "e8-xnnpack-int4", "e8-xnnpack-int4-load")
 
 # Route xnnpack-int4-load: the method that rebuilds the int4 weights (decompose.LoadTimeWeights), and the tag of
 # the named data it replaces (left out of the .pte; load_pte_method supplies it).
@@ -117,7 +123,8 @@ DEFAULT_MAX_SEQ = 256
 @dataclass
 class PteExport(ExportResult):
     """ExportResult for a .pte: routes are "xnnpack-int4" | "xnnpack-int4-load" | "packed" | "fp4-a16" | "fp4-a4" |
-    "gather" (embeddings); plus what only an ExecuTorch program has."""
+    "e8-packed" | "e8-xnnpack-int4" | "e8-xnnpack-int4-load" | "gather" (embeddings); plus what only an ExecuTorch
+    program has."""
 
     delegates: int = 0  # XNNPACK subgraphs called by the program
     portable_ops: dict[str, int] = field(default_factory=dict)  # ops run by the runtime's own kernels: count
@@ -215,9 +222,9 @@ def _check_no_lowbit_ops(ep: torch.export.ExportedProgram) -> None:
         if node.op == "call_function" and str(node.target).startswith("lowbit."):
             raise LowbitError(
                 f"node {node.name} ({node.target}) in layer {_layer_of(node)}: the ExecuTorch exporter has no "
-                f"lowering for this op (it decomposes the lowbit linears made from QuantizedLinear and "
-                f"FP4QuantizedLinear records, not lowbit ops called directly); keep that layer in float for "
-                f"export, or run it through torch.compile(backend='lowbit')")
+                f"lowering for this op (it decomposes the lowbit linears made from QuantizedLinear, "
+                f"E8QuantizedLinear and FP4QuantizedLinear records, not lowbit ops called directly); keep that layer "
+                f"in float for export, or run it through torch.compile(backend='lowbit')")
 
 
 def _runtime_op_name(target) -> str | None:
@@ -536,6 +543,9 @@ def export_pte(model: torch.nn.Module, records, example_inputs, path, *, dynamic
             table (the file holds the table once instead of twice);
         "xnnpack-wide": 2/3-bit layers too, widened in the file (4 bits per weight on disk, a plain runtime);
         "packed": every layer on the exact unpack + float matmul route.
+        E8 layers (E8QuantizedLinear) are decoded in the graph (route e8-packed) with "xnnpack" and "packed", and
+        run XNNPACK's int4 kernel with "xnnpack-load" (their int4 digits rebuilt at load from the E8 codes: route
+        e8-xnnpack-int4-load) and "xnnpack-wide" (digits in the file, 4 bits per weight and E8 stage).
     verify: run the program in executorch.runtime on the example inputs before writing it; raise LowbitError
         (and write nothing) when an output differs from the PyTorch quantized model by more than
         atol + rtol·max|ref| (defaults and their reasons: the module docstring), unless the program has W4A4 FP4

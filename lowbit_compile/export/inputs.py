@@ -30,13 +30,13 @@ def quantized_weights(records: Mapping) -> int:
     return sum(r.in_features * r.out_features for r in records.values())
 
 
-EXPORTABLE_KINDS = ("int", "fp4")  # record kinds both exporters have routes for
+EXPORTABLE_KINDS = ("int", "fp4", "e8")  # record kinds both exporters have routes for
 
 
 def records_of(records_or_checkpoint) -> Mapping:
     """{fqn: record} from a Checkpoint or such a mapping; LowbitError for a record kind the exporters cannot write
-    (before any work: an E8 record read as integer codes would be caught only by the verification, or not at
-    all with verify=False)."""
+    (before any work: a record of another kind read as integer codes would be caught only by the verification, or
+    not at all with verify=False)."""
     recs = getattr(records_or_checkpoint, "records", records_or_checkpoint)
     if not isinstance(recs, Mapping):
         raise LowbitError(f"expected a mapping {{layer FQN: record}} or a Checkpoint, got "
@@ -45,10 +45,9 @@ def records_of(records_or_checkpoint) -> Mapping:
     if other:
         kinds = sorted({recs[f].kind for f in other})
         raise LowbitError(f"{len(other)} layer(s) ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) hold "
-                          f"{'/'.join(kinds)} records, which the .pte and .onnx exporters cannot write yet (they "
-                          f"export integer and FP4 records); quantize those layers with an integer recipe of the same "
-                          f"width for export (e.g. override them with 'w2-quip' instead of 'w2-e8'), or run them "
-                          f"through torch.compile(backend='lowbit')")
+                          f"{'/'.join(kinds)} records, which the .pte and .onnx exporters cannot write (they export "
+                          f"{', '.join(EXPORTABLE_KINDS)} records); quantize those layers with one of those recipes "
+                          f"for export, or run them through torch.compile(backend='lowbit')")
     return recs
 
 

@@ -21,6 +21,14 @@ Each module is a few `lowbit_onnx::` nodes (onnx_ops.py) whose translation funct
   folded at load to a float weight. W4A4 records quantize the activations per tensor to the FP4 grid in the
   graph (after the per-channel 2**k shift, bit-exact with `formats.fp4.quantize`); W4A16 records fold 2**k into
   the weight's columns.
+- E8 lattice codes (E8QuantizedLinear, w2/w3/w4-e8 and -ft): the record's code bytes (2, 3 or 4 per 8 weights) and
+  float16 row scales, plus 4.3 KB of int8 digit tables once per file (formats.e8p.digit_tables). The graph turns each
+  code into 4-bit digits d = 2C + 7.5 (Gathers by the code's two bytes, a Mul, an Add) and packs them as a 4-bit
+  MatMulNBits weight with a float zero point 7.5 (exact on onnxruntime's CPU kernel), one MatMulNBits per E8 stage
+  (3 and 4 bits: two, summed, scales m·s with e8p.DIGIT_MULTIPLIERS). The decode reads initializers only and
+  onnxruntime folds it at session creation (verified: the optimized graph has no Gather left and every B is an
+  initializer). standard_ops: the digits become a float weight (folded at load) and a MatMul. Fine-tuned (-ft)
+  sign vectors hold float16 values and are stored as float16.
 - Randomized Hadamard transforms (`su`, `sv`, fp4-rot's `su`): one small MatMul per axis of the input reshaped to
   (..., Kf, P1, P2) (Sylvester H_P1, H_P2 built in the graph, the Kf×Kf factor stored once per size as int8 ±1),
   sign vectors one bit each.
@@ -53,6 +61,7 @@ import torch
 from .. import formats, hadamard
 from ..checkpoint import FP4QuantizedLinear, QuantizedLinear
 from ..errors import LowbitError
+from ..formats import e8p
 from ..io import atomic_outputs
 from ..quiet import known_warnings
 from . import onnx_ops
@@ -157,6 +166,75 @@ class OnnxLowbitLinear(torch.nn.Module):
         return y.to(x.dtype)
 
 
+class _E8Tables(dict):
+    """`e8p.digit_tables()` as one set of tensors per export, hence one initializer each for every E8 layer."""
+
+    def get_tables(self) -> e8p.DigitTables:
+        if "tables" not in self:
+            t = e8p.digit_tables()
+            self["tables"] = e8p.DigitTables(*(v.clone() for v in (t.magnitudes, t.signs, t.offsets, t.ball)))
+        return self["tables"]
+
+
+class OnnxE8Linear(torch.nn.Module):
+    """One E8 lattice-code linear (E8QuantizedLinear) in its ONNX form: rotate → e8_matmul → rotate back (+ bias).
+
+    The file holds the record's code bytes (2, 3 or 4 per 8 weights), its float16 row scales, the sign vectors
+    (one bit each; float16 where fine-tuning made them real-valued, exact: finetune stores float16 values) and the
+    4.3 KB digit tables once per file. Route "nbits": the graph decodes each code into 4-bit digits (two Gathers,
+    a Mul and an Add per E8P stage: e8p.digit_tables) and packs them as MatMulNBits' B with zero point 7.5 (a float
+    zero point per block, which onnxruntime's CPU kernel applies exactly): one 4-bit MatMulNBits per stage (two
+    for 3 and 4 bits, summed). Everything but the MatMulNBits reads initializers only, so onnxruntime folds it when
+    the session is created: 4 bits per weight and stage in memory, the record's bits in the file. Route "fold"
+    (standard_ops): the digits become a float weight (folded at load) and a MatMul: standard ops, 32 bits in
+    memory."""
+
+    def __init__(self, rec, bias: torch.Tensor | None, route: str = "nbits", factors: _Factors | None = None,
+                 tables: _E8Tables | None = None):
+        super().__init__()
+        factors = _Factors() if factors is None else factors
+        tables = (_E8Tables() if tables is None else tables).get_tables()
+        if route not in onnx_ops.E8_ROUTES:
+            raise LowbitError(f"layer {rec.fqn}: route {route!r} for an E8 record; valid: {onnx_ops.E8_ROUTES}")
+        if rec.in_features % e8p.DIM:
+            raise LowbitError(f"layer {rec.fqn}: an E8 record with in_features={rec.in_features}, not a multiple "
+                              f"of {e8p.DIM}; the record is damaged: re-quantize the layer")
+        self.fqn, self.bits, self.route = rec.fqn, rec.bits, route
+        self.k, self.n = rec.in_features, rec.out_features
+        self.block = choose_block(self.k, 0)
+        fmt = e8p.e8_format(rec.bits)
+        self.register_buffer("qweight", rec.qweight.detach().reshape(self.n, -1, fmt.bytes_per_group).clone())
+        self.register_buffer("scales", rec.scales.detach().to(torch.float16).reshape(self.n, 1).clone())
+        self.register_buffer("su", None if rec.su is None else pack_signs(rec.su))
+        self.register_buffer("sv", None if rec.sv is None else pack_signs(rec.sv))
+        self.register_buffer("had_in", factors.get_factor(self.k) if rec.su is not None else None)
+        self.register_buffer("had_out", factors.get_factor(self.n, transposed=True) if rec.sv is not None else None)
+        self.register_buffer("magnitudes", tables.magnitudes)
+        self.register_buffer("signs", tables.signs)
+        self.register_buffer("offsets", tables.offsets)
+        self.register_buffer("ball", tables.ball if rec.bits == 3 else None)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+
+    @property
+    def route_name(self) -> str:
+        stages = e8p.e8_format(self.bits).stages
+        if self.route == "fold":
+            return f"E8 e8p{self.bits} decoded at load + MatMul"
+        return f"MatMulNBits (E8 e8p{self.bits} as 4-bit digits{', 2 stages' if stages == 2 else ''})"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        if self.su is not None:
+            h = torch.ops.lowbit_onnx.rotate(h, self.su, self.had_in, None)
+        y = torch.ops.lowbit_onnx.e8_matmul(h, self.qweight, self.scales, self.magnitudes, self.signs, self.offsets,
+                                            self.ball, self.bits, self.k, self.n, self.block, self.route)
+        if self.sv is not None:
+            y = torch.ops.lowbit_onnx.rotate(y, None, self.had_out, self.sv)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+
 class OnnxFP4Linear(torch.nn.Module):
     """One LLM-FP4 linear in its ONNX form: (rotate →) fp4_matmul (+ bias). W4A16 folds the activation
     exponents into the weight's columns; W4A4 shifts and quantizes the activations in the graph."""
@@ -210,11 +288,13 @@ def swap_for_onnx(model: torch.nn.Module, records: Mapping, standard_ops: bool =
     its gather in standard ops (export/embedding.py)."""
     from ..nn import swap_linears
 
-    factors = _Factors()
+    factors, tables = _Factors(), _E8Tables()
 
     def make(rec, bias):
         if isinstance(rec, FP4QuantizedLinear):
             return OnnxFP4Linear(rec, bias, factors)
+        if getattr(rec, "kind", "int") == "e8":
+            return OnnxE8Linear(rec, bias, "fold" if standard_ops else "nbits", factors, tables)
         return OnnxLowbitLinear(rec, bias, int_route(rec.bits, standard_ops, native_nbits), factors)
 
     swapped = swap_linears(model, records, make_module=make, make_embedding=GatherEmbedding)
@@ -364,7 +444,7 @@ def export_onnx(model: torch.nn.Module, records, example_inputs, path, dynamic: 
         finalize(tmp)
         onnx.checker.check_model(tmp)
         routes = {fqn: m.route_name for fqn, m in swapped.named_modules()
-                  if isinstance(m, (OnnxLowbitLinear, OnnxFP4Linear))}
+                  if isinstance(m, (OnnxLowbitLinear, OnnxFP4Linear, OnnxE8Linear))}
         result = ExportResult(path=path, nbytes=onnx_file_bytes(tmp), routes=routes,
                               quantized_weights=quantized_weights(recs), atol=ATOL, rtol=RTOL)
         if verify:
@@ -421,4 +501,4 @@ def verify_onnx(torch_model, path, args, kwargs) -> tuple[float, float]:
 
 
 __all__ = ["export_onnx", "exact_session_options", "finalize", "onnx_file_bytes", "swap_for_onnx", "OnnxLowbitLinear",
-           "OnnxFP4Linear", "run_onnx", "verify_onnx"]
+           "OnnxFP4Linear", "OnnxE8Linear", "run_onnx", "verify_onnx"]

@@ -31,6 +31,13 @@ packed low-bit bytes and the runtime sees one kernel per linear.
               the record's bytes, unpacked and widened as above to int8 2c + 1 − 2^bits, Cast to INT4. Then
               blocked DequantizeLinear (axis 0) and MatMul, the QDQ form that onnxruntime fuses into MatMulNBits
               (with `session.qdq_matmulnbits_accuracy_level` deciding its activation precision).
+- `e8_matmul(x, qweight, scales, magnitudes, signs, offsets, ball, bits, k, n, block, route)`: E8 lattice codes
+  (formats/e8p.py), the record's bytes as (n, k / 8, bits). Each E8P code's 4-bit digits d = 2C + 7.5 come from
+  the int8 tables of `e8p.digit_tables()` (initializers shared by every E8 layer): magnitudes[hi] ⊙ signs[lo] +
+  offsets[lo] with lo, hi the code's bytes (Split, Gather, Mul, Add on int32); at 3 bits v = 2·d₁ + ball[c₂] is split
+  into min(v, 15) and v − min(v, 15). Route "nbits": per stage, the digits packed as MatMulNBits' 4-bit B with
+  float zero points 7.5 and scales m·s (e8p.DIGIT_MULTIPLIERS), the stages' products added; "fold" (standard ops):
+  Σ m·(d − 7.5)·s as a float weight and a MatMul. Both fold at session creation.
 - `fp4_matmul(x, qweight, w_scales, w_shift, act_shift, act_scale, k, n, w_format, a_format)`: LLM-FP4.
   Codes split with BitShift/BitwiseAnd and decoded through a 16-entry Gather table (onnxruntime has no FP4
   DequantizeLinear on CPU), times the row scales and 2**w_shift (W4A16: the activation exponents fold into the
@@ -50,6 +57,7 @@ import torch
 from torch import Tensor
 
 from .. import formats, hadamard
+from ..formats import e8p
 from ..formats import fp4 as f4
 from ..kernels.fp4_ops import quantize_fp4_activations
 
@@ -376,6 +384,82 @@ def _int_matmul_onnx(x, qweight, scales, bits: int, k: int, n: int, group_size: 
     return op.MatMul(x, op.DequantizeLinear(w, s, axis=0, block_size=block))
 
 
+# ----------------------------------------------------------------------------- E8 lattice codes
+
+
+E8_ROUTES = ("nbits", "fold")
+
+
+@torch.library.custom_op("lowbit_onnx::e8_matmul", mutates_args=())
+def e8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, magnitudes: Tensor, signs: Tensor, offsets: Tensor,
+              ball: Tensor | None, bits: int, k: int, n: int, block: int, route: str) -> Tensor:
+    """x (..., k) · Ŵ'ᵀ, Ŵ' = scales ⊙ Σ_stage m·(digit − 7.5) with the digits of the E8 codes in `qweight` (the
+    record's bytes as (n, k / 8, bits)) from the `e8p.digit_tables()` tables (see the module docstring)."""
+    fmt = e8p.e8_format(bits)
+    tables = e8p.DigitTables(magnitudes, signs, offsets, ball)
+    digits = e8p.digits_from_bytes(qweight.reshape(n, -1), fmt, tables).to(torch.float32) - e8p.DIGIT_ZERO
+    mult = torch.tensor(e8p.DIGIT_MULTIPLIERS[bits], dtype=torch.float32).view(-1, 1, 1)
+    w = (digits * mult).sum(dim=0) * scales.to(torch.float32)
+    return torch.nn.functional.linear(x.to(torch.float32), w)
+
+
+@e8_matmul.register_fake
+def _(x, qweight, scales, magnitudes, signs, offsets, ball, bits, k, n, block, route):
+    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+
+
+def _e8_digits_onnx(op, qweight, magnitudes, signs, offsets, ball, bits: int):
+    """The (n, k / 8, 8) int32 digits of each stage (e8p.digits_from_bytes in ONNX ops)."""
+    nb = e8p.e8_format(bits).bytes_per_group
+    parts = op.Split(qweight, axis=2, num_outputs=nb)
+    idx = [op.Cast(op.Squeeze(p, _ints(op, [2])), to=INT64) for p in parts]  # (n, groups) each
+
+    def e8p_digits(lo, hi):
+        mag = op.Cast(op.Gather(magnitudes, hi), to=INT32)  # (n, groups, 8)
+        sgn = op.Cast(op.Gather(signs, lo), to=INT32)
+        off = op.Unsqueeze(op.Cast(op.Gather(offsets, lo), to=INT32), _ints(op, [2]))
+        return op.Add(op.Mul(mag, sgn), off)
+
+    d1 = e8p_digits(idx[0], idx[1])
+    if bits == 2:
+        return [d1]
+    if bits == 3:
+        v = op.Add(op.Mul(d1, _const(op, np.array(2, np.int32))), op.Cast(op.Gather(ball, idx[2]), to=INT32))
+        first = op.Min(v, _const(op, np.array(15, np.int32)))
+        return [first, op.Sub(v, first)]
+    return [d1, e8p_digits(idx[2], idx[3])]
+
+
+def _e8_matmul_onnx(x, qweight, scales, magnitudes, signs, offsets, ball, bits: int, k: int, n: int, block: int,
+                    route: str):
+    from onnxscript.values import Opset
+
+    op = _op()
+    stages = _e8_digits_onnx(op, qweight, magnitudes, signs, offsets, ball, bits)
+    mults = e8p.DIGIT_MULTIPLIERS[bits]
+    if route == "fold":  # a float weight, folded at load; standard ops only
+        w = None
+        for d, m in zip(stages, mults):
+            t = op.Mul(op.Sub(op.Cast(d, to=FLOAT), _const(op, np.array(e8p.DIGIT_ZERO, np.float32))),
+                       _const(op, np.array(m, np.float32)))
+            w = t if w is None else op.Add(w, t)
+        w = op.Mul(op.Reshape(w, _ints(op, [n, k])), op.Cast(scales, to=FLOAT))
+        return op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+    msft = Opset("com.microsoft", 1)
+    blocks = -(-k // block)
+    kp = blocks * block
+    zero = op.Expand(_const(op, np.array(e8p.DIGIT_ZERO, np.float32)), _ints(op, [n * blocks]))
+    y = None
+    for d, m in zip(stages, mults):
+        u = op.Cast(op.Reshape(d, _ints(op, [n, k])), to=UINT8)
+        if kp != k:  # MatMulNBits reads K columns; the padding is never used
+            u = op.Pad(u, _ints(op, [0, 0, 0, kp - k]), _const(op, np.array(8, np.uint8)))
+        s = _block_scales(op, scales, n, 1, blocks, m, transpose=False)
+        t = msft.MatMulNBits(x, _pack4_onnx(op, u, n, block), s, zero, K=k, N=n, bits=4, block_size=block)
+        y = t if y is None else op.Add(y, t)
+    return y
+
+
 # ----------------------------------------------------------------------------- FP4
 
 
@@ -442,4 +526,5 @@ TRANSLATIONS = {
     torch.ops.lowbit_onnx.rotate.default: _rotate_onnx,
     torch.ops.lowbit_onnx.int_matmul.default: _int_matmul_onnx,
     torch.ops.lowbit_onnx.fp4_matmul.default: _fp4_matmul_onnx,
+    torch.ops.lowbit_onnx.e8_matmul.default: _e8_matmul_onnx,
 }

@@ -462,3 +462,59 @@ def int4_digits(codes: torch.Tensor, fmt: E8Format) -> torch.Tensor:
         per_stage = [decode(codes[..., 0])] + ([decode(codes[..., 1])] if fmt.stages == 2 else [])
         digits = torch.stack([(2 * c + DIGIT_ZERO).reshape(rows, -1) for c in per_stage])
     return digits.to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- digits from the code bytes, by tables
+
+@dataclass(frozen=True)
+class DigitTables:
+    """Small int8 tables that give an E8P code's 4-bit digits from its two bytes (lo = code & 0xFF, hi = code >> 8)
+    with two gathers, a product and a sum, the decode formula of the module docstring rearranged for graphs without
+    bit counts (exporters: ONNX, ExecuTorch):
+
+        digit = magnitudes[hi] ⊙ signs[lo] + offsets[lo]          (= 2·C + 7.5, an integer in [2, 13])
+
+    magnitudes[hi] = 2·abs_grid[hi] (1, 3 or 5) with coordinate 0 negated where abs_parity[hi] is odd; signs[lo] = ±1
+    from bits 1..7 of lo, coordinate 0 (−1)^popcount(lo & 0xFE) (the parity's sign-bit half); offsets[lo] = 7 + (lo & 1)
+    (the ±¼ shift, doubled, plus 7.5). The 1-bit residual codebook of 3 bits (`e8_ball`) doubled: `ball`, integers in
+    [-4, 4] (3 bits: 4C₁ + 2C₂ + 15 = 2·digit₁ + ball[c₂], see int4_digits). 4.3 KB in all."""
+
+    magnitudes: torch.Tensor  # int8 (256, 8)
+    signs: torch.Tensor  # int8 (256, 8)
+    offsets: torch.Tensor  # int8 (256,)
+    ball: torch.Tensor  # int8 (256, 8)
+
+
+@cache
+def digit_tables() -> DigitTables:
+    """The tables of `DigitTables` (cached: do not modify)."""
+    mags = (2 * abs_grid()).to(torch.int8)
+    mags[:, 0] *= (1 - 2 * abs_parity()).to(torch.int8)
+    lo = torch.arange(256)
+    neg = (lo[:, None] >> torch.arange(DIM)) & 1
+    neg[:, 0] = neg[:, 1:].sum(dim=-1) & 1
+    signs = (1 - 2 * neg).to(torch.int8)
+    offsets = (7 + (lo & 1)).to(torch.int8)
+    return DigitTables(mags, signs, offsets, (2 * e8_ball()).to(torch.int8))
+
+
+def digits_from_bytes(packed: torch.Tensor, fmt: E8Format, tables: DigitTables | None = None) -> torch.Tensor:
+    """`int4_digits` computed the way the exported graphs do, from `pack_codes` bytes (rows, groups·bytes_per_group)
+    through `digit_tables()`: uint8 digits (stages, rows, groups·8), equal to int4_digits(unpack_codes(packed))."""
+    t = digit_tables() if tables is None else tables
+    rows = packed.shape[0]
+    b = packed.reshape(rows, -1, fmt.bytes_per_group).to(torch.int64)
+
+    def e8p_digits(lo, hi):
+        return t.magnitudes[hi].to(torch.int32) * t.signs[lo].to(torch.int32) + t.offsets[lo].to(torch.int32)[..., None]
+
+    d1 = e8p_digits(b[..., 0], b[..., 1])
+    if fmt.bits == 2:
+        stages = [d1]
+    elif fmt.bits == 3:
+        v = 2 * d1 + t.ball[b[..., 2]].to(torch.int32)
+        first = v.clamp(max=15)
+        stages = [first, v - first]
+    else:
+        stages = [d1, e8p_digits(b[..., 2], b[..., 3])]
+    return torch.stack([d.reshape(rows, -1) for d in stages]).to(torch.uint8)

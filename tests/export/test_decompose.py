@@ -260,3 +260,58 @@ def test_a_tied_head_reads_its_embeddings_table_at_load():
     ck = lb.quantize(untied, "w4", None, overrides={"model.embed_tokens": "w4-rtn-g32", "lm_head": "w4-rtn-g32"},
                      progress=False)
     assert decompose_lowbit_linears(swap_linears(untied, ck.records), "xnnpack-load")["lm_head"] == "xnnpack-int4"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_e8_packed_linear_decodes_the_records_weight_exactly(bits):
+    """E8PackedLinear's in-graph decode (int8 digit tables through index_select) gives the record's rotated weight
+    bit for bit, and its forward the reference op's outputs to float rounding, fine-tuned sign vectors included
+    (stored as float16: exact)."""
+    from tinymodels import e8_records
+
+    from lowbit_compile.export.decompose import E8PackedLinear
+    from lowbit_compile.nn import LowbitLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 24)
+    rec = e8_records(torch.nn.Sequential(lin), bits, tuned=("0",))["0"]
+    ref = LowbitLinear(rec, lin.bias)
+    mod = E8PackedLinear(ref)
+    assert torch.equal(mod.dequantized(), rec.rotated_weight())
+    assert mod.su.dtype == torch.float16 and torch.equal(mod.su.float(), rec.su)
+    x = torch.randn(3, 5, 40)
+    with torch.no_grad():
+        assert torch.allclose(mod(x), ref(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_e8_int4_linear_and_its_load_time_weights(bits):
+    """E8Int4Linear (routes e8-xnnpack-int4[-load]): per stage the digits − 8 as int4 codes with scales m·s, plus the
+    rank-one ½·m·s term, equal the record's weight exactly (in float, without the int8 activation rounding); its
+    eager forward (int8 activations simulated) is within RTOL_INT8_ACTIVATIONS of the reference; LoadTimeWeights
+    rebuilds exactly the XNNPACK bytes (codes + 8, two per byte, low nibble first) and scales from the E8 code bytes."""
+    from tinymodels import e8_records
+
+    from lowbit_compile.export.decompose import E8Int4Linear, load_time_weights
+    from lowbit_compile.export.executorch import RTOL_INT8_ACTIVATIONS
+    from lowbit_compile.nn import LowbitLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 24)
+    rec = e8_records(torch.nn.Sequential(lin), bits, tuned=("0",))["0"]
+    ref = LowbitLinear(rec, lin.bias)
+    mod = E8Int4Linear(ref, at_load=True)
+    w = sum(getattr(mod, f"codes{k}").float() * getattr(mod, f"channel_scales{k}")[:, None]
+            for k in range(mod.stages)) + mod.half_sum * rec.scales.float()
+    assert torch.equal(w, rec.rotated_weight())
+    x = torch.randn(4, 40)
+    with torch.no_grad():
+        r = ref(x)
+        assert float((mod(x) - r).abs().max()) <= RTOL_INT8_ACTIVATIONS * float(r.abs().max())
+    model = torch.nn.Sequential(mod)
+    outs = load_time_weights(model)()
+    assert len(outs) == 2 * mod.stages
+    for k in range(mod.stages):
+        nib = (getattr(mod, f"codes{k}").to(torch.int16) + 8).to(torch.uint8).reshape(24, -1, 2)
+        assert torch.equal(outs[2 * k], nib[..., 0] | (nib[..., 1] << 4))
+        assert torch.equal(outs[2 * k + 1], getattr(mod, f"channel_scales{k}"))

@@ -26,7 +26,9 @@ from pte_support import (  # noqa: E402
     expected_route,
     matches,
     mlp,
+    outputs,
     quantize_all,
+    quantized_model,
     reference_outputs,
     short_fp4_search,
 )
@@ -312,13 +314,15 @@ def mlp_fp32_bytes(tmp_path_factory):
 
 
 @pytest.mark.parametrize("recipe,bits,int4", [("w2", 2, "xnnpack"), ("w3", 3, "xnnpack"), ("w4", 4, "xnnpack"),
-                                             ("fp4", 4, "xnnpack"), ("w2", 2, "xnnpack-load")])
+                                             ("fp4", 4, "xnnpack"), ("w2", 2, "xnnpack-load"),
+                                             ("w2-e8", 2, "xnnpack"), ("w2-e8", 2, "xnnpack-load")])
 def test_pte_bits_per_quantized_weight(recipe, bits, int4, mlp_fp32_bytes, tmp_path):
     """File cost per quantized weight, measured against the fp32 file of the same model:
     bits = 32 − 8·(fp32 bytes − quantized bytes) / quantized weights. Everything the quantized file adds
     (codes, scales, sign vectors, Hadamard blocks, FP4 tables, the unpack instructions, the weights method) is
     charged to the weights. fp4 (W4A4, from lb.quantize) goes through lb.export with its Checkpoint. 2-bit codes
-    widened at load cost what packed ones do: at most 2.3 bits."""
+    widened at load cost what packed ones do: at most 2.3 bits. w2-e8: the E8 code bytes (2 per 8 weights), row
+    scales, sign bits and the 4.3 KB digit tables."""
     model = mlp()
     x = (torch.randn(2, 4, 512),)
     if recipe == "fp4":
@@ -329,6 +333,12 @@ def test_pte_bits_per_quantized_weight(recipe, bits, int4, mlp_fp32_bytes, tmp_p
         assert set(res.routes.values()) == {"fp4-a4"} and len(res.dynamic_dims) == 2
         for x2 in (torch.randn(2, 4, 512), torch.randn(3, 9, 512)):
             assert matches(run_pte(res.path, (x2,)), model, records, (x2,), RTOL_FLOAT)
+    elif recipe == "w2-e8":
+        from tinymodels import e8_records
+
+        records = e8_records(model, 2)
+        res = export_pte(model, records, x, tmp_path / "mlp.pte", dynamic_shapes=None, int4=int4)
+        assert set(res.routes.values()) == {"e8-packed" if int4 == "xnnpack" else "e8-xnnpack-int4-load"}
     else:
         records = quantize_all(model, recipe)
         res = export_pte(model, records, x, tmp_path / "mlp.pte", dynamic_shapes=None, int4=int4)
@@ -336,8 +346,11 @@ def test_pte_bits_per_quantized_weight(recipe, bits, int4, mlp_fp32_bytes, tmp_p
     n = sum(r.in_features * r.out_features for r in records.values())
     file_bits = 32 - 8 * (mlp_fp32_bytes - res.nbytes) / n
     stored_bits = sum(r.bits_per_weight() * r.in_features * r.out_features for r in records.values()) / n
-    assert bits <= stored_bits < file_bits < bits + 0.3, (file_bits, stored_bits)
-    if int4 == "xnnpack-load":
+    # E8 at load adds the 4.3 KB digit tables and a float32 row of ones per input width (the rank-one term's Σx'),
+    # once per file / width: 0.06 bits on this 2-layer MLP (measured 2.34 against 2.28 packed; MiniLM: 2.24)
+    limit = bits + (0.4 if recipe == "w2-e8" and int4 == "xnnpack-load" else 0.3)
+    assert bits <= stored_bits < file_bits < limit, (file_bits, stored_bits)
+    if int4 == "xnnpack-load" and recipe == "w2":
         assert res.routes == {"0": "xnnpack-int4-load", "2": "xnnpack-int4-load"} and file_bits <= 2.3
         assert res.file_bits_per_quantized_weight <= 2.35  # the whole file, biases and program included
 
@@ -525,3 +538,42 @@ def test_a_tied_head_rebuilt_at_load_stores_the_table_once(tied_llama, tmp_path)
         got = run_pte(res.path, [other])
         assert torch.equal(got[0], run_pte(both.path, [other])[0])
         assert max_rel_error(got, reference_outputs(model, ck.records, (other,))) <= RTOL_INT8_ACTIVATIONS
+
+
+# ----------------------------------------------------------------------------- E8 lattice codes
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_e8_records_export_to_pte_and_match(bits, tmp_path):
+    """E8 records (w2/w3/w4-e8; layer 2 with fine-tuned sign vectors) take route e8-packed: the file holds the code
+    bytes, the program decodes them through the digit tables (index_select on the portable kernels) and matches the
+    PyTorch quantized model to float rounding (measured ≤ 1e-6) at the example's and other batch sizes."""
+    from tinymodels import e8_records
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.GELU(), torch.nn.Linear(24, 56)).eval()
+    records = e8_records(model, bits, tuned=("2",))
+    res = export_pte(model, records, (torch.randn(2, 40),), tmp_path / "e8.pte")
+    assert res.routes == {"0": "e8-packed", "2": "e8-packed"} and res.rtol == RTOL_FLOAT and res.error <= 1e-5
+    assert res.portable_ops.get(TABLE_OP, 0) == 2 * {2: 3, 3: 4, 4: 6}[bits]  # per layer and E8P stage: 3 gathers
+    for x in (torch.randn(1, 40), torch.randn(5, 40)):
+        assert max_rel_error(run_pte(res.path, (x,)), outputs(quantized_model(model, records), (x,))) <= 1e-5
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_e8_records_on_xnnpacks_int4_kernel_rebuilt_at_load(bits, tmp_path):
+    """int4="xnnpack-load": E8 layers run XNNPACK's int4 kernel, one product per E8 stage plus the rank-one
+    correction, their int4 weights rebuilt at load from the E8 code bytes by the lowbit_weights method (left out of
+    the file, checked byte for byte at export). Measured: 0.5 % (2 bits) and 0.9 % (3 bits) against the reference
+    (int8 activations), ~2e-7 against the int8-simulated model."""
+    from tinymodels import e8_records
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.GELU(), torch.nn.Linear(24, 56)).eval()
+    records = e8_records(model, bits, tuned=("2",))
+    res = export_pte(model, records, (torch.randn(2, 40),), tmp_path / "e8.pte", int4="xnnpack-load")
+    assert res.routes == {"0": "e8-xnnpack-int4-load", "2": "e8-xnnpack-int4-load"}
+    assert res.weights_method == WEIGHTS_METHOD and res.rtol == RTOL_INT8_ACTIVATIONS and res.delegates >= 1
+    assert res.error <= 0.03 and res.error_vs_simulated <= 1e-5
+    x = torch.randn(5, 40)
+    assert max_rel_error(run_pte(res.path, (x,)), outputs(quantized_model(model, records), (x,))) <= 0.03

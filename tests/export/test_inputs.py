@@ -103,13 +103,21 @@ def test_a_2d_mlp_exports_to_onnx_with_default_arguments(mlp_records, batch, tmp
 
 
 @pytest.mark.parametrize("suffix", [".pte", ".onnx"])
-def test_an_e8_record_is_refused_by_both_exporters_with_what_to_do(suffix, tmp_path):
-    """E8 records have no export route yet: a clear error before any work, not integer codes misread."""
+def test_a_record_kind_without_a_route_is_refused_by_both_exporters_with_what_to_do(suffix, tmp_path):
+    """A record kind no exporter has a route for: a clear error before any work, not integer codes misread."""
+    import dataclasses
+
     import lowbit_compile as lb
+    from lowbit_compile.quantize.records import QuantizedLinear
+
+    @dataclasses.dataclass
+    class VectorQuantized(QuantizedLinear):
+        kind = "vq"
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
-    records = lb.quantize(model, "w2-e8", [torch.randn(16, 64)], progress=False).records
-    with pytest.raises(lb.LowbitError, match=r"1 layer\(s\) \(0\) hold e8 records.*'w2-quip' instead of 'w2-e8'"):
+    rec = quantize_weight("0", model[0].weight, parse_spec("w2"))
+    records = {"0": VectorQuantized(**{f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)})}
+    with pytest.raises(lb.LowbitError, match=r"1 layer\(s\) \(0\) hold vq records.*export int, fp4, e8 records"):
         lb.export(model, records, (torch.randn(2, 64),), tmp_path / f"m{suffix}")
     assert not (tmp_path / f"m{suffix}").exists()
