@@ -29,6 +29,7 @@ import torch
 from .errors import LowbitError
 
 SAMPLE_TOKENS = 512  # rows of input kept per accumulator for the FP4 search
+EXCHANGE_BYTES = 256 << 20  # products one rank holds before the ranks exchange them (Shard.every)
 SAMPLE_SEED = 0
 
 
@@ -48,6 +49,7 @@ class HessianAccumulator:
         self.deferred = deferred
         self.sample_size = 0 if deferred else sample_size
         self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (x xᵀ, max |x|, rows) per call
+        self.rounds: list[tuple[int, list]] = []  # (round, its pending calls) not exchanged yet
         self._sample = torch.empty(0, n, dtype=torch.float32)
         self._gen = torch.Generator().manual_seed(SAMPLE_SEED)
 
@@ -132,10 +134,11 @@ class Shard:
     `order` is the fold order of the batches: their indices, largest first (tokens, then index) when `balance`
     is set (a recipe whose calibration may be split: distributed.shard), else 0, 1, 2, ... Position p of that order
     is in round p // world; within a round the positions go to the ranks in turn, reversed every other round (a
-    snake: 0, 1, 1, 0, ... for two ranks), so that each rank gets a fair share of the tokens. After each round the
-    ranks exchange their batches' products (`exchange`) and every rank adds them in position order -- the order in
-    which one process runs and adds them with the same `balance`: the Hessians of one process, byte for byte. One
-    process runs every batch in that order and exchanges nothing. `over(batches)` fixes the order for a batch list."""
+    snake: 0, 1, 1, 0, ... for two ranks), so that each rank gets a fair share of the tokens. Every few rounds
+    (`every`) the ranks exchange their batches' products (`exchange`) and every rank adds them in position order --
+    the order in which one process runs and adds them with the same `balance`: the Hessians of one process, byte for
+    byte. One process runs every batch in that order and exchanges nothing. `over(batches)` fixes the order for a
+    batch list."""
 
     rank: int = 0
     world: int = 1
@@ -166,35 +169,51 @@ class Shard:
         """The batch index of this rank's j-th batch (its batch of round j)."""
         return self.order[self._positions()[j]]
 
-    def exchange(self, accs: dict[str, HessianAccumulator], share: dict[str, str], j: int, what: str) -> None:
-        """Every rank's pending products of round j added, in position order, to every rank's accumulators;
-        accumulators and input sharing that only other ranks met are taken over. The small things (which products,
-        max |x|, rows) travel as objects, the float64 products as tensors (a broadcast each: no pickling)."""
+    def every(self, linears: Mapping[str, torch.nn.Linear]) -> int:
+        """Rounds between two exchanges for these linears: as many as keep one rank's products under
+        EXCHANGE_BYTES (at most one x xᵀ per linear and round), so that a rank rarely waits for a slower one's batch
+        and memory stays bounded."""
+        per_round = sum(8 * lin.in_features ** 2 for lin in linears.values())
+        return max(1, EXCHANGE_BYTES // max(per_round, 1))
+
+    def exchange(self, accs: dict[str, HessianAccumulator], share: dict[str, str], j: int, what: str,
+                 every: int = 1) -> None:
+        """Close round j; after every `every` rounds and after the last, every rank's products of those rounds added,
+        in position order (then call order), to every rank's accumulators; accumulators and input sharing that only
+        other ranks met are taken over. The small things (which products, max |x|, rows) travel as objects, the
+        float64 products as tensors (a broadcast each: no pickling)."""
         if self.world == 1:
             return
         from . import distributed
 
-        meta = {k: (a.n, [(amax, rows) for _, amax, rows in a.pending]) for k, a in accs.items() if a.pending}
+        for a in accs.values():
+            if a.pending:
+                a.rounds.append((j, a.pending))
+                a.pending = []
+        if (j + 1) % every and j != self.rounds() - 1:
+            return
+        meta = {k: (a.n, [(jj, [(amax, rows) for _, amax, rows in calls]) for jj, calls in a.rounds])
+                for k, a in accs.items() if a.rounds}
         gathered = distributed.exchange((dict(share), meta), what)
         for other_share, _ in gathered:
             for fqn, owner in other_share.items():
                 share.setdefault(fqn, owner)
-        ranks = [self._owner(p) for p in range(j * self.world, min((j + 1) * self.world, len(self.order)))]
         for key in sorted({k for _, m in gathered for k in m}):
-            for r in ranks:
-                m = gathered[r][1]
-                if key not in m:
-                    continue
-                n, parts = m[key]
-                if key not in accs:
+            calls = []  # (position, call, rank, round index in the rank's list, amax, rows)
+            for r, (_, m) in enumerate(gathered):
+                n, by_round = m.get(key, (0, []))
+                for q, (jj, parts) in enumerate(by_round):
+                    slot = r if jj % 2 == 0 else self.world - 1 - r
+                    calls += [(jj * self.world + slot, i, r, q, amax, rows) for i, (amax, rows) in enumerate(parts)]
+                if n and key not in accs:
                     accs[key] = HessianAccumulator(n, key, deferred=True)
-                acc = accs[key]
-                for i, (amax, rows) in enumerate(parts):
-                    xx = acc.pending[i][0] if r == self.rank else torch.empty(n, n, dtype=torch.float64)
-                    distributed.broadcast(xx, r, what)
-                    acc.fold([(xx, amax, rows)])
+            acc = accs[key]
+            for _, i, r, q, amax, rows in sorted(calls, key=lambda c: (c[0], c[1])):
+                xx = acc.rounds[q][1][i][0] if r == self.rank else torch.empty(acc.n, acc.n, dtype=torch.float64)
+                distributed.broadcast(xx, r, what)
+                acc.fold([(xx, amax, rows)])
         for a in accs.values():
-            a.pending = []
+            a.rounds = []
 
     def in_order(self, local: list, what: str) -> list:
         """Per-batch values, this rank's in the order it ran its batches, as one list in position order (every
@@ -532,8 +551,9 @@ def calibrate_blocks(
         handles.append(blocks[0].register_forward_pre_hook(capture, with_kwargs=True))
         handles += [b.register_forward_hook(check_output(p), with_kwargs=True) for p, b in zip(prefixes, blocks)]
     try:
-        with torch.no_grad(), _no_cache(model), \
-                _observing(model, {} if streaming else outside, accs, deferred) as share:
+        observed = {} if streaming else outside
+        every = shard.every(observed)
+        with torch.no_grad(), _no_cache(model), _observing(model, observed, accs, deferred) as share:
             for j in tqdm(range(shard.rounds()), desc="calibration: float pass", disable=not progress,
                           leave=False):
                 if j < len(local):
@@ -547,7 +567,7 @@ def calibrate_blocks(
                         if bad is None:
                             raise
                         raise LowbitError(f"{bad}; clean the calibration data (it reached {e})") from None
-                shard.exchange(accs, share, j, "the statistics of the float pass")
+                shard.exchange(accs, share, j, "the statistics of the float pass", every)
     finally:
         for h in handles:
             h.remove()
@@ -586,7 +606,7 @@ def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential
                 if j < len(stored):
                     args, kwargs = stored[j]
                     outputs.append(_first(block(*args, **kwargs)))
-                shard.exchange(accs, share, j, f"the statistics of {prefix}")
+                shard.exchange(accs, share, j, f"the statistics of {prefix}", shard.every(linears))
         deq = quantize_layers(linears, _stats(share, accs))
     elif not (sequential and deq):  # finished earlier: only the block's float outputs are needed
         with torch.no_grad():
@@ -636,7 +656,7 @@ def _replayed_stats(model, blocks_name: str, outputs: list, batches: list, outsi
                 if j < len(batches):
                     current[0] = j
                     _run(model, batches[j], shard.index(j))
-                shard.exchange(accs, share, j, "the statistics of the linears outside the blocks")
+                shard.exchange(accs, share, j, "the statistics of the linears outside the blocks", shard.every(outside))
     finally:
         for i, b in enumerate(saved):
             layers[i] = b
