@@ -13,9 +13,9 @@ record is made by the same function from the same weight, Hessian and seed, wher
     if distributed.rank() == 0:
         ckpt.save("out/")
 
-The calibration batches are split too (calibrate.Shard): largest first, dealt out to the ranks in turn, and after
-each round of N batches the ranks exchange the x xᵀ products of their batches, which every rank adds in that order
--- the order one process runs and adds them in, so the Hessians are the same bytes. Not split: recipes with FP4
+The calibration batches are split too (calibrate.Shard): largest first, dealt out to the ranks in turn; every few
+rounds the ranks exchange the x xᵀ products of their batches, which every rank adds in that order -- the order one
+process runs and adds them in, so the Hessians are the same bytes. Not split: recipes with FP4
 layers (their search reads a sample of every layer's input tokens, drawn in token order) and block fine-tuning (-ft:
 each block is fitted to the outputs of all batches); there every rank runs every batch. FP4 layers that share an
 input (one group) stay on one rank. Only rank 0 logs, shows progress and writes the work_dir; a resumed run reads it

@@ -116,8 +116,9 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
         layers = [Layer(fqn, lin.weight, stats.get(fqn), getattr(stats.get(fqn), "owner", "") or fqn)
                   for fqn, lin in linears.items()]
         unit = unit_of.get(next(iter(linears), ""), "")
-        rows = distributed.quantize_linears(layers, rec, on_record=unit_records.__setitem__, unit=unit)  # core's, or
-        # split over ranks; then what the next blocks see when calibrating sequentially (each weight rebuilt once)
+        # core's, or split over ranks; then what the next blocks see when calibrating sequentially (each weight
+        # rebuilt once, by the rank that quantized it)
+        rows = distributed.quantize_linears(layers, rec, on_record=unit_records.__setitem__, unit=unit)
         deq.update(distributed.replacements(layers, unit_records, lambda f, r: _replacement(r, linears[f]),
                                             is_tensor=_replaced_by_weight, unit=unit))
         unit_plan += [_plan_entry(row, stats.get(row.fqn)) for row in rows]
