@@ -5,10 +5,10 @@ Each accumulator also keeps a bounded, deterministic sample of input tokens (`SA
 sampling with a fixed seed): the FP4 search evaluates the layer-output error on real activations, which a
 second moment alone cannot give (activation rounding is not a function of H).
 
-Summation order: each call's x xᵀ is formed on its own (one float64 GEMM) and added to the running sum, calls in
-batch order. That fixed order is what lets several processes split the batches (`Shard`): each rank forms the
-products of its own batches, and every rank adds all of them in batch order after each round, so the Hessians,
-and the checkpoint, are the one-process ones byte for byte.
+Summation order: each call's x xᵀ is formed on its own (one float64 GEMM) and added to the running sum, in one
+fixed order of the batches (`Shard.order`). That fixed order is what lets several processes split the batches: each
+rank forms the products of its own batches, and every rank adds all of them in that order after an exchange, so the
+Hessians, and the checkpoint, are the one-process ones byte for byte.
 
 Streaming, block by block (GPTQ/QuIP practice): the inputs of the first repeated block are captured once;
 then each block in turn is run on the stored boundary activations to collect its linears' Hessians, the
@@ -38,7 +38,7 @@ class HessianAccumulator:
     `sample_size` input rows (float32), the same rows for the same data in the same order.
 
     `deferred=True` (calibration split over processes, see `Shard`): `add` only forms the call's x xᵀ and keeps it
-    in `pending`; `fold` adds pending products, its own and the other ranks', in batch order. No sample is kept then
+    in `pending`; `fold` adds pending products, its own and the other ranks', in the fold order. No sample is kept then
     (a sample needs every token in order; recipes that use it do not split their calibration)."""
 
     def __init__(self, n: int, name: str = "", sample_size: int = SAMPLE_TOKENS, deferred: bool = False):
@@ -72,7 +72,7 @@ class HessianAccumulator:
         self.fold([part])
 
     def fold(self, parts) -> None:
-        """Add calls' (x xᵀ, max |x|, rows), in the order given (the batches' order)."""
+        """Add calls' (x xᵀ, max |x|, rows), in the order given (the fold order)."""
         for xx, amax, rows in parts:
             self.sum.add_(xx)
             self.absmax = torch.maximum(self.absmax, amax)
@@ -155,8 +155,12 @@ class Shard:
         j, slot = divmod(p, self.world)
         return slot if j % 2 == 0 else self.world - 1 - slot
 
+    def _position(self, rank: int, j: int) -> int:
+        """Where rank's batch of round j is in the order (the snake is its own inverse: slot ↔ rank)."""
+        return j * self.world + self._owner(j * self.world + rank)
+
     def _positions(self) -> list[int]:
-        return [p for p in range(len(self.order)) if self._owner(p) == self.rank]
+        return [p for p in (self._position(self.rank, j) for j in range(self.rounds())) if p < len(self.order)]
 
     def mine(self, items: list) -> list:
         """This rank's items (one per batch, in the batches' order) in the order it runs them."""
@@ -203,8 +207,8 @@ class Shard:
             for r, (_, m) in enumerate(gathered):
                 n, by_round = m.get(key, (0, []))
                 for q, (jj, parts) in enumerate(by_round):
-                    slot = r if jj % 2 == 0 else self.world - 1 - r
-                    calls += [(jj * self.world + slot, i, r, q, amax, rows) for i, (amax, rows) in enumerate(parts)]
+                    p = self._position(r, jj)
+                    calls += [(p, i, r, q, amax, rows) for i, (amax, rows) in enumerate(parts)]
                 if n and key not in accs:
                     accs[key] = HessianAccumulator(n, key, deferred=True)
             acc = accs[key]
@@ -511,7 +515,7 @@ def calibrate_blocks(
     tensors the in-memory float pass gives them.
 
     `shard` (several processes, see `Shard`): this process runs only its share of the batches, the statistics are
-    exchanged after each round, and every process calls `quantize_layers` with the statistics of all batches."""
+    exchanged every few rounds, and every process calls `quantize_layers` with the statistics of all batches."""
     from tqdm.auto import tqdm
 
     batches = as_batches(calibration)
