@@ -65,6 +65,7 @@ def test_record_weight_is_the_decoded_codes_times_scales_in_the_rotated_basis():
 
 
 def test_opcheck_and_input_gradients():
+    torch.manual_seed(0)  # the inputs below: not whatever the tests before left in the global generator
     rec = _record(2, (48, 96))
     for bias in (None, torch.randn(48)):
         for x in (torch.randn(2, 3, 96), torch.randn(4, 96, requires_grad=True)):
@@ -76,7 +77,11 @@ def test_opcheck_and_input_gradients():
     b = torch.randn(48, requires_grad=True)
     _call(rec, x, b).pow(2).sum().backward()
     torch.nn.functional.linear(x2, rec.dequantized_weight(), b.detach()).pow(2).sum().backward()
-    assert torch.allclose(x.grad, x2.grad, atol=1e-4) and b.grad is not None
+    # the op's backward rotates the gradient (butterflies) where the reference multiplies by the dense weight: float32
+    # rounding in another order, so the error is relative to the gradient's scale (entries up to a few hundred here;
+    # at most 7e-7 of the largest over 40 seeds), as the exporters compare outputs; a wrong code or sign is O(1)
+    assert (x.grad - x2.grad).abs().max() <= 1e-4 + 1e-5 * x2.grad.abs().max()
+    assert b.grad is not None
 
 
 def test_swap_linears_builds_a_reference_module_for_e8_records():
