@@ -1,6 +1,6 @@
 """Every example runs: the scripts in examples/ and the ```python blocks of README.md and docs/*.md.
 
-Each runs in a fresh interpreter in a temporary folder. The MiniLM examples run on the model's first 2 layers
+Each runs in a fresh interpreter in a temporary folder. The MiniLM examples run on the model's first layer
 (LOWBIT_EXAMPLES_SMALL=1, a switch the scripts show); the Markdown blocks of one file run in order as one
 script, as a reader would paste them."""
 

@@ -1,7 +1,7 @@
 """ExecuTorch export of E8 lattice-code records (apart from test_executorch.py so that the two test workers share the
 exports' time): route e8-packed (codes decoded in the program) and e8-xnnpack-int4-load (int4 digits rebuilt at load).
-Their file sizes are in test_executorch.py::test_pte_bits_per_quantized_weight; the decode of every code at 2/3/4
-bits in tests/formats/test_e8p.py and tests/export/test_decompose.py."""
+Their file sizes are in test_executorch_modules.py::test_pte_bits_per_quantized_weight; the decode of every code at
+2/3/4 bits in tests/formats/test_e8p.py and tests/export/test_decompose.py."""
 
 from __future__ import annotations
 
