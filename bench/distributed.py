@@ -11,7 +11,11 @@ lb.quantize per rank (time.process_time) say what the speed-up would be on idle 
 one process's CPU time over the busiest rank's (waiting in an exchange costs no CPU). --smollm2-blocks N keeps the
 first N of SmolLM2's 30 decoder blocks (both runs the same model; a ratio, not an extrapolation).
 
-    python -m bench.distributed [--models minilm,smollm2] [--recipe w2-quip] [--smollm2-blocks N] [--doc]
+--repeat K runs the pair K times, one process and N processes in turn (the machine's drift hits both alike), and
+reports the median of each, with the range of the speed-ups: on this shared 2-core machine single runs of MiniLM
+spread by ±8 %.
+
+    python -m bench.distributed [--models minilm,smollm2] [--recipe w2-quip] [--smollm2-blocks N] [--repeat K] [--doc]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,6 +106,14 @@ def run(kind: str, recipe: str, nproc: int, blocks: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _median(runs: list[dict]) -> dict:
+    """The run of median lb.quantize seconds (its CPU and whole-command figures with it)."""
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2] if len(runs) % 2 else {
+        **runs[0], "seconds": statistics.median(r["seconds"] for r in runs),
+        "whole": statistics.median(r["whole"] for r in runs),
+        "cpu": [statistics.median(c) for c in zip(*(r["cpu"] for r in runs))]}
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(prog="python -m bench.distributed", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="minilm,smollm2")
@@ -108,6 +121,7 @@ def main(argv=None) -> str:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--smollm2-blocks", type=int, default=0, help="keep the first N decoder blocks (0: all 30)")
     ap.add_argument("--quick", action="store_true", help="MiniLM only")
+    ap.add_argument("--repeat", type=int, default=1, help="run the pair K times, in turn; medians")
     ap.add_argument("--doc", action="store_true", help="also update docs/benchmarks.md")
     args = ap.parse_args(argv)
     models = ["minilm"] if args.quick else args.models.split(",")
@@ -115,20 +129,26 @@ def main(argv=None) -> str:
     rows = []
     for kind in models:
         blocks = args.smollm2_blocks if kind == "smollm2" else 0
-        one = run(kind, args.recipe, 1, blocks)
-        print(kind, "1 process", one, flush=True)
-        many = run(kind, args.recipe, args.nproc, blocks)
-        print(kind, f"{args.nproc} processes", many, flush=True)
+        ones, manys = [], []
+        for _ in range(max(1, args.repeat)):
+            ones.append(run(kind, args.recipe, 1, blocks))
+            print(kind, "1 process", ones[-1], flush=True)
+            manys.append(run(kind, args.recipe, args.nproc, blocks))
+            print(kind, f"{args.nproc} processes", manys[-1], flush=True)
+        one, many = _median(ones), _median(manys)
+        ratios = sorted(o["seconds"] / m["seconds"] for o, m in zip(ones, manys))
+        spread = f" ({ratios[0]:.2f}–{ratios[-1]:.2f} over {len(ratios)} pairs)" if len(ratios) > 1 else ""
         name = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M"}[kind] + (f" ({blocks} blocks)" if blocks
                                                                                  else "")
         rows.append([name, f"`{args.recipe}`", one["batches"], f"{one['seconds']:.1f}", f"{many['seconds']:.1f}",
-                     f"**{one['seconds'] / many['seconds']:.2f}×**",
+                     f"**{one['seconds'] / many['seconds']:.2f}×**{spread}",
                      f"{one['cpu'][0]:.1f} / {' + '.join(f'{c:.1f}' for c in many['cpu'])}",
                      f"{one['cpu'][0] / max(many['cpu']):.2f}×", f"{one['whole']:.0f} / {many['whole']:.0f}",
-                     "yes" if one["digest"] == many["digest"] else "**no**"])
-    text = [f"`lb.quantize` in one process against {args.nproc} (torchrun, gloo, one thread per rank; {machine()}; "
-            f"{cpu_name()}; {load_average()} at the end). Seconds of lb.quantize alone (rank 0, barrier to barrier), "
-            f"and of the whole command (start-up, model load and saving included).", "",
+                     "yes" if len({r["digest"] for r in ones + manys}) == 1 else "**no**"])
+    runs = f"median of {args.repeat} runs each, in turn; " if args.repeat > 1 else ""
+    text = [f"`lb.quantize` in one process against {args.nproc} ({runs}torchrun, gloo, one thread per rank; "
+            f"{machine()}; {cpu_name()}; {load_average()} at the end). Seconds of lb.quantize alone (rank 0, barrier "
+            f"to barrier), and of the whole command (start-up, model load and saving included).", "",
             markdown_table(["model", "recipe", "batches", "1 process s", f"{args.nproc} processes s", "speed-up",
                             "CPU s (1 / per rank)", "CPU ratio (1 / busiest rank)", "whole command s (1 / N)",
                             "same checkpoint bytes"], rows)]
