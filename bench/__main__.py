@@ -23,7 +23,7 @@ BENCHMARKS = ["bench.quality", "bench.quality_llm", "bench.mixed_precision", "be
               "bench.xnnpack_int4",
               "bench.quantize_time", "bench.distributed", "bench.llm_size", "bench.stream_memory", "bench.export_size",
               "bench.kernels",
-              "bench.ops", "bench.e2e", "bench.native"]
+              "bench.ops", "bench.e2e", "bench.native", "bench.e8_speed"]
 QUICK_ARGS = {"bench.onnx_latency": ["--variants", "w4,w2", "--runs", "5"],  # default: ["--quick"]
               "bench.llm_size": ["--no-export"], "bench.stream_memory": ["--layers", "8"]}
 
