@@ -26,9 +26,17 @@ ROUNDS = {1: 40, 16: 10}
 RECIPES = ("w4", "w2-e8", "w3-e8", "w4-e8")
 
 
+def _e8_reference(rec):
+    """The maker of calls of `lowbit::e8p_linear` (the E8 reference op: decodes the codes every call) on `rec`."""
+    from lowbit_compile import hadamard
+
+    had_in, had_out = hadamard.factor(rec.in_features), hadamard.factor(rec.out_features)
+    args = (rec.qweight, rec.scales, rec.su, rec.sv, had_in, had_out, None, rec.bits, rec.in_features)
+    return lambda x: lambda: torch.ops.lowbit.e8p_linear(x, *args)
+
+
 def _call(rec):
     """(kernel name, zero-argument-callable maker) for a record, on the kernel the backend picks."""
-    from lowbit_compile import hadamard
     from lowbit_compile.kernels import cpu_caps, cpu_native
 
     choice = cpu_caps.choose_for(rec)
@@ -41,9 +49,7 @@ def _call(rec):
         args = cpu.op_args(cpu.packed_for(rec), rec.su, rec.sv, None)
         return "int4pack", lambda x: lambda: torch.ops.lowbit.int4pack_linear(x, *args)
     if getattr(rec, "kind", "int") == "e8":
-        had_in, had_out = hadamard.factor(rec.in_features), hadamard.factor(rec.out_features)
-        args = (rec.qweight, rec.scales, rec.su, rec.sv, had_in, had_out, None, rec.bits, rec.in_features)
-        return "reference e8p_linear", lambda x: lambda: torch.ops.lowbit.e8p_linear(x, *args)
+        return "reference e8p_linear", _e8_reference(rec)
     raise SystemExit(f"bench.e8_speed: {rec.fqn} runs on {choice.kernel} ({choice.reason}); nothing to compare")
 
 
@@ -60,11 +66,7 @@ def run_shape(out_f: int, in_f: int, rows, rounds_div: int) -> list[list]:
         kernels[name], fns[name] = _call(rec)
         bits[name] = rec.bits_per_weight()
         if name == "w2-e8":
-            from lowbit_compile import hadamard
-
-            had_in, had_out = hadamard.factor(in_f), hadamard.factor(out_f)
-            args = (rec.qweight, rec.scales, rec.su, rec.sv, had_in, had_out, None, rec.bits, rec.in_features)
-            fns["w2-e8 reference"] = lambda x, a=args: lambda: torch.ops.lowbit.e8p_linear(x, *a)
+            fns["w2-e8 reference"] = _e8_reference(rec)
             kernels["w2-e8 reference"], bits["w2-e8 reference"] = "reference e8p_linear", bits[name]
     fns = {"float32 F.linear": lambda x: lambda: torch.nn.functional.linear(x, w), **fns}
     kernels["float32 F.linear"], bits["float32 F.linear"] = "aten", 32.0
