@@ -21,7 +21,6 @@ spread by ±8 %.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from lowbit_compile.io import tree_digest
 
 from .common import cpu_name, load_average, machine, markdown_table, publish
 
@@ -71,18 +72,6 @@ if distributed.rank() == 0:
 """
 
 
-def digest(folder: str) -> str:
-    """One sha256 over every file of a checkpoint folder (relative names and bytes)."""
-    h = hashlib.sha256()
-    for root, _, files in sorted(os.walk(folder)):
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            h.update(os.path.relpath(path, folder).encode())
-            with open(path, "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()
-
-
 def run(kind: str, recipe: str, nproc: int, blocks: int) -> dict:
     """One child run: lb.quantize seconds, whole-command seconds, checkpoint digest."""
     work = tempfile.mkdtemp(prefix="lowbit-dist-")
@@ -101,7 +90,7 @@ def run(kind: str, recipe: str, nproc: int, blocks: int) -> dict:
         if proc.returncode or not lines:
             raise RuntimeError(f"{kind} with {nproc} process(es) failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         result = json.loads(lines[-1][len("RESULT "):])
-        return {**result, "whole": whole, "digest": digest(out)}
+        return {**result, "whole": whole, "digest": tree_digest(out)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -153,6 +153,20 @@ def fingerprint(obj) -> str:
     return h.hexdigest()
 
 
+def tree_digest(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file, or of every file under a folder in sorted walk order: each file's name (without its
+    folder, so a temporary directory's random name does not enter) and bytes. Two checkpoint folders or exported
+    files are byte-identical when their digests are."""
+    path = os.fspath(path)
+    h = hashlib.sha256()
+    walk = sorted(os.walk(path)) if os.path.isdir(path) else [(os.path.dirname(path), [], [os.path.basename(path)])]
+    for root, _, files in walk:
+        for f in sorted(files):
+            with open(os.path.join(root, f), "rb") as fh:
+                h.update(f.encode() + b"\0" + fh.read())
+    return h.hexdigest()
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over the model's state dict (names, dtypes, shapes and values)."""
     return fingerprint(dict(model.state_dict(keep_vars=False)))

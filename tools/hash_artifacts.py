@@ -12,7 +12,6 @@ The checkpoint JSON records tool versions, so both runs must use the same enviro
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import tempfile
@@ -52,14 +51,9 @@ def calibration(vocab):
 
 
 def digest(path: str) -> str:
-    h = hashlib.sha256()
-    # file names enter the hash without their folder (a temporary directory's random name must not)
-    for root, _, files in sorted(os.walk(path)) if os.path.isdir(path) else [(os.path.dirname(path), [],
-                                                                               [os.path.basename(path)])]:
-        for f in sorted(files):
-            with open(os.path.join(root, f), "rb") as fh:
-                h.update(f.encode() + b"\0" + fh.read())
-    return h.hexdigest()[:20]
+    from lowbit_compile.io import tree_digest
+
+    return tree_digest(path)[:20]
 
 
 def main() -> None:
