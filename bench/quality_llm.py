@@ -42,6 +42,7 @@ ROWS = [  # (label, recipe or ("torchao", bits))
     ("mixed (QuIP 2/3/4)", "2.5bpw"), ("mixed (QuIP 2/3/4)", "3.25bpw"),
     ("LLM-FP4 W4A16", "w4a16-fp4"), ("LLM-FP4 W4A4", "fp4"), ("LLM-FP4 W4A4 + rotation", "fp4-rot"),
     ("E8 lattice codebook (QuIP#)", "w2-e8"), ("E8 + block fine-tuning", "w2-e8-ft"), ("E8 + residual", "w3-e8"),
+    ("E8 + residual + block fine-tuning", "w3-e8-ft"),
 ]
 QUICK = ["w2-rtn", "w2-quip"]
 

@@ -111,19 +111,29 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
     tuner = BlockTuner.for_recipe(model, rec, progress)  # None unless a layer spec asks for fine-tuning
 
     def quantize_unit(linears, stats):
-        deq, unit_records, unit_plan = {}, {}, []
-
-        layers = [Layer(fqn, lin.weight, stats.get(fqn), getattr(stats.get(fqn), "owner", "") or fqn)
-                  for fqn, lin in linears.items()]
+        unit_records = {}
         unit = unit_of.get(next(iter(linears), ""), "")
-        # core's, or split over ranks; then what the next blocks see when calibrating sequentially (each weight
-        # rebuilt once, by the rank that quantized it)
-        rows = distributed.quantize_linears(layers, rec, on_record=unit_records.__setitem__, unit=unit)
-        deq.update(distributed.replacements(layers, unit_records, lambda f, r: _replacement(r, linears[f]),
-                                            is_tensor=_replaced_by_weight, unit=unit))
-        unit_plan += [_plan_entry(row, stats.get(row.fqn)) for row in rows]
-        if tuner is not None:  # -ft: tune the block's records to its float outputs before the next block sees it
-            deq.update(tuner.tune(rows, deq, unit_plan))
+
+        def quantize_some(linears, stats):
+            layers = [Layer(fqn, lin.weight, stats.get(fqn), getattr(stats.get(fqn), "owner", "") or fqn)
+                      for fqn, lin in linears.items()]
+            # core's, or split over ranks; then what the next blocks see when calibrating sequentially (each weight
+            # rebuilt once, by the rank that quantized it)
+            rows = distributed.quantize_linears(layers, rec, on_record=unit_records.__setitem__, unit=unit)
+            return rows, distributed.replacements(layers, unit_records, lambda f, r: _replacement(r, linears[f]),
+                                                  is_tensor=_replaced_by_weight, unit=unit)
+
+        # -ft: the block's linears group by group, tuned to the block's float outputs between the groups
+        tuned = tuner.quantize_block(linears, stats, quantize_some) if tuner is not None else None
+        finetuned = {}
+        if tuned is None:
+            rows, deq = quantize_some(linears, stats)
+        else:
+            rows, deq, stats, finetuned = tuned
+        unit_plan = [_plan_entry(row, stats.get(row.fqn)) for row in rows]
+        for entry in unit_plan:
+            if entry["fqn"] in finetuned:
+                entry["finetune"] = finetuned[entry["fqn"]]
         records.update(unit_records)
         plan.extend(unit_plan)
         if store is not None and linears and distributed.rank() == 0:

@@ -8,8 +8,10 @@ A recipe string names the default layer spec: ``w{bits}[-{method}][-g{group}][-f
     w2-optq     int2, OPTQ/GPTQ: LDLQ without incoherence (baseline, needs calibration data)
     w2-e8       E8P: incoherence + block LDLQ with QuIP#'s E8 lattice codebook, 8 weights per 16-bit code (needs
                 calibration data; 2, 3 or 4 bits; registered by quantize/layer.py)
-    w2-e8-ft    as w2-e8, then each transformer block's continuous parameters are fine-tuned to the float block's
-                outputs (quantize/finetune.py); -ft applies to methods registered as tunable
+    w2-e8-ft    as w2-e8, but each transformer block is quantized group by group (the linears that read one input),
+                fine-tuning after each group the quantized linears' continuous parameters and the float weights of
+                those still to come to the float model's block outputs (QuIP#; quantize/finetune.py); -ft applies to
+                methods registered as tunable
 and the LLM-FP4 recipes (both need calibration data: the search runs on a sample of each layer's inputs)
     fp4         W4A4: FP4 weights (format and per-row bias searched) and FP4 activations (format and one
                 per-tensor bias searched, per-channel power-of-two exponents folded into the producer)

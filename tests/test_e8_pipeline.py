@@ -105,15 +105,38 @@ def test_fine_tuning_lowers_the_block_output_error_and_keeps_the_codes(llama_e8)
     entries = {p["fqn"]: p for p in tuned.plan}
     first = entries["model.layers.0.self_attn.q_proj"]["finetune"]
     assert first["kept"] and first["error_after"] < first["error_before"]
-    # block 0 sees the same inputs in both runs: the same codes, other scales and sign vectors
-    p, t = plain.records["model.layers.0.mlp.up_proj"], tuned.records["model.layers.0.mlp.up_proj"]
+    # the groups of linears that read one input, in the order they run, one tuning stage after each
+    prefix = "model.layers.0"
+    assert [s["layers"] for s in first["stages"]] == [
+        [f"{prefix}.self_attn.{p}_proj" for p in "qkv"], [f"{prefix}.self_attn.o_proj"],
+        [f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"], [f"{prefix}.mlp.down_proj"]]
+    assert all(s["error_after"] <= s["error_before"] for s in first["stages"])
+    # block 0's first group sees the same inputs and weights in both runs: the same codes, other scales and signs
+    p, t = plain.records[f"{prefix}.self_attn.q_proj"], tuned.records[f"{prefix}.self_attn.q_proj"]
     assert torch.equal(p.qweight, t.qweight) and not torch.equal(p.scales, t.scales)
     assert not torch.equal(p.su, t.su) and torch.equal(p.su.sign(), t.su.sign())
     assert torch.equal(t.su, t.su.half().float()) and t.proxy_loss is None
     assert 2 < t.bits_per_weight() < 2.3  # real sign vectors: 16 bits each
-    prefix = "model.layers.0"
+    # the last group was quantized from weights tuned to make up for the groups before it: other codes
+    down = f"{prefix}.mlp.down_proj"
+    assert not torch.equal(plain.records[down].qweight, tuned.records[down].qweight)
     assert (_block_error(model, tuned.records, prefix, _batches())
             < _block_error(model, plain.records, prefix, _batches()))
+
+
+def test_fine_tuning_leaves_the_users_model_as_it_was():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    saved, finetune.SETTINGS = finetune.SETTINGS, finetune.FinetuneSettings(steps=2, lr=5e-3)
+    try:
+        lb.quantize(model, "w2-e8-ft", _batches(1), progress=False)
+    finally:
+        finetune.SETTINGS = saved
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert all(type(m).__name__ != "_Tuned" for m in model.modules())
 
 
 def test_fine_tuning_is_deterministic(llama_e8, tmp_path):
