@@ -263,6 +263,7 @@ class BlockTuner:
         self.calls: dict[str, list] = {}
         self.float_hidden: list | None = None  # the float model's input of the next block, per call
         self.results: list[BlockResult] = []
+        self.carried: set[str] = set()  # blocks the float hidden states were carried through
         self._depth = 0
         self._handles = []
 
@@ -310,6 +311,18 @@ class BlockTuner:
         self.float_hidden = [t for _, _, t in out]
         return out
 
+    def _catch_up(self, prefix: str) -> None:
+        """Carry the float model's hidden states through the blocks before `prefix` that were not quantized here
+        (a resumed run's finished blocks: calibrate ran them, the hooks recorded their inputs), so that a resumed run
+        tunes to the same targets as an uninterrupted one."""
+        for p, block in self.blocks.items():
+            if p == prefix:
+                return
+            if p not in self.carried and self.calls.get(p):
+                if self.settings.target == "model":
+                    self._float_model_targets(block, self.calls[p])
+                self.carried.add(p)
+
     def quantize_block(self, linears: dict, stats: dict, quantize) -> tuple[list, dict, dict, dict] | None:
         """Quantize a block's `linears` group by group with tuning stages between them (the module docstring), when
         they are one block's and a layer of it asks for fine-tuning; else None (the caller quantizes them as usual).
@@ -320,14 +333,18 @@ class BlockTuner:
         next blocks see (tuned records rebuilt), the statistics each layer was quantized with, and the plan entries'
         "finetune" value per tuned record."""
         prefix = next((p for p in self.blocks if linears and all(f.startswith(p + ".") for f in linears)), None)
-        calls = self.calls.pop(prefix, []) if prefix is not None else []
+        if prefix is None:
+            return None
+        self._catch_up(prefix)
+        calls = self.calls.pop(prefix, [])
         self.calls.clear()  # runs of earlier blocks after their quantization
+        self.carried.add(prefix)
+        block = self.blocks[prefix]
+        if calls and self.settings.target == "model":
+            calls = self._float_model_targets(block, calls)
         specs = {f: self.recipe.spec_for(f)[0] for f in linears}
         if not calls or not any(s is not None and s.finetune for s in specs.values()):
             return None
-        block = self.blocks[prefix]
-        if self.settings.target == "model":
-            calls = self._float_model_targets(block, calls)
         groups = _groups(linears, stats)
         rows_all, deq_all, used, tuned, stages = [], {}, {}, {}, []
         originals = {f: lin.weight.data for f, lin in linears.items()}
