@@ -83,9 +83,15 @@ class CandidateResult:
     weight_error: float  # ||Ŵ − W||_F / ||W||_F
 
 
-def stored_bits(rec) -> int:
-    """A record's exact stored bits (bits_per_weight() is that count over the weight count)."""
-    return round(rec.bits_per_weight() * rec.in_features * rec.out_features)
+def stored_bits(rec, finetune: bool = False) -> int:
+    """A record's exact stored bits (bits_per_weight() is that count over the weight count). `finetune`: as it will
+    be stored once block fine-tuning (-ft, quantize/finetune.py) has made its sign vectors real: 16 bits an entry
+    instead of 1, so a mixed-precision budget of -ft candidates holds for the checkpoint."""
+    bits = round(rec.bits_per_weight() * rec.in_features * rec.out_features)
+    if finetune:
+        bits += 15 * sum(v.numel() for v in (getattr(rec, "su", None), getattr(rec, "sv", None))
+                         if v is not None and bool((v.abs() == 1).all()))
+    return bits
 
 
 def output_energy(w: torch.Tensor, h: torch.Tensor) -> float:
@@ -94,9 +100,9 @@ def output_energy(w: torch.Tensor, h: torch.Tensor) -> float:
     return float(((w @ h.double()) * w).sum())
 
 
-def candidate_result(rec, w: torch.Tensor, hessian: torch.Tensor | None) -> CandidateResult:
-    """Bits and proxy loss of one quantized record. Integer records carry tr(ΔW H ΔWᵀ); for others (FP4,
-    whose own loss is measured differently) and records without one it is computed from the dequantized
+def candidate_result(rec, w: torch.Tensor, hessian: torch.Tensor | None, finetune: bool = False) -> CandidateResult:
+    """Bits (`stored_bits`) and proxy loss of one quantized record. Integer records carry tr(ΔW H ΔWᵀ); for others
+    (FP4, whose own loss is measured differently) and records without one it is computed from the dequantized
     weight, so every candidate is compared in one measure (for W4A4 FP4: the weight error only)."""
     loss = rec.proxy_loss if getattr(rec, "kind", "int") == "int" else None
     if loss is None:
@@ -104,7 +110,7 @@ def candidate_result(rec, w: torch.Tensor, hessian: torch.Tensor | None) -> Cand
             raise LowbitError(f"layer {rec.fqn}: its proxy loss needs calibration data (an input Hessian)")
         d = rec.dequantized_weight().double() - w.detach().double()
         loss = float(((d @ hessian.double()) * d).sum())
-    return CandidateResult(stored_bits(rec), float(loss), float(rec.weight_error))
+    return CandidateResult(stored_bits(rec, finetune), float(loss), float(rec.weight_error))
 
 
 def measure_candidates(fqn: str, w: torch.Tensor, hessian: torch.Tensor | None,
@@ -118,7 +124,7 @@ def measure_candidates(fqn: str, w: torch.Tensor, hessian: torch.Tensor | None,
     for name, spec in candidates.items():
         extra = {"sample": sample, "absmax": absmax} if spec.method == "fp4" else {}
         records[name] = quantize_weight(fqn, w, spec, seed, hessian=hessian, spaces=spaces, **extra)
-        results[name] = candidate_result(records[name], w, hessian)
+        results[name] = candidate_result(records[name], w, hessian, spec.finetune)
     return results, records
 
 

@@ -75,6 +75,17 @@ def test_candidates_report_exact_stored_bits_and_the_proxy_loss_falls_with_bits(
     assert output_energy(w, h) == pytest.approx(float(torch.trace(w.double() @ h @ w.double().T)))
 
 
+def test_fine_tuned_candidates_count_their_sign_vectors_as_they_will_be_stored():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=g)
+    x = torch.randn(200, 40, generator=g, dtype=torch.float64)
+    h = x.T @ x / 200
+    results, records = measure_candidates("l", w, h, {n: parse_spec(n) for n in ("w2-e8", "w2-e8-ft")})
+    assert torch.equal(records["w2-e8"].qweight, records["w2-e8-ft"].qweight)
+    # fine-tuning makes su and sv real: float16, 16 bits an entry where the measured record holds ±1 (1 bit)
+    assert results["w2-e8-ft"].bits == results["w2-e8"].bits + 15 * (40 + 24)
+
+
 class _TwoLayer(torch.nn.Module):
     """y = W2 W1 x per token, plus a side branch that never reaches the output."""
 
