@@ -7,6 +7,7 @@ Bits per weight are counted as stored over all linear weights: packed codes + fl
 
     python -m bench.quality [--quick]
     python -m bench.quality --recipes w2-quip,w2-e8,w2-e8-ft   # only these recipes (bench-out/quality-recipes.md)
+    python -m bench.quality --recipes 2.5bpw:w2-e8-ft/w3-e8-ft/w4-e8-ft   # mixed precision over these candidates
 """
 
 from __future__ import annotations
@@ -33,8 +34,16 @@ METHODS = [
 
 
 def run_one(model, tok, held, ref, calib, recipe, sequential=True):
+    """One recipe string, or "TARGETbpw:cand1/cand2/..." for pipeline.quantize_mixed with those candidates."""
+    from lowbit_compile.pipeline import quantize_mixed
+
     t = time.perf_counter()
-    ck = lb.quantize(model, recipe, calib, tokenizer=tok, sequential=sequential, progress=False)
+    if ":" in recipe:
+        target, cands = recipe.split(":")
+        ck = quantize_mixed(model, calib, float(target.removesuffix("bpw")), cands.split("/"), tokenizer=tok,
+                            seed=0, progress=False)
+    else:
+        ck = lb.quantize(model, recipe, calib, tokenizer=tok, sequential=sequential, progress=False)
     seconds = time.perf_counter() - t
     cos = cosine_to_float(lb.swap_linears(model, ck.records), held, ref)
     return cos, _qbits(ck), seconds
