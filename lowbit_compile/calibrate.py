@@ -41,9 +41,12 @@ class HessianAccumulator:
     in `pending`; `fold` adds pending products, its own and the other ranks', in the fold order. No sample is kept then
     (a sample needs every token in order; recipes that use it do not split their calibration)."""
 
-    def __init__(self, n: int, name: str = "", sample_size: int = SAMPLE_TOKENS, deferred: bool = False):
+    def __init__(self, n: int, name: str = "", sample_size: int = SAMPLE_TOKENS, deferred: bool = False,
+                 hessian: bool = True):
         self.n, self.name = n, name
-        self.sum = torch.zeros(n, n, dtype=torch.float64)
+        # hessian False (the layers reading this input need none, e.g. FP4): max |x| and the sample only
+        self.with_hessian = hessian or deferred
+        self.sum = torch.zeros(n, n, dtype=torch.float64) if self.with_hessian else None
         self.absmax = torch.zeros(n, dtype=torch.float32)
         self.tokens = 0
         self.deferred = deferred
@@ -62,8 +65,11 @@ class HessianAccumulator:
             raise LowbitError(f"layer {self.name}: calibration activations contain NaN or Inf (input channel "
                               f"{chans[0]} has {kind}; {len(chans)} channel(s) affected: {chans[:8]}); check "
                               f"the calibration data and that the float model runs cleanly on it")
-        x64 = x.to(torch.float64)
-        part = (torch.mm(x64.t(), x64), x.abs().amax(0).float(), x.shape[0])
+        if self.with_hessian:
+            x64 = x.to(torch.float64)
+            part = (torch.mm(x64.t(), x64), x.abs().amax(0).float(), x.shape[0])
+        else:
+            part = (None, x.abs().amax(0).float(), x.shape[0])
         if self.deferred:
             self.pending.append(part)
             return
@@ -74,7 +80,8 @@ class HessianAccumulator:
     def fold(self, parts) -> None:
         """Add calls' (x xᵀ, max |x|, rows), in the order given (the fold order)."""
         for xx, amax, rows in parts:
-            self.sum.add_(xx)
+            if xx is not None:
+                self.sum.add_(xx)
             self.absmax = torch.maximum(self.absmax, amax)
             self.tokens += rows
 
@@ -99,15 +106,16 @@ class HessianAccumulator:
         """float32 (min(tokens, sample_size), n): the sampled input rows."""
         return self._sample
 
-    def hessian(self) -> torch.Tensor:
+    def hessian(self) -> torch.Tensor | None:
+        """Σ x xᵀ / tokens, float64; None when collected without it (`hessian=False`)."""
         if self.tokens == 0:
             raise LowbitError(f"layer {self.name}: no calibration tokens reached this layer")
-        return self.sum / self.tokens
+        return self.sum / self.tokens if self.with_hessian else None
 
 
 @dataclass
 class LayerStats:
-    hessian: torch.Tensor  # float64 (in, in)
+    hessian: torch.Tensor | None  # float64 (in, in); None when no layer reading this input needs it (FP4)
     absmax: torch.Tensor  # float32 (in,)
     tokens: int
     sample: torch.Tensor | None = None  # float32 (<= SAMPLE_TOKENS, in): sampled input rows
@@ -397,11 +405,12 @@ def _no_cache(model):
 
 @contextlib.contextmanager
 def _observing(root: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], accs: dict[str, HessianAccumulator],
-               deferred: bool = False):
+               deferred: bool = False, hessian: bool = True):
     """Forward pre-hooks accumulating each linear's input. Linears fed the very same tensor within one call of
     `root` (q/k/v, gate/up) share one accumulator, decided on the first call. The tensors seen in a call are
     held until the next call starts, so a freed activation's memory cannot be mistaken for a shared input.
-    `deferred`: the accumulators keep their products for `Shard.exchange`."""
+    `deferred`: the accumulators keep their products for `Shard.exchange`; `hessian` False: none of these linears
+    needs the Hessian (only maxima and the sample are kept)."""
     share: dict[str, str] = {}
     seen: dict[int, tuple[str, torch.Tensor]] = {}
 
@@ -418,7 +427,7 @@ def _observing(root: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], ac
             seen[id(x)] = (share[fqn], x)
             if share[fqn] == fqn:
                 if fqn not in accs:
-                    accs[fqn] = HessianAccumulator(lin.in_features, fqn, deferred=deferred)
+                    accs[fqn] = HessianAccumulator(lin.in_features, fqn, deferred=deferred, hessian=hessian)
                 accs[fqn].add(x)
         return hook
 
@@ -499,6 +508,7 @@ def calibrate_blocks(
     resume: Callable[[str, dict[str, torch.nn.Linear]], dict | None] | None = None,
     loader: Callable[[str], contextlib.AbstractContextManager] | None = None,
     shard: Shard = Shard(),
+    needs_hessian: Callable[[str], bool] | None = None,
 ) -> CalibrationSummary:
     """Drive calibration block by block. `quantize_layers(linears, stats)` quantizes the given linears and
     returns {fqn: dequantized weight, or a module that replaces the linear} (what the rest of the model
@@ -515,8 +525,14 @@ def calibrate_blocks(
     tensors the in-memory float pass gives them.
 
     `shard` (several processes, see `Shard`): this process runs only its share of the batches, the statistics are
-    exchanged every few rounds, and every process calls `quantize_layers` with the statistics of all batches."""
+    exchanged every few rounds, and every process calls `quantize_layers` with the statistics of all batches.
+
+    `needs_hessian(fqn)`, when given, says which linears need the Hessian of their input; a pass over linears none of
+    which needs it (an FP4 recipe) keeps maxima and samples only, and their LayerStats.hessian is None."""
     from tqdm.auto import tqdm
+
+    def hessian(linears) -> bool:
+        return needs_hessian is None or any(needs_hessian(f) for f in linears)
 
     batches = as_batches(calibration)
     summary = CalibrationSummary(batches=len(batches), tokens=sum(_tokens_of(b) for b in batches),
@@ -557,7 +573,7 @@ def calibrate_blocks(
     try:
         observed = {} if streaming else outside
         every = shard.every(observed)
-        with torch.no_grad(), _no_cache(model), _observing(model, observed, accs, deferred) as share:
+        with torch.no_grad(), _no_cache(model), _observing(model, observed, accs, deferred, hessian(observed)) as share:
             for j in tqdm(range(shard.rounds()), desc="calibration: float pass", disable=not progress,
                           leave=False):
                 if j < len(local):
@@ -580,7 +596,8 @@ def calibrate_blocks(
 
     for prefix, block in zip(prefixes, tqdm(blocks, desc="calibration: blocks", disable=not progress)):
         with loader(prefix) if streaming else contextlib.nullcontext():
-            stored = _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume, shard)
+            stored = _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume, shard,
+                                      hessian)
             if floats is not None:
                 with torch.no_grad():
                     last_outputs = [block(*a, **k) for a, k in floats]
@@ -590,12 +607,13 @@ def calibrate_blocks(
 
     if outside and (resume is None or resume(OUTSIDE_UNIT, outside) is None):
         if streaming:
-            outside_stats = _replayed_stats(model, blocks_name, last_outputs, local, outside, shard)
+            outside_stats = _replayed_stats(model, blocks_name, last_outputs, local, outside, shard, hessian(outside))
         quantize_layers(outside, outside_stats)
     return summary
 
 
-def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume, shard=None):
+def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume, shard=None,
+                     hessian=lambda linears: True):
     """One step of calibrate_blocks: the block's statistics, its quantization (unless resumed) and the inputs of
     the next block (returned). `stored` holds this rank's batches (`shard`; default: one process, every batch)."""
     shard = shard or Shard().over(stored)
@@ -605,7 +623,7 @@ def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential
     if deq is None:
         accs = {}
         outputs = []
-        with torch.no_grad(), _observing(block, linears, accs, shard.world > 1) as share:
+        with torch.no_grad(), _observing(block, linears, accs, shard.world > 1, hessian(linears)) as share:
             for j in range(shard.rounds()):
                 if j < len(stored):
                     args, kwargs = stored[j]
@@ -646,7 +664,7 @@ class _Replay(torch.nn.Module):
 
 
 def _replayed_stats(model, blocks_name: str, outputs: list, batches: list, outside: Mapping,
-                    shard: Shard | None = None) -> dict[str, LayerStats]:
+                    shard: Shard | None = None, hessian: bool = True) -> dict[str, LayerStats]:
     """Statistics of the linears outside the blocks, from a pass in which each block returns the float model's
     output of the last block for that batch (`outputs`, computed block by block; this rank's `batches`)."""
     shard = shard or Shard().over(batches)
@@ -655,7 +673,7 @@ def _replayed_stats(model, blocks_name: str, outputs: list, batches: list, outsi
     try:
         for i, b in enumerate(saved):
             layers[i] = _Replay(b, outputs, current)
-        with torch.no_grad(), _no_cache(model), _observing(model, outside, accs, shard.world > 1) as share:
+        with torch.no_grad(), _no_cache(model), _observing(model, outside, accs, shard.world > 1, hessian) as share:
             for j in range(shard.rounds()):
                 if j < len(batches):
                     current[0] = j

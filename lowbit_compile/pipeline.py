@@ -156,7 +156,8 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
             summary = calibrate_blocks(model, batches, quantize_unit, sequential, progress,
                                        resume=resume if store is not None else None,
                                        loader=None if source is None else source.loaded,
-                                       shard=distributed.shard(rec, finetune=tuner is not None)).as_dict()
+                                       shard=distributed.shard(rec, finetune=tuner is not None),
+                                       needs_hessian=rec.needs_hessian).as_dict()
         meta["calibration_sha256"] = fingerprint(batches)
     else:
         for unit, linears in units.items():

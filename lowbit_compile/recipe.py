@@ -131,6 +131,11 @@ class LayerSpec:
     def needs_calibration(self) -> bool:
         return self.method in CALIBRATED or (self.method in METHODS and METHODS[self.method].needs_calibration)
 
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether quantizing needs the calibration Hessian (LDLQ methods); FP4 needs a sample and maxima only."""
+        return self.method in METHODS and METHODS[self.method].needs_calibration
+
     def describe(self) -> str:
         if self.method == "fp4":
             how = ("searched" if self.fp4_search else "max-scaled e2m1") + (" + rotation" if self.rotate else "")
@@ -276,6 +281,13 @@ class Recipe:
             if key.startswith("re:") and re.fullmatch(key[3:], fqn):
                 return True, spec, f"override {key!r}"
         return False, None, ""
+
+    def needs_hessian(self, fqn: str) -> bool:
+        """Whether calibration must collect the Hessian of this linear's input (always, for a budget recipe)."""
+        if self.target_bpw is not None:
+            return True
+        spec, _ = self.spec_for(fqn)
+        return spec is not None and spec.needs_hessian
 
     @property
     def needs_calibration(self) -> bool:

@@ -206,3 +206,40 @@ def test_norm_without_affine_weight_keeps_a_runtime_shift_and_the_report_says_so
         assert torch.equal(y, lb.swap_linears(model, report.records)(x))
     assert any("layer fc1: activation exponents kept as a run-time shift" in n and "no affine weight" in n
                for n in report.notes)
+
+
+def test_fp4_calibration_skips_the_hessian_and_writes_the_same_checkpoint(monkeypatch):
+    """FP4 layers need samples and maxima, not Σ x xᵀ: calibration skips the float64 products in every block none
+    of whose linears needs them (a block with a QuIP layer collects them for all its inputs), and the checkpoint is
+    the same either way."""
+    from lowbit_compile import calibrate
+    from lowbit_compile.recipe import Recipe
+
+    seen = []
+    real_init = calibrate.HessianAccumulator.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.append((self.name, self.with_hessian))
+
+    monkeypatch.setattr(calibrate.HessianAccumulator, "__init__", spy)
+    torch.manual_seed(0)
+    model = tiny_llama()
+    skipped = lb.quantize(model, "fp4", _batches(), progress=False)
+    assert seen and not any(h for _, h in seen)
+    seen.clear()
+    mixed = lb.quantize(model, "fp4", _batches(), overrides={"model.layers.0.mlp.down_proj": "w2-quip"},
+                        progress=False)
+    assert {n for n, h in seen if h} == {n for n, _ in seen if n.startswith("model.layers.0.")}
+    assert {n for n, h in seen if not h} == {n for n, _ in seen if not n.startswith("model.layers.0.")}
+    assert ("lm_head", False) in seen  # kept in float: observed, no Hessian
+    assert mixed.records["model.layers.0.mlp.down_proj"].bits == 2
+    seen.clear()
+    monkeypatch.setattr(Recipe, "needs_hessian", lambda self, fqn: True)
+    collected = lb.quantize(model, "fp4", _batches(), progress=False)
+    assert seen and all(h for _, h in seen)
+    assert skipped.records.keys() == collected.records.keys()
+    for f, rec in skipped.records.items():
+        other = collected.records[f]
+        assert torch.equal(rec.qweight, other.qweight) and torch.equal(rec.w_scales, other.w_scales), f
+        assert torch.equal(rec.act_scale, other.act_scale) and rec.a_format == other.a_format, f
