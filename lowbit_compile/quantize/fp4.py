@@ -6,14 +6,28 @@ For one linear y = x Wᵀ with calibration inputs x (tokens, in_features) the se
 - an activation format and ONE exponent bias for the whole tensor (skipped in W4A16 mode),
 
 minimizing the layer-output error ||Q(x) Q(W)ᵀ - x Wᵀ||². Biases are searched as clipped max-scaled
-biases, b = max_scaled_bias - log2(γ) for γ on a grid of ~100 points in [0.01, 1.2] (plus γ = 1), with
-rounds of "weight step, then activation step" (each step keeps the best of its candidates). Each step
-scans the grid coarse to fine (every 7th point, then the neighbours of the best; per row for weights),
-28 candidates instead of 101 (the losses found agree to ~0.1 %). A step whose input repeats an earlier round's
-(the same activation scale, or the same weight format and row scales) is not recomputed: its result is the
-same, so once the scales stop changing the remaining rounds are free. Weight and activation formats may
-differ. The search starts from, and returns nothing worse than, max-scaled E2M1 (its loss is reported as
-`baseline_loss`).
+biases, b = max_scaled_bias - log2(γ) for γ on a grid of ~100 points in [0.01, 1.2] (plus γ = 1), in turns of
+"activation step, then weight step" (each step keeps the best of its candidates), starting from max-scaled E2M1
+weights. The search is shaped by what its error curves look like (measured on MiniLM and SmolLM2 layers):
+
+- A row's weight error against γ is jagged (neighbouring grid points differ by tens of percent: the rounding
+  pattern changes with the scale), so each row is searched over many points: every 7th point of the grid,
+  then every point within 6 of the row's best (28 candidates per row and format); only the weight formats
+  whose coarse total is within FORMAT_MARGIN of the best are refined.
+- The per-tensor activation error is smooth: its coarse pass runs from the top of the grid down and ends once
+  the error has climbed past ACT_TURN_RATIO × the best (clipping error only grows from there), then a halving
+  refinement; later activation steps search around the previous scale.
+- The first activation step is against max-scaled weights, and the first weight step then sees nearly final
+  activations; a weight step whose activation scale was seen before is not repeated, so on MiniLM and SmolLM2 a
+  layer typically costs one activation step, one weight step and one local activation step (weights-first, as
+  LLM-FP4 alternates, needed a second full weight step, and with fewer candidates lost ~4 % of output error).
+- Formats are screened before they are searched (`screen_format`: one activation step and one coarse weight step
+  on 96 of the weight rows): activation formats within ACT_FORMAT_MARGIN of the best screened error, and for
+  each the weight formats within W_FORMAT_MARGIN of its best, are searched on all rows. On the 25 MiniLM and 38
+  SmolLM2 FP4 groups checked, the screen kept the activation format a full search of all three picks.
+
+The search starts from, and returns nothing worse than, max-scaled E2M1 (its loss is reported as
+`baseline_loss`). Weight and activation formats may differ.
 
 Pre-shifted exponents (LLM-FP4 §4.2): channel c of the activations gets an integer exponent shift
 k_c in [0, 2**E - 1] (E of the activation format), so it is quantized at bias ρ + k_c. Because
@@ -46,6 +60,21 @@ CLIP_GRID = tuple(sorted({round(0.01 + i * 1.19 / 99, 6) for i in range(100)} | 
 ALL_FORMATS = ("e2m1", "e1m2", "e3m0")
 # Grids longer than this are searched coarse to fine (`_coarse_to_fine`).
 COARSE_POINTS = 16
+# The activation scale's coarse pass ends after TURN_POINTS consecutive points above ACT_TURN_RATIO × the best.
+TURN_POINTS = 2
+ACT_TURN_RATIO = 2.0
+# First weight step: formats whose coarse total is within this fraction of the best one are refined.
+FORMAT_MARGIN = 0.01
+# Later activation steps search around the previous step's grid index: strides 2 and 1.
+LOCAL_STRIDE = 2
+# Activation formats are screened on this many weight rows (`screen_format`).
+SCREEN_ROWS = 96
+# Activation formats whose screened error is within this fraction of the best are searched in full.
+ACT_FORMAT_MARGIN = 0.05
+# ... and weight formats within this fraction of the best screened weight error.
+W_FORMAT_MARGIN = 0.05
+# Quantized activations kept per (activation tensor, format) while a group is searched (`ActCache`).
+ACT_CACHE_BYTES = 64 << 20
 # Alternating weight/activation rounds (LLM-FP4 uses 3). quantize.layer reads CLIP_GRID and SEARCH_ROUNDS at
 # call time, so tests can shorten both.
 SEARCH_ROUNDS = 3
@@ -187,12 +216,11 @@ class _Layer:
 
 
 def _coarse_to_fine(n: int):
-    """Indices of a coarse pass over a sorted grid of n points and the half-width of the refinement after it.
+    """Indices of the coarse pass over a sorted grid of n points, and its step.
 
-    With more than COARSE_POINTS points the search evaluates every step-th point, then the step - 1 points
-    on each side of the best one: about 2·sqrt(n)-ish candidates instead of n (28 of the 101-point grid).
-    The clipping objective is smooth at this resolution, and the final comparison with the start point
-    is exact, so the never-worse guarantee does not depend on it.
+    With more than COARSE_POINTS points the coarse pass takes every step-th point (and the last); a weight row then
+    tries every point within step - 1 of its best (`_RowSearch.scan`: 28 candidates on the 101-point grid), the
+    activation scale a halving stride around its best (`_RowSearch.refine`).
     """
     step = max(1, -(-n // COARSE_POINTS))
     idx = list(range(0, n, step))
@@ -201,39 +229,71 @@ def _coarse_to_fine(n: int):
     return idx, step
 
 
-def _scan_rows(row_errors, fmt, scales: torch.Tensor, start: torch.Tensor, coarse, step):
-    """Each row's smallest error and its scale among the candidates `scales` (rows, n): the columns `coarse`,
-    then the step - 1 columns on each side of the row's best coarse one (clamped to the grid). A candidate
-    replaces the row's best only when strictly better, so the first of equal errors is kept."""
-    rows, n = scales.shape
-    row_err = torch.full((rows,), math.inf)
-    row_scale, row_idx = start, torch.zeros(rows, dtype=torch.long)
+class _RowSearch:
+    """Per-row minimum of an error over grid indices 0..n-1, the rows searched independently but evaluated together.
 
-    def consider(idx, s):
-        nonlocal row_err, row_scale, row_idx
-        err = row_errors(fmt, s)
-        better = err < row_err
-        row_err = torch.where(better, err, row_err)
-        row_scale = torch.where(better, s, row_scale)
-        row_idx = torch.where(better, idx, row_idx)
+    `evaluate(idx)` returns the errors (rows,) of candidate idx[r] for every row r. Each row keeps its best error
+    and index; a candidate replaces them only when strictly better, except in the descending coarse pass, where an
+    equal error moves the best to the lower index (ties resolve to the lowest index, as an ascending scan would).
+    """
 
-    for i in coarse:
-        consider(i, scales[:, i])
-    if step > 1:
-        centre = row_idx.clone()
-        for j in range(1 - step, step):
+    def __init__(self, evaluate, rows: int, n: int):
+        self.evaluate, self.rows, self.n = evaluate, rows, n
+        self.err = torch.full((rows,), math.inf, dtype=torch.float64)
+        self.idx = torch.zeros(rows, dtype=torch.long)
+
+    def _take(self, idx, or_equal=False):
+        err = self.evaluate(idx).to(torch.float64)
+        better = (err <= self.err) if or_equal else (err < self.err)
+        self.err = torch.where(better, err, self.err)
+        self.idx = torch.where(better, idx, self.idx)
+        return err
+
+    def descend(self, coarse, turn_ratio: float | None = None):
+        """The coarse pass, from the top of the grid down. With turn_ratio, the pass ends once every row has seen
+        TURN_POINTS consecutive points above turn_ratio × its best (the error curve has turned and climbs: below
+        the optimum, clipping error only grows); without, every coarse point is evaluated."""
+        rises = torch.zeros(self.rows, dtype=torch.long)
+        for i in sorted(coarse, reverse=True):
+            err = self._take(torch.full((self.rows,), i, dtype=torch.long), or_equal=True)
+            if turn_ratio is not None:
+                rises = torch.where(err > turn_ratio * self.err, rises + 1, 0)
+                if bool((rises >= TURN_POINTS).all()):
+                    break
+
+    def refine(self, stride: int):
+        """Halve a stride around each row's best: best ± h for h = stride, stride/2, ..., 1 (clamped to the grid)."""
+        h = 1 << (stride.bit_length() - 1) if stride >= 1 else 0
+        while h >= 1:
+            for sign in (-1, 1):
+                self._take((self.idx + sign * h).clamp(0, self.n - 1))
+            h //= 2
+
+    def scan(self, width: int):
+        """Every point within width of each row's best (as it stood before the scan), clamped to the grid."""
+        centre = self.idx.clone()
+        for j in range(-width, width + 1):
             if j:
-                idx = (centre + j).clamp(0, n - 1)
-                consider(idx, scales.gather(1, idx.unsqueeze(1)).squeeze(1))
-    return row_err, row_scale
+                self._take((centre + j).clamp(0, self.n - 1))
+
+    def restart(self, idx: torch.Tensor):
+        """Start from given indices (a previous round's), their errors evaluated anew."""
+        self.err = torch.full((self.rows,), math.inf, dtype=torch.float64)
+        self._take(idx.clone())
 
 
-def _weight_step(layer: _Layer, xq: torch.Tensor, w_formats, clip_grid):
+def _weight_step(layer: _Layer, xq: torch.Tensor, w_formats, clip_grid, refine: bool = True,
+                 row_weight: torch.Tensor | None = None, totals: dict | None = None):
     """Best weight format and per-row scales given the (fixed) quantized activations xq.
 
     Row r's error for a candidate is ||X̂ q_r - x w_r||² with d_r = q_r - w_r; it is computed as
     ||X̂ d_r + (X̂ - x) w_r||² from the tokens when there are fewer tokens than input features, else as
     d_rᵀ Ĥ d_r + 2 d_rᵀ G w_r + ||(X̂ - x) w_r||² with Ĥ = X̂ᵀX̂, G = X̂ᵀ(X̂ - x): the cheaper of the two.
+
+    For every format the coarse pass over the clip grid; with refine, the formats whose coarse total is within
+    FORMAT_MARGIN of the best are refined (every point within step - 1 of each row's best), and the smallest total
+    wins. A format's total is the sum of its rows' errors, each times row_weight (a screen's rows standing for
+    others); `totals`, if given, receives every format's. Returns (format, scales (rows, 1), quantized weight).
     """
     x, w = layer.x, layer.w
     grid = torch.tensor(clip_grid, dtype=torch.float32)
@@ -249,56 +309,179 @@ def _weight_step(layer: _Layer, xq: torch.Tensor, w_formats, clip_grid):
             cross = w @ (xq.T @ err_x).T          # row r: G w_r
             const = (err_x @ w.T).pow(2).sum(0)   # ||(X̂ - x) w_r||²
     amax = w.abs().amax(dim=1)
+    rows, n = w.shape[0], len(clip_grid)
 
-    def row_errors(fmt, s):
-        d = f4.quantize(w, fmt, s.unsqueeze(1)).sub_(w)
-        if by_tokens:
-            e = xq @ d.T
-            if quantized_act:
-                e += base
-            return e.pow_(2).sum(0)
-        err = ((d @ hess).mul_(d)).sum(1)
-        if quantized_act:
-            err = err + 2 * (d.mul_(cross)).sum(1) + const
-        return err
-
-    best = None
-    for fmt in w_formats:
+    def search(fmt):
         # every row's scale for every clip value at once: the same elementwise float32 operations as one
         # max_scaled_scale(amax, fmt, γ) call per candidate, so the same float16 scales
-        scales = f4.max_scaled_scale(amax.unsqueeze(1), fmt, grid)  # (rows, len(clip_grid))
-        row_err, row_scale = _scan_rows(row_errors, fmt, scales, f4.max_scaled_scale(amax, fmt), coarse, step)
-        total = float(row_err.sum())
-        if best is None or total < best[0]:
-            best = (total, fmt, row_scale.unsqueeze(1))
-    _, fmt, scales = best
-    return fmt, scales, f4.quantize(w, fmt, scales)
+        scales = f4.max_scaled_scale(amax.unsqueeze(1), fmt, grid)  # (rows, n)
+
+        def evaluate(idx):
+            d = f4.quantize(w, fmt, scales.gather(1, idx.unsqueeze(1))).sub_(w)
+            if by_tokens:
+                e = torch.addmm(base, xq, d.T) if quantized_act else xq @ d.T
+                return e.pow_(2).sum(0)
+            if quantized_act:  # dᵀĤd + 2 dᵀG w + const = Σ d ⊙ (Ĥd + 2 G w) + const
+                return (d @ hess).add_(cross, alpha=2).mul_(d).sum(1).add_(const)
+            return (d @ hess).mul_(d).sum(1)
+
+        return _RowSearch(evaluate, rows, n), scales
+
+    def total(rs):
+        return float(rs.err.sum() if row_weight is None else (rs.err * row_weight).sum())
+
+    found = {}
+    for fmt in w_formats:
+        rs, scales = search(fmt)
+        rs.descend(coarse)
+        found[fmt] = (total(rs), rs, scales)
+    top = min(t for t, _, _ in found.values())
+    for fmt, (t, rs, scales) in found.items():
+        if refine and t <= top * (1 + FORMAT_MARGIN):
+            rs.scan(step - 1)
+            found[fmt] = (total(rs), rs, scales)
+    if totals is not None:
+        totals.update({f: t for f, (t, _, _) in found.items()})
+    fmt = min(found, key=lambda f: found[f][0])  # the first of equal totals, in w_formats order
+    _, rs, scales = found[fmt]
+    row_scale = scales.gather(1, rs.idx.unsqueeze(1))
+    return fmt, row_scale, f4.quantize(w, fmt, row_scale)
 
 
-def _act_step(layer: _Layer, wq: torch.Tensor, a_fmt: FP4Format, clip_grid):
-    """Best per-tensor activation scale for a_fmt given the (fixed) quantized weight wq (coarse to fine)."""
+class ActCache:
+    """Quantized activations by scale, for ONE shifted activation tensor x' and one activation format.
+
+    The layers of a group read the same x' and try the same candidate scales, and so do a screen and the search
+    after it: the quantized tensors are made once. The caller keeps one cache per (x', format); at most
+    ACT_CACHE_BYTES are kept (later scales are quantized again when asked)."""
+
+    def __init__(self, limit_bytes: int | None = None):
+        self.limit = ACT_CACHE_BYTES if limit_bytes is None else limit_bytes
+        self.tensors: dict[float, torch.Tensor] = {}
+        self.bytes = 0
+
+    def quantized(self, x: torch.Tensor, fmt: FP4Format, s: torch.Tensor) -> torch.Tensor:
+        key = float(s)
+        xq = self.tensors.get(key)
+        if xq is None:
+            xq = f4.quantize(x, fmt, s)
+            size = xq.numel() * xq.element_size()
+            if self.bytes + size <= self.limit:
+                self.tensors[key] = xq
+                self.bytes += size
+        return xq
+
+
+def _act_step(layer: _Layer, wq: torch.Tensor, a_fmt: FP4Format, clip_grid, prev: int | None = None,
+              cache: ActCache | None = None):
+    """Best per-tensor activation scale for a_fmt given the (fixed) quantized weight wq.
+
+    The error ||(X̂ - x) Ŵᵀ + x (Ŵ - W)ᵀ||² is computed per candidate from the tokens, or, when the layer has more
+    outputs than inputs, as tr(E G Eᵀ) + 2 tr(E Pᵀ) + const with E = X̂ - x, G = ŴᵀŴ, P = x (Ŵ - W)ᵀ Ŵ (fewer
+    operations). First step (prev None): the coarse pass from the top of the clip grid down, ending once the error
+    has stayed above ACT_TURN_RATIO × the best for TURN_POINTS points, then a halving refinement around the best;
+    a later step (prev: the previous step's grid index) starts there with stride LOCAL_STRIDE. Several clip values
+    can give the same float16 scale: each scale is evaluated once. `cache` holds quantized activations of this
+    layer's x' and a_fmt (shared with other layers of a group). Returns (scale (1,), quantized x, grid index);
+    the quantized x may be the cache's tensor: not to be modified.
+    """
     x = layer.x
-    z = x @ (wq - layer.w).T
+    z = x @ (wq - layer.w).T  # (tokens, out)
     amax = x.abs().max()
+    by_gram = wq.shape[0] > wq.shape[1]
+    if by_gram:
+        gram, p, zz = wq.T @ wq, z @ wq, float(z.pow(2).sum())
     tried: dict[float, tuple] = {}
+    cache = ActCache(0) if cache is None else cache
 
-    def consider(i):
-        s = f4.max_scaled_scale(amax, a_fmt, clip_grid[i]).reshape(1)
-        if float(s) not in tried:  # several γ can round to the same float16 scale
-            xq = f4.quantize(x, a_fmt, s)
-            tried[float(s)] = (float(((xq - x) @ wq.T + z).pow(2).sum()), i, s, xq)
-        return tried[float(s)]
+    def scale_of(i):
+        return f4.max_scaled_scale(amax, a_fmt, clip_grid[i]).reshape(1)
+
+    def evaluate(idx):
+        s = scale_of(int(idx[0]))
+        if float(s) not in tried:
+            xq = cache.quantized(x, a_fmt, s)
+            e = xq - x
+            if by_gram:
+                err = float(((e @ gram).mul_(e)).sum() + 2 * (e.mul_(p)).sum()) + zz
+            else:
+                err = float((e @ wq.T + z).pow(2).sum())
+            tried[float(s)] = (err, xq)
+        return torch.tensor([tried[float(s)][0]], dtype=torch.float64)
 
     coarse, step = _coarse_to_fine(len(clip_grid))
-    best = min((consider(i) for i in coarse), key=lambda t: t[0])
-    centre = best[1]
-    for j in range(1 - step, step):
-        i = centre + j
-        if j and 0 <= i < len(clip_grid):
-            cand = consider(i)
-            if cand[0] < best[0]:
-                best = cand
-    return best[2], best[3]
+    rs = _RowSearch(evaluate, 1, len(clip_grid))
+    if prev is None:
+        rs.descend(coarse, ACT_TURN_RATIO)
+        rs.refine(step - 1)
+    else:
+        rs.restart(torch.tensor([prev]))
+        rs.refine(LOCAL_STRIDE)
+    i = int(rs.idx[0])
+    s = scale_of(i)
+    return s, tried[float(s)][1], i
+
+
+def _start_format(formats):
+    """Where a search starts: E2M1 when allowed, else the first allowed format."""
+    base = f4.fp4_format(BASELINE_FORMAT)
+    return base if base in formats else formats[0]
+
+
+def screen_formats(scores: dict, margin: float | None = None) -> list:
+    """The keys of `scores` (screened relative errors, `screen_format`) within margin (ACT_FORMAT_MARGIN) of the
+    smallest, in their order."""
+    margin = ACT_FORMAT_MARGIN if margin is None else margin
+    top = min(scores.values())
+    return [f for f, s in scores.items() if s <= top * (1 + margin)]
+
+
+@dataclass
+class Screened:
+    """What screening one activation format on one layer found (`screen_format`)."""
+
+    score: float     # estimated relative output error, loss / mean y²
+    w_formats: list  # the weight formats within W_FORMAT_MARGIN of the best on the screened rows, in order
+
+
+def screen_format(x: torch.Tensor, w: torch.Tensor, a_fmt: FP4Format, k: torch.Tensor | None, w_formats, clip_grid,
+                  rows: int | None = None, y64: torch.Tensor | None = None,
+                  cache: ActCache | None = None) -> Screened:
+    """One activation step and one coarse weight step for a_fmt on at most `rows` (SCREEN_ROWS) weight rows: the
+    estimated relative output error (loss / mean y²), by which the search drops activation formats before
+    searching them on all rows, and the weight formats worth a full search (the others are not searched).
+
+    Given the activation scale the rows' errors are independent, so a subset estimates the whole: the rows with
+    the largest outputs (a quarter of the subset; a few output channels can carry most of a layer's output, as
+    MiniLM's FFN outputs do) count once, evenly spaced rows of the others stand for all the others. y64: x Wᵀ in
+    float64 when the caller has it; cache: quantized activations of x·2**k in a_fmt (`ActCache`)."""
+    rows = SCREEN_ROWS if rows is None else rows
+    out = w.shape[0]
+    w = w.detach().to(torch.float32)
+    if y64 is None:
+        y64 = x.to(torch.float64) @ w.to(torch.float64).T
+    energy = y64.pow(2).sum(0)  # per row
+    if out <= rows:
+        sel, weight = torch.arange(out), torch.ones(out, dtype=torch.float64)
+    else:
+        top = energy.topk(rows // 4).indices.sort().values
+        rest = torch.ones(out, dtype=torch.bool)
+        rest[top] = False
+        others = rest.nonzero().flatten()
+        picked = others[torch.arange(0, others.numel(), -(-others.numel() // (rows - top.numel())))]
+        sel = torch.cat([top, picked])
+        weight = torch.cat([torch.ones(top.numel(), dtype=torch.float64),
+                            torch.full((picked.numel(),), others.numel() / picked.numel(), dtype=torch.float64)])
+    layer = _Layer(x, w[sel], k, y64[:, sel])
+    start = _start_format(w_formats)
+    wq = f4.quantize(layer.w, start, f4.max_scaled_scale(layer.w.abs().amax(dim=1), start).unsqueeze(1))
+    _, xq, _ = _act_step(layer, wq, a_fmt, clip_grid, cache=cache)
+    totals: dict = {}
+    _, _, wq = _weight_step(layer, xq, w_formats, clip_grid, refine=False, row_weight=weight, totals=totals)
+    err = (xq.to(torch.float64) @ wq.to(torch.float64).T - layer.y64).pow(2).sum(0)
+    total = float(energy.sum())
+    score = float((err * weight).sum()) / total if total > 0 else float((err * weight).sum())
+    return Screened(score, screen_formats(totals, W_FORMAT_MARGIN))
 
 
 def _result(fqn, layer: _Layer, w_fmt, w_scales, a_fmt, a_scale, in_f, loss) -> FP4LinearQuant:
@@ -343,6 +526,10 @@ def search_fp4_layer(
     act_exponents: torch.Tensor | None = None,
     clip_grid=CLIP_GRID,
     rounds: int = SEARCH_ROUNDS,
+    screen: bool = True,
+    act_caches: dict | None = None,
+    y64: torch.Tensor | None = None,
+    screened: dict | None = None,
 ) -> FP4LinearQuant:
     """LLM-FP4's per-layer search on calibration inputs x (..., in_features) for weight w (out, in).
 
@@ -353,8 +540,15 @@ def search_fp4_layer(
     within the allowed formats: never worse than `max_scaled_fp4` on this data (reported as
     `baseline_loss`) when E2M1 is allowed and act_exponents are not fixed (else never worse than the
     max-scaled quantizer in the allowed formats on the shifted tensors).
-    The cost is about (rounds x (3·|clip_grid| weight candidates of out·in² + |clip_grid| activation
-    candidates of tokens·in·out)) per activation format: pass a token sample, not a whole calibration set.
+
+    screen: with several formats, screen them first (`screen_format`) and search the kept ones only (False:
+    search every format). act_caches: {format name: ActCache} of quantized activations, to share between
+    calls on the same x with the same shifts (the layers of a group); y64: x Wᵀ in float64, if at hand;
+    screened: {format: Screened} when the caller screened already (each format's search then takes the weight
+    formats its screen kept; a_formats still says which activation formats to search).
+    The cost is about 28 weight candidates of out·min(in, tokens)·in per kept weight format, plus ~20 activation
+    candidates of tokens·in·min(in, out), per kept activation format and weight step (usually one): pass a token
+    sample, not a whole calibration set.
     """
     x = check_inputs(fqn, x, w)
     w = w.detach()
@@ -380,40 +574,54 @@ def search_fp4_layer(
     # The search starts from (and never ends worse than) max-scaled E2M1, or the first allowed format where
     # E2M1 is not allowed; in shifted coordinates when the caller fixed the shifts (the result must then
     # use them), else unshifted: with E2M1 allowed, that start is the baseline itself.
-    y64 = x.to(torch.float64) @ w.to(torch.float64).T
+    if y64 is None:
+        y64 = x.to(torch.float64) @ w.to(torch.float64).T
     base_fmt = f4.fp4_format(BASELINE_FORMAT)
     baseline_loss = _max_scaled(fqn, _Layer(x, w, None, y64), base_fmt, base_fmt if act_quant else None).loss
-    start_w = base_fmt if base_fmt in w_formats else w_formats[0]
-    start_a = base_fmt if base_fmt in a_formats else a_formats[0]
+    start_w = _start_format(w_formats)
+    start_a = _start_format(a_formats) if act_quant else None
     best = _max_scaled(fqn, _Layer(x, w, act_exponents, y64), start_w, start_a)
     channel_amax = x.abs().amax(dim=0)
 
-    for a_fmt in a_formats:
-        k = None
+    def shifts(a_fmt):
         if act_exponents is not None:
-            k = act_exponents
-        elif a_fmt is not None and channel_shift:
-            k = channel_exponents(channel_amax, a_fmt)
+            return act_exponents
+        return channel_exponents(channel_amax, a_fmt) if a_fmt is not None and channel_shift else None
+
+    act_caches = {} if act_caches is None else act_caches
+    caches = {f: act_caches.setdefault(f.name, ActCache()) for f in a_formats if f is not None}
+    screened = dict(screened or {})
+    if screen and act_quant and not screened and (len(a_formats) > 1 or len(w_formats) > 1):
+        screened = {f: screen_format(x, w, f, shifts(f), w_formats, clip_grid, y64=y64, cache=caches[f])
+                    for f in a_formats}
+        a_formats = screen_formats({f: s.score for f, s in screened.items()})
+    for a_fmt in a_formats:
+        k = shifts(a_fmt)
         layer = _Layer(x, w, k, y64)
-        xq, a_scale = layer.x, None
-        if a_fmt is not None:
-            a_scale = f4.max_scaled_scale(layer.x.abs().max(), a_fmt).reshape(1)
-            xq = f4.quantize(layer.x, a_fmt, a_scale)
-        # A weight step depends only on xq (so on the activation scale), an activation step only on the quantized
-        # weight (format and row scales): a step whose input was seen in an earlier round gives the same result,
-        # which is taken from there (once the scales stop changing, the remaining rounds cost nothing).
-        weight_steps: dict = {}
-        act_steps: dict = {}
-        for _ in range(rounds if a_fmt is not None else 1):
-            key = None if a_scale is None else float(a_scale)
-            if key not in weight_steps:
-                weight_steps[key] = _weight_step(layer, xq, w_formats, clip_grid)
-            w_fmt, w_scales, wq = weight_steps[key]
-            if a_fmt is not None:
+        step_formats = screened[a_fmt].w_formats if a_fmt in screened else w_formats
+        if a_fmt is None:
+            xq, a_scale = layer.x, None
+            w_fmt, w_scales, wq = _weight_step(layer, xq, step_formats, clip_grid)
+        else:
+            # Activation step first, against the max-scaled start weights; then weight and activation steps in
+            # turn. A weight step depends only on the activation scale, an activation step only on the quantized
+            # weight (format and row scales): a step whose input was seen before is taken from there (once the
+            # scales stop changing, the remaining rounds cost nothing).
+            w_fmt = start_w
+            w_scales = f4.max_scaled_scale(layer.w.abs().amax(dim=1), w_fmt).unsqueeze(1)
+            wq = f4.quantize(layer.w, w_fmt, w_scales)
+            weight_steps: dict = {}
+            act_steps: dict = {}
+            a_prev = None
+            for _ in range(rounds):
                 key = (w_fmt.name, w_scales.numpy().tobytes())
                 if key not in act_steps:
-                    act_steps[key] = _act_step(layer, wq, a_fmt, clip_grid)
-                a_scale, xq = act_steps[key]
+                    act_steps[key] = _act_step(layer, wq, a_fmt, clip_grid, a_prev, caches[a_fmt])
+                a_scale, xq, a_prev = act_steps[key]
+                key = float(a_scale)
+                if key not in weight_steps:
+                    weight_steps[key] = _weight_step(layer, xq, step_formats, clip_grid)
+                w_fmt, w_scales, wq = weight_steps[key]
         loss = layer.exact_loss(xq, wq)
         if loss < best.loss:
             best = _result(fqn, layer, w_fmt, w_scales, a_fmt, a_scale, in_f, loss)

@@ -202,6 +202,7 @@ def _fp4_search_group(layers, x: torch.Tensor, absmax: torch.Tensor | None) -> d
 
     out = {}
     shared = {}
+    caches: dict = {}  # quantized activations per format, shared by the layers searched without shifts (x' = x)
     for fqn, (w, spec) in layers.items():
         if spec.act_quant and spec.fp4_search and spec.act_exponents:
             shared[fqn] = w
@@ -209,16 +210,31 @@ def _fp4_search_group(layers, x: torch.Tensor, absmax: torch.Tensor | None) -> d
             out[fqn] = (q.max_scaled_fp4(x, w, fqn=fqn, act_quant=spec.act_quant), "max-scaled")
         else:
             res = q.search_fp4_layer(x, w, fqn=fqn, act_quant=spec.act_quant, channel_shift=False,
-                                     clip_grid=q.CLIP_GRID, rounds=q.SEARCH_ROUNDS)
+                                     clip_grid=q.CLIP_GRID, rounds=q.SEARCH_ROUNDS, act_caches=caches)
             out[fqn] = (res, "search")
     if shared:
         amax = (absmax if absmax is not None else x.abs().amax(dim=0)).to(torch.float32)
-        energy = {f: float((x.double() @ w.detach().double().T).pow(2).mean()) for f, w in shared.items()}
+        y64 = {f: x.double() @ w.detach().double().T for f, w in shared.items()}
+        energy = {f: float(y.pow(2).mean()) for f, y in y64.items()}
+        # Each activation format is screened on every layer of the group (quantize.fp4.screen_format); the ones
+        # whose summed screened error is within ACT_FORMAT_MARGIN of the best are searched, each layer in the
+        # weight formats its screen kept.
+        exponents = {name: q.channel_exponents(amax, f4.fp4_format(name)) for name in q.ALL_FORMATS}
+        w_formats = [f4.fp4_format(name) for name in q.ALL_FORMATS]
+        # The layers (and a format's screens and searches) share one cache of quantized activations per format.
+        caches = {name: q.ActCache() for name in q.ALL_FORMATS}  # x·2**k differs per format
+        screened = {name: {f: q.screen_format(x, w, f4.fp4_format(name), exponents[name], w_formats, q.CLIP_GRID,
+                                              y64=y64[f], cache=caches[name])
+                           for f, w in shared.items()} for name in q.ALL_FORMATS}
+        kept = q.screen_formats({n: sum(s.score for s in by_layer.values()) for n, by_layer in screened.items()})
+        caches = {name: caches[name] for name in kept}
         best = None
-        for name in q.ALL_FORMATS:
-            k = q.channel_exponents(amax, f4.fp4_format(name))
-            results = {f: q.search_fp4_layer(x, w, fqn=f, a_formats=(name,), act_exponents=k,
-                                             clip_grid=q.CLIP_GRID, rounds=q.SEARCH_ROUNDS)
+        for name in kept:
+            k = exponents[name]
+            fmt = f4.fp4_format(name)
+            results = {f: q.search_fp4_layer(x, w, fqn=f, a_formats=(name,), act_exponents=k, clip_grid=q.CLIP_GRID,
+                                             rounds=q.SEARCH_ROUNDS, act_caches={name: caches[name]}, y64=y64[f],
+                                             screened={fmt: screened[name][f]})
                        for f, w in shared.items()}
             score = sum(r.loss / energy[f] if energy[f] > 0 else r.loss for f, r in results.items())
             if best is None or score < best[0]:

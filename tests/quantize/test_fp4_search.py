@@ -99,6 +99,91 @@ def test_full_llm_fp4_grid_and_channel_shift_help():
     assert shifted.loss < plain.loss <= plain.baseline_loss
 
 
+def _row_search(curves):
+    """A _RowSearch over fixed error curves (rows, n), counting the candidates evaluated."""
+    calls = []
+
+    def evaluate(idx):
+        calls.append(idx.clone())
+        return curves.gather(1, idx.unsqueeze(1)).squeeze(1)
+
+    return q._RowSearch(evaluate, curves.shape[0], curves.shape[1]), calls
+
+
+def test_row_search_coarse_pass_stops_once_the_error_climbs_and_keeps_the_minimum():
+    n = len(q.CLIP_GRID)
+    coarse, step = q._coarse_to_fine(n)
+    g = torch.arange(n, dtype=torch.float64)
+    curves = torch.stack([(g - c).pow(2) + 1 for c in (80.0, 55.0, 92.0)])  # smooth, one minimum each
+    early, calls = _row_search(curves)
+    early.descend(coarse, q.ACT_TURN_RATIO)
+    full, _ = _row_search(curves)
+    full.descend(coarse)
+    assert torch.equal(early.idx, full.idx) and torch.equal(early.err, full.err)
+    assert len(calls) < len(coarse), "the pass should end once every row's error has climbed"
+    early.scan(step - 1)
+    assert early.idx.tolist() == [80, 55, 92]  # the exact minima: within step - 1 of the best coarse points
+    # ties go to the lowest index in the descending pass, as an ascending scan keeps the first
+    flat, _ = _row_search(torch.ones(1, n, dtype=torch.float64))
+    flat.descend(coarse)
+    assert int(flat.idx[0]) == 0
+
+
+def test_row_search_halving_refinement_reaches_every_point_of_the_bracket():
+    n = 101
+    for target in range(40, 55):
+        curve = (torch.arange(n, dtype=torch.float64) - target).abs().unsqueeze(0)
+        rs, calls = _row_search(curve)
+        rs._take(torch.tensor([47]))
+        rs.refine(6)
+        assert int(rs.idx[0]) == target and len(calls) == 1 + 6
+
+
+@pytest.mark.parametrize("out,inp", [(40, 24), (24, 40)])
+def test_act_step_error_forms_agree(out, inp):
+    """The Gram form (more outputs than inputs) and the token form of the activation error are the same number."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, inp, generator=g) * 3
+    w = torch.randn(out, inp, generator=g) * 0.1
+    layer = q._Layer(x, w, None, x.double() @ w.double().T)
+    fmt = f4.fp4_format("e2m1")
+    wq = f4.quantize(w, fmt, f4.max_scaled_scale(w.abs().amax(1), fmt).unsqueeze(1))
+    s, xq, i = q._act_step(layer, wq, fmt, q.CLIP_GRID)
+    assert float(s) == float(f4.max_scaled_scale(x.abs().max(), fmt, q.CLIP_GRID[i]))
+    assert torch.equal(xq, f4.quantize(x, fmt, s))
+    # whichever form ran, the chosen scale beats every coarse point by the exact (float64) error, up to the
+    # float32 rounding of the form's sums: a wrong form would pick by the wrong numbers
+    coarse, _ = q._coarse_to_fine(len(q.CLIP_GRID))
+    errs = []
+    for i in coarse:
+        xg = f4.quantize(x, fmt, f4.max_scaled_scale(x.abs().max(), fmt, q.CLIP_GRID[i]).reshape(1))
+        errs.append(float((xg.double() @ wq.double().T - layer.y64).pow(2).sum()))
+    found = float((xq.double() @ wq.double().T - layer.y64).pow(2).sum())
+    assert found <= min(errs) * (1 + 1e-5)
+
+
+def test_screened_search_matches_searching_every_activation_format():
+    """The screen drops activation formats before the full search; here it keeps the one a full search picks, so
+    the result is the same tensors."""
+    x, w = outlier_layer(seed=2, tokens=160, n=40, m=160)
+    fast = q.search_fp4_layer(x, w, clip_grid=GRID)
+    full = q.search_fp4_layer(x, w, clip_grid=GRID, screen=False)
+    assert (fast.w_format, fast.a_format) == (full.w_format, full.a_format)
+    assert torch.equal(fast.qweight, full.qweight) and torch.equal(fast.w_scales, full.w_scales)
+    assert torch.equal(fast.act_scale, full.act_scale) and fast.loss == full.loss
+
+
+def test_screen_score_estimates_the_layer_error_from_a_row_subset():
+    x, w = outlier_layer(seed=4, tokens=160, n=40, m=512)
+    w[7] *= 30  # one row carries most of the output: it must be among the rows screened
+    fmt = f4.fp4_format("e2m1")
+    wfs = [f4.fp4_format(f) for f in q.ALL_FORMATS]
+    whole = q.screen_format(x, w, fmt, None, wfs, GRID, rows=512).score
+    part = q.screen_format(x, w, fmt, None, wfs, GRID, rows=64).score
+    assert part == pytest.approx(whole, rel=0.25)
+    assert q.screen_formats({"a": 1.0, "b": 1.05, "c": 1.2}, margin=0.1) == ["a", "b"]
+
+
 def test_stored_representation():
     x, w = outlier_layer(seed=4, n=47)  # odd in_features: the last byte holds one code
     res = q.search_fp4_layer(x, w, clip_grid=GRID, fqn="model.layers.0.mlp.up_proj")
