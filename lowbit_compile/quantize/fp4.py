@@ -19,12 +19,14 @@ weights. The search is shaped by what its error curves look like (measured on Mi
   refinement; later activation steps search around the previous scale.
 - The first activation step is against max-scaled weights, and the first weight step then sees nearly final
   activations; a weight step whose activation scale was seen before is not repeated, so on MiniLM and SmolLM2 a
-  layer typically costs one activation step, one weight step and one local activation step (weights-first, as
-  LLM-FP4 alternates, needed a second full weight step, and with fewer candidates lost ~4 % of output error).
+  layer typically costs one activation step, one weight step and one local activation step. (Weights first, as
+  before, starts from max-scaled activations far from the final ones: stopping after its first weight step
+  lost ~6 % of output error on MiniLM, and a local second weight step ~4 %; it needed a second full one.)
 - Formats are screened before they are searched (`screen_format`: one activation step and one coarse weight step
   on 96 of the weight rows): activation formats within ACT_FORMAT_MARGIN of the best screened error, and for
   each the weight formats within W_FORMAT_MARGIN of its best, are searched on all rows. On the 25 MiniLM and 38
-  SmolLM2 FP4 groups checked, the screen kept the activation format a full search of all three picks.
+  SmolLM2 `fp4` groups checked, the screen's best activation format was the one a full search of all three
+  picks; on MiniLM's `fp4-rot` layers it was within 4.1 % of it (tools/fp4_search_ab.py A/Bs such changes).
 
 The search starts from, and returns nothing worse than, max-scaled E2M1 (its loss is reported as
 `baseline_loss`). Weight and activation formats may differ.
@@ -209,6 +211,11 @@ class _Layer:
         else:
             self.x, self.w = apply_channel_exponents(x, w, k)
         self.y64 = y64
+
+    def max_scaled_weight(self, fmt: FP4Format) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-row max-scaled scales (rows, 1), the weight quantized at them) in format fmt."""
+        scales = f4.max_scaled_scale(self.w.abs().amax(dim=1), fmt).unsqueeze(1)
+        return scales, f4.quantize(self.w, fmt, scales)
 
     def exact_loss(self, xq: torch.Tensor, wq: torch.Tensor) -> float:
         r = xq.to(torch.float64) @ wq.to(torch.float64).T - self.y64
@@ -428,7 +435,7 @@ def _start_format(formats):
     return base if base in formats else formats[0]
 
 
-def screen_formats(scores: dict, margin: float | None = None) -> list:
+def kept_formats(scores: dict, margin: float | None = None) -> list:
     """The keys of `scores` (screened relative errors, `screen_format`) within margin (ACT_FORMAT_MARGIN) of the
     smallest, in their order."""
     margin = ACT_FORMAT_MARGIN if margin is None else margin
@@ -473,15 +480,14 @@ def screen_format(x: torch.Tensor, w: torch.Tensor, a_fmt: FP4Format, k: torch.T
         weight = torch.cat([torch.ones(top.numel(), dtype=torch.float64),
                             torch.full((picked.numel(),), others.numel() / picked.numel(), dtype=torch.float64)])
     layer = _Layer(x, w[sel], k, y64[:, sel])
-    start = _start_format(w_formats)
-    wq = f4.quantize(layer.w, start, f4.max_scaled_scale(layer.w.abs().amax(dim=1), start).unsqueeze(1))
+    _, wq = layer.max_scaled_weight(_start_format(w_formats))
     _, xq, _ = _act_step(layer, wq, a_fmt, clip_grid, cache=cache)
     totals: dict = {}
     _, _, wq = _weight_step(layer, xq, w_formats, clip_grid, refine=False, row_weight=weight, totals=totals)
     err = (xq.to(torch.float64) @ wq.to(torch.float64).T - layer.y64).pow(2).sum(0)
     total = float(energy.sum())
     score = float((err * weight).sum()) / total if total > 0 else float((err * weight).sum())
-    return Screened(score, screen_formats(totals, W_FORMAT_MARGIN))
+    return Screened(score, kept_formats(totals, W_FORMAT_MARGIN))
 
 
 def _result(fqn, layer: _Layer, w_fmt, w_scales, a_fmt, a_scale, in_f, loss) -> FP4LinearQuant:
@@ -494,8 +500,7 @@ def _result(fqn, layer: _Layer, w_fmt, w_scales, a_fmt, a_scale, in_f, loss) -> 
 
 def _max_scaled(fqn, layer: _Layer, w_fmt: FP4Format, a_fmt: FP4Format | None) -> FP4LinearQuant:
     """Max-scaled biases (per row for W, per tensor for x) on the layer's (possibly shifted) coordinates."""
-    w_scales = f4.max_scaled_scale(layer.w.abs().amax(dim=1), w_fmt).unsqueeze(1)
-    wq = f4.quantize(layer.w, w_fmt, w_scales)
+    w_scales, wq = layer.max_scaled_weight(w_fmt)
     a_scale, xq = None, layer.x
     if a_fmt is not None:
         a_scale = f4.max_scaled_scale(layer.x.abs().max(), a_fmt).reshape(1)
@@ -594,7 +599,7 @@ def search_fp4_layer(
     if screen and act_quant and not screened and (len(a_formats) > 1 or len(w_formats) > 1):
         screened = {f: screen_format(x, w, f, shifts(f), w_formats, clip_grid, y64=y64, cache=caches[f])
                     for f in a_formats}
-        a_formats = screen_formats({f: s.score for f, s in screened.items()})
+        a_formats = kept_formats({f: s.score for f, s in screened.items()})
     for a_fmt in a_formats:
         k = shifts(a_fmt)
         layer = _Layer(x, w, k, y64)
@@ -608,8 +613,7 @@ def search_fp4_layer(
             # weight (format and row scales): a step whose input was seen before is taken from there (once the
             # scales stop changing, the remaining rounds cost nothing).
             w_fmt = start_w
-            w_scales = f4.max_scaled_scale(layer.w.abs().amax(dim=1), w_fmt).unsqueeze(1)
-            wq = f4.quantize(layer.w, w_fmt, w_scales)
+            w_scales, wq = layer.max_scaled_weight(w_fmt)
             weight_steps: dict = {}
             act_steps: dict = {}
             a_prev = None

@@ -226,7 +226,7 @@ def _fp4_search_group(layers, x: torch.Tensor, absmax: torch.Tensor | None) -> d
         screened = {name: {f: q.screen_format(x, w, f4.fp4_format(name), exponents[name], w_formats, q.CLIP_GRID,
                                               y64=y64[f], cache=caches[name])
                            for f, w in shared.items()} for name in q.ALL_FORMATS}
-        kept = q.screen_formats({n: sum(s.score for s in by_layer.values()) for n, by_layer in screened.items()})
+        kept = q.kept_formats({n: sum(s.score for s in by_layer.values()) for n, by_layer in screened.items()})
         caches = {name: caches[name] for name in kept}
         best = None
         for name in kept:

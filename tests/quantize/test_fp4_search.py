@@ -181,7 +181,7 @@ def test_screen_score_estimates_the_layer_error_from_a_row_subset():
     whole = q.screen_format(x, w, fmt, None, wfs, GRID, rows=512).score
     part = q.screen_format(x, w, fmt, None, wfs, GRID, rows=64).score
     assert part == pytest.approx(whole, rel=0.25)
-    assert q.screen_formats({"a": 1.0, "b": 1.05, "c": 1.2}, margin=0.1) == ["a", "b"]
+    assert q.kept_formats({"a": 1.0, "b": 1.05, "c": 1.2}, margin=0.1) == ["a", "b"]
 
 
 def test_stored_representation():
