@@ -49,6 +49,7 @@ plus the format names (w_format, a_format; a_format None in W4A16 mode).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -201,6 +202,28 @@ def check_inputs(fqn: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- search steps
 
 
+def native_rounding() -> bool:
+    """Whether the search rounds its candidates in the native library (kernels/native, op `fp4_round`: one pass,
+    bit for bit formats.fp4.quantize's result). LOWBIT_NATIVE_FP4=0 keeps torch's elementwise passes; without a C++
+    compiler they run."""
+    if os.environ.get("LOWBIT_NATIVE_FP4", "1") == "0":
+        return False
+    from ..kernels import native
+
+    return native.available()
+
+
+def _round(x: torch.Tensor, fmt: FP4Format, scale: torch.Tensor, minus_input: bool = False) -> torch.Tensor:
+    """formats.fp4.quantize(x, fmt, scale), minus x with minus_input, for a float32 matrix x and a scale with one
+    element per row or one in all: natively when `native_rounding()`, else in torch (the same values)."""
+    if native_rounding() and x.dim() == 2 and x.device.type == "cpu":
+        s = scale.to(torch.float32).reshape(-1)
+        return torch.ops.lowbit_native.fp4_round(x.contiguous(), s, fmt.m_bits, fmt.max_value(0.0), minus_input)
+    q = f4.quantize(x, fmt, scale)
+    return q.sub_(x) if minus_input else q
+
+
+
 class _Layer:
     """Calibration data of one layer in shifted coordinates, and the exact loss."""
 
@@ -324,7 +347,7 @@ def _weight_step(layer: _Layer, xq: torch.Tensor, w_formats, clip_grid, refine: 
         scales = f4.max_scaled_scale(amax.unsqueeze(1), fmt, grid)  # (rows, n)
 
         def evaluate(idx):
-            d = f4.quantize(w, fmt, scales.gather(1, idx.unsqueeze(1))).sub_(w)
+            d = _round(w, fmt, scales.gather(1, idx.unsqueeze(1)), minus_input=True)
             if by_tokens:
                 e = torch.addmm(base, xq, d.T) if quantized_act else xq @ d.T
                 return e.pow_(2).sum(0)
@@ -371,7 +394,7 @@ class ActCache:
         key = float(s)
         xq = self.tensors.get(key)
         if xq is None:
-            xq = f4.quantize(x, fmt, s)
+            xq = _round(x, fmt, s)
             size = xq.numel() * xq.element_size()
             if self.bytes + size <= self.limit:
                 self.tensors[key] = xq

@@ -38,6 +38,9 @@ The ops (schemas in csrc/ops.cpp, CPU kernels in csrc/kernels_*.cpp, fakes below
 - `ldlq(wt, ut, d, st, per_group, zero, max_code, block) -> (codes, loss)`: the column loop of
   quantize/ldlq.ldlq_factored (csrc/ldlq.cpp), bit for bit the Python loop's result without its ~80 µs of
   interpreter overhead per column; the quantizer uses it when the library is available.
+- `fp4_round(x float32 (R, C), scale float32 (R or 1 elements), m_bits, max_value, minus_input) -> float32 (R, C)`:
+  formats.fp4.quantize(x, fmt, scale) (minus x with minus_input) in one pass (csrc/fp4_round.cpp), bit for bit torch's
+  ten elementwise passes; the FP4 search's candidates use it (formats.fp4.rounded) when the library is available.
 - `cpu_features() -> int[]`, `resolve_isa(isa) -> int`: what `capabilities()` reads;
   `default_prefill_rows(act, bits) -> int`: the rows from which prefill_rows=-1 takes the GEMM path.
 
@@ -71,7 +74,7 @@ import torch
 
 NAMESPACE = "lowbit_native"
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = ("ops.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "ldlq.cpp")
+SOURCES = ("ops.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "ldlq.cpp", "fp4_round.cpp")
 HEADERS = ("lowbit_native.h", "kernels_simd.inc", "hadamard_simd.inc")
 CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-Wall")
 ISAS = ("scalar", "avx2", "avx512")
