@@ -4,8 +4,9 @@ two commits on the very same inputs and compare time, chosen formats and the lay
     # once: the groups' inputs (weights, the calibration sample, maxima) of MiniLM or SmolLM2 under the fp4 recipe
     OMP_NUM_THREADS=1 python tools/fp4_search_ab.py capture minilm groups-minilm.pt
     OMP_NUM_THREADS=1 python tools/fp4_search_ab.py capture smollm2 groups-smollm2.pt --every 3   # every 3rd block
-    # on each commit (PYTHONPATH=<other checkout> runs another commit's search on the same file)
-    OMP_NUM_THREADS=1 python tools/fp4_search_ab.py run groups-minilm.pt fp4-rot A.json
+    # on each commit: the lowbit_compile imported is the first on sys.path, so name the checkout to measure
+    PYTHONPATH=<checkout of A> OMP_NUM_THREADS=1 python tools/fp4_search_ab.py run groups-minilm.pt fp4-rot A.json
+    PYTHONPATH=<checkout of B> OMP_NUM_THREADS=1 python tools/fp4_search_ab.py run groups-minilm.pt fp4-rot B.json
     python tools/fp4_search_ab.py compare A.json B.json
 
 The capture runs lb.quantize with a shortened search (11 clip values, one round) so that it is quick; the inputs of

@@ -18,7 +18,10 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+# This checkout's package and test models, not an installed (editable) lowbit_compile from another checkout: the
+# script run from a worktree of commit B must hash commit B.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 CHECKPOINTS = [  # (model, recipe, overrides)
     ("llama", "w4", None), ("llama", "w3-rtn-g64", {"re:.*down_proj": "w3-rtn"}), ("llama", "w2-quip", None),
