@@ -84,6 +84,39 @@ class LowbitFP4Linear(_LowbitModule):
                 f"rotated={self._rotated_input}")
 
 
+class CalibrationFP4Linear(LowbitFP4Linear):
+    """LowbitFP4Linear for lb.quantize's sequential calibration passes. On the CPU its op runs lowbit::fp4_linear's
+    reference, which decodes the weight and rounds the activations in torch on every call; this module computes the
+    same numbers with the same functions (bit for bit: tests/test_fp4_pipeline.py), the weight decoded once and the
+    activations rounded by quantize.fp4.round_fp4 (one native pass when the library is there). Elsewhere (CUDA), or
+    on a wrong input size, it is LowbitFP4Linear."""
+
+    def __init__(self, rec: FP4QuantizedLinear, bias: torch.Tensor | None = None):
+        super().__init__(rec, bias)
+        self._weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .formats import fp4 as f4
+        from .kernels.fp4_ops import dequantize_fp4_weight
+        from .quantize.fp4 import round_fp4
+
+        if x.device.type != "cpu" or x.shape[-1] != self.in_features or self.a_format is None:
+            return super().forward(x)
+        if self._rotated_input:
+            x = HADAMARD(x=x, signs=self.su, factor=self.had_in)
+        if self._weight is None:
+            self._weight = dequantize_fp4_weight(self.qweight, self.w_scales, self.w_format, self.in_features)
+        h = x.to(torch.float32)
+        if self.act_shift is not None:
+            h = h * f4.exponent_multipliers(self.act_shift)
+        h = round_fp4(h.reshape(-1, self.in_features), f4.fp4_format(self.a_format),
+                      self.act_scale.reshape(())).reshape(h.shape)
+        y = torch.nn.functional.linear(h, self._weight)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype)
+
+
 class _Rotations(torch.nn.Module):
     """Holds the Kronecker rotation blocks of a CPU fast form as non-persistent buffers (constants of the
     transform size, not part of the state dict)."""

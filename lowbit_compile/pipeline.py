@@ -230,12 +230,12 @@ def _replaced_by_weight(r) -> bool:
 
 def _replacement(r, lin: torch.nn.Linear):
     """What the rest of the model sees for a quantized linear while calibrating sequentially: the dequantized
-    weight, or for FP4 W4A4 (activations rounded too) the run-time module."""
-    from .nn import LowbitFP4Linear
+    weight, or for FP4 W4A4 (activations rounded too) the run-time module (nn.CalibrationFP4Linear)."""
+    from .nn import CalibrationFP4Linear
     from .quantize.records import FP4QuantizedLinear
 
     if isinstance(r, FP4QuantizedLinear) and r.a_format is not None:
-        return LowbitFP4Linear(r, lin.bias)
+        return CalibrationFP4Linear(r, lin.bias)
     return r.dequantized_weight()
 
 

@@ -243,3 +243,28 @@ def test_fp4_calibration_skips_the_hessian_and_writes_the_same_checkpoint(monkey
         other = collected.records[f]
         assert torch.equal(rec.qweight, other.qweight) and torch.equal(rec.w_scales, other.w_scales), f
         assert torch.equal(rec.act_scale, other.act_scale) and rec.a_format == other.a_format, f
+
+
+@pytest.mark.parametrize("recipe", ["fp4", "fp4-rot"])
+def test_calibration_module_computes_what_the_run_time_module_computes_bit_for_bit(recipe, monkeypatch):
+    """lb.quantize's sequential passes run nn.CalibrationFP4Linear (weight decoded once, native activation rounding)
+    in place of LowbitFP4Linear (the reference op): the same bits, on both rounding paths, 2-D and 3-D inputs."""
+    from lowbit_compile.nn import CalibrationFP4Linear, LowbitFP4Linear
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    ckpt = lb.quantize(model, recipe, _batches(), progress=False)
+    g = torch.Generator().manual_seed(1)
+    checked = 0
+    for fqn, rec in ckpt.records.items():
+        lin = model.get_submodule(fqn)
+        bias = torch.randn(rec.out_features, generator=g)
+        reference, calibration = LowbitFP4Linear(rec, bias), CalibrationFP4Linear(rec, bias)
+        for x in (torch.randn(5, rec.in_features, generator=g) * 4, torch.randn(2, 3, rec.in_features, generator=g)):
+            for native in ("1", "0"):
+                monkeypatch.setenv("LOWBIT_NATIVE_FP4", native)
+                want, got = reference(x), calibration(x)
+                assert torch.equal(want.view(torch.int32), got.view(torch.int32)), (fqn, native)
+        assert lin.in_features == rec.in_features
+        checked += 1
+    assert checked == len(ckpt.records) > 0

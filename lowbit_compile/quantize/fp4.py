@@ -213,10 +213,10 @@ def native_rounding() -> bool:
     return native.available()
 
 
-def _round(x: torch.Tensor, fmt: FP4Format, scale: torch.Tensor, minus_input: bool = False) -> torch.Tensor:
+def round_fp4(x: torch.Tensor, fmt: FP4Format, scale: torch.Tensor, minus_input: bool = False) -> torch.Tensor:
     """formats.fp4.quantize(x, fmt, scale), minus x with minus_input, for a float32 matrix x and a scale with one
     element per row or one in all: natively when `native_rounding()`, else in torch (the same values)."""
-    if native_rounding() and x.dim() == 2 and x.device.type == "cpu":
+    if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and native_rounding():
         s = scale.to(torch.float32).reshape(-1)
         return torch.ops.lowbit_native.fp4_round(x.contiguous(), s, fmt.m_bits, fmt.max_value(0.0), minus_input)
     q = f4.quantize(x, fmt, scale)
@@ -238,7 +238,7 @@ class _Layer:
     def max_scaled_weight(self, fmt: FP4Format) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-row max-scaled scales (rows, 1), the weight quantized at them) in format fmt."""
         scales = f4.max_scaled_scale(self.w.abs().amax(dim=1), fmt).unsqueeze(1)
-        return scales, f4.quantize(self.w, fmt, scales)
+        return scales, round_fp4(self.w, fmt, scales)
 
     def exact_loss(self, xq: torch.Tensor, wq: torch.Tensor) -> float:
         r = xq.to(torch.float64) @ wq.to(torch.float64).T - self.y64
@@ -347,7 +347,7 @@ def _weight_step(layer: _Layer, xq: torch.Tensor, w_formats, clip_grid, refine: 
         scales = f4.max_scaled_scale(amax.unsqueeze(1), fmt, grid)  # (rows, n)
 
         def evaluate(idx):
-            d = _round(w, fmt, scales.gather(1, idx.unsqueeze(1)), minus_input=True)
+            d = round_fp4(w, fmt, scales.gather(1, idx.unsqueeze(1)), minus_input=True)
             if by_tokens:
                 e = torch.addmm(base, xq, d.T) if quantized_act else xq @ d.T
                 return e.pow_(2).sum(0)
@@ -394,7 +394,7 @@ class ActCache:
         key = float(s)
         xq = self.tensors.get(key)
         if xq is None:
-            xq = _round(x, fmt, s)
+            xq = round_fp4(x, fmt, s)
             size = xq.numel() * xq.element_size()
             if self.bytes + size <= self.limit:
                 self.tensors[key] = xq
@@ -527,7 +527,7 @@ def _max_scaled(fqn, layer: _Layer, w_fmt: FP4Format, a_fmt: FP4Format | None) -
     a_scale, xq = None, layer.x
     if a_fmt is not None:
         a_scale = f4.max_scaled_scale(layer.x.abs().max(), a_fmt).reshape(1)
-        xq = f4.quantize(layer.x, a_fmt, a_scale)
+        xq = round_fp4(layer.x, a_fmt, a_scale)
     return _result(fqn, layer, w_fmt, w_scales, a_fmt, a_scale, layer.w.shape[1], layer.exact_loss(xq, wq))
 
 

@@ -1,6 +1,6 @@
 """lowbit_native::fp4_round against formats.fp4.quantize: the same bits for every input the FP4 search can meet (normal
 values at per-row and per-tensor scales, exact grid points and the ties between them, random bit patterns with
-subnormals, zeros of both signs, Inf), NaN where torch gives NaN; and the search's `_round` helper on both paths."""
+subnormals, zeros of both signs, Inf), NaN where torch gives NaN; and the search's `round_fp4` helper on both paths."""
 
 import pytest
 import torch
@@ -76,7 +76,7 @@ def test_native_rounding_propagates_nan_and_rejects_bad_arguments():
 def test_the_search_rounds_the_same_on_both_paths(fmt, monkeypatch):
     normal, _ = _inputs(3)
     scales = f4.max_scaled_scale(normal.abs().amax(1, keepdim=True), fmt, 0.9)
-    fast = q._round(normal, fmt, scales, minus_input=True)
+    fast = q.round_fp4(normal, fmt, scales, minus_input=True)
     monkeypatch.setenv("LOWBIT_NATIVE_FP4", "0")
     assert not q.native_rounding()
-    _same_bits(fast, q._round(normal, fmt, scales, minus_input=True))
+    _same_bits(fast, q.round_fp4(normal, fmt, scales, minus_input=True))
