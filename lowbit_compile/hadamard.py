@@ -253,12 +253,26 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     if n & (n - 1):
         raise LowbitError(f"fwht needs a power-of-two size, got {n}")
     shape = x.shape
-    h = 1
+    if x.requires_grad and torch.is_grad_enabled():  # out= has no autograd: the stacking form (block fine-tuning)
+        h = 1
+        while h < n:
+            y = x.reshape(-1, n // (2 * h), 2, h)
+            a, b = y[:, :, 0], y[:, :, 1]
+            x = torch.stack((a + b, a - b), dim=2)
+            h *= 2
+        return x.reshape(shape)
+    if n == 1:
+        return x.clone()
+    # two buffers in turn: each stage writes its sums and differences straight into place (the same additions as
+    # stacking a + b and a - b, without the temporaries and the copy: the same values)
+    bufs = [torch.empty(x.numel(), dtype=x.dtype, device=x.device) for _ in range(2 if n > 2 else 1)]
+    h, i = 1, 0
     while h < n:
         y = x.reshape(-1, n // (2 * h), 2, h)
-        a, b = y[:, :, 0], y[:, :, 1]
-        x = torch.stack((a + b, a - b), dim=2)
-        h *= 2
+        out = bufs[i].view(y.shape)
+        torch.add(y[:, :, 0], y[:, :, 1], out=out[:, :, 0])
+        torch.sub(y[:, :, 0], y[:, :, 1], out=out[:, :, 1])
+        x, i, h = out, (i + 1) % len(bufs), h * 2
     return x.reshape(shape)
 
 

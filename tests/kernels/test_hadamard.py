@@ -138,3 +138,25 @@ def test_unsupported_dimension_gets_a_clear_error():
     with pytest.raises(LowbitError, match="power-of-two"):
         hadamard.fwht(torch.randn(3, 6))
     assert math.isclose(hadamard.dense(12)[0, 0].item() ** 2, 1 / 12, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 2), (7, 3, 128), (257, 64), (4, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fwht_buffers_give_the_stacked_butterflies_bits_and_keep_autograd(shape, dtype):
+    """fwht writes each stage into a buffer; the values are those of stacking (a + b, a - b) per stage, which is what
+    it still does under autograd (block fine-tuning differentiates through it)."""
+    def stacked(x):
+        n, h = x.shape[-1], 1
+        while h < n:
+            y = x.reshape(-1, n // (2 * h), 2, h)
+            x = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
+            h *= 2
+        return x.reshape(shape)
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    out = hadamard.fwht(x)
+    assert torch.equal(out, stacked(x)) and out.data_ptr() != x.data_ptr()
+    xg = x.clone().requires_grad_(True)
+    yg = hadamard.fwht(xg)
+    yg.square().sum().backward()
+    assert torch.equal(yg.detach(), out) and xg.grad is not None
