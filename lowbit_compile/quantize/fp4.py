@@ -23,9 +23,8 @@ weights. The search is shaped by what its error curves look like (measured on Mi
   before, starts from max-scaled activations far from the final ones: stopping after its first weight step
   lost ~6 % of output error on MiniLM, and a local second weight step ~4 %; it needed a second full one.)
 - Formats are screened before they are searched (`screen_format`: one activation step and one coarse weight step
-  on 96 of the weight rows): activation formats within ACT_FORMAT_MARGIN (2 %) of the best screened error, and
-  for each the weight formats within W_FORMAT_MARGIN (2 %) of its best, are searched on all rows (5 % gave the
-  same records on MiniLM and cost fp4-rot 9 % more time; 0 % changed one layer by 4 %). On the 25 MiniLM and 38
+  on 96 of the weight rows): activation formats within ACT_FORMAT_MARGIN of the best screened error, and for
+  each the weight formats within W_FORMAT_MARGIN of its best, are searched on all rows. On the 25 MiniLM and 38
   SmolLM2 `fp4` groups checked, the screen's best activation format was the one a full search of all three
   picks; on MiniLM's `fp4-rot` layers it was within 4.1 % of it (tools/fp4_search_ab.py A/Bs such changes).
 
@@ -74,9 +73,9 @@ LOCAL_STRIDE = 2
 # Activation formats are screened on this many weight rows (`screen_format`).
 SCREEN_ROWS = 96
 # Activation formats whose screened error is within this fraction of the best are searched in full.
-ACT_FORMAT_MARGIN = 0.02
+ACT_FORMAT_MARGIN = 0.05
 # ... and weight formats within this fraction of the best screened weight error.
-W_FORMAT_MARGIN = 0.02
+W_FORMAT_MARGIN = 0.05
 # Quantized activations kept per (activation tensor, format) while a group is searched (`ActCache`).
 ACT_CACHE_BYTES = 64 << 20
 # Alternating weight/activation rounds (LLM-FP4 uses 3). quantize.layer reads CLIP_GRID and SEARCH_ROUNDS at
