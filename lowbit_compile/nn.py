@@ -96,8 +96,7 @@ class CalibrationFP4Linear(LowbitFP4Linear):
         self._weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .formats import fp4 as f4
-        from .kernels.fp4_ops import dequantize_fp4_weight
+        from .kernels.fp4_ops import dequantize_fp4_weight, fp4_linear_decoded
         from .quantize.fp4 import round_fp4
 
         if x.device.type != "cpu" or x.shape[-1] != self.in_features or self.a_format is None:
@@ -106,15 +105,8 @@ class CalibrationFP4Linear(LowbitFP4Linear):
             x = HADAMARD(x=x, signs=self.su, factor=self.had_in)
         if self._weight is None:
             self._weight = dequantize_fp4_weight(self.qweight, self.w_scales, self.w_format, self.in_features)
-        h = x.to(torch.float32)
-        if self.act_shift is not None:
-            h = h * f4.exponent_multipliers(self.act_shift)
-        h = round_fp4(h.reshape(-1, self.in_features), f4.fp4_format(self.a_format),
-                      self.act_scale.reshape(())).reshape(h.shape)
-        y = torch.nn.functional.linear(h, self._weight)
-        if self.bias is not None:
-            y = y + self.bias.to(torch.float32)
-        return y.to(x.dtype)
+        return fp4_linear_decoded(x, self._weight, self.act_shift, self.act_scale, self.a_format, self.bias,
+                                  rounding=round_fp4)
 
 
 class _Rotations(torch.nn.Module):

@@ -129,7 +129,7 @@ class LayerSpec:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in CALIBRATED or (self.method in METHODS and METHODS[self.method].needs_calibration)
+        return self.method in CALIBRATED or self.needs_hessian
 
     @property
     def needs_hessian(self) -> bool:

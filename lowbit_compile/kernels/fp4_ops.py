@@ -34,8 +34,9 @@ def dequantize_fp4_weight(qweight: Tensor, w_scales: Tensor, w_format: str, in_f
 
 
 def quantize_fp4_activations(x: Tensor, act_shift: Tensor | None, act_scale: Tensor | None,
-                             a_format: str | None) -> Tensor:
-    """x (float32) ⊙ 2**k, rounded to the activation format per tensor (not rounded if a_format is None)."""
+                             a_format: str | None, rounding=f4.quantize) -> Tensor:
+    """x (float32) ⊙ 2**k, rounded to the activation format per tensor (not rounded if a_format is None).
+    `rounding(x, fmt, scale)`: formats.fp4.quantize, or a function with its values (quantize.fp4.round_fp4)."""
     if act_shift is not None:
         x = x * f4.exponent_multipliers(act_shift)
     if a_format is None:
@@ -43,18 +44,23 @@ def quantize_fp4_activations(x: Tensor, act_shift: Tensor | None, act_scale: Ten
     if act_scale is None:
         raise LowbitError(f"fp4_linear: activation format {a_format!r} needs act_scale (None means W4A16: "
                           f"pass a_format=None)")
-    return f4.quantize(x, f4.fp4_format(a_format), act_scale.reshape(()))
+    return rounding(x, f4.fp4_format(a_format), act_scale.reshape(()))
+
+
+def fp4_linear_decoded(x, w, act_shift, act_scale, a_format, bias, rounding=f4.quantize):
+    """fp4_linear_ref after its weight decode: y = Q_a(x ⊙ 2**k) · wᵀ + bias with w the decoded Ŵ' (float32)."""
+    h = quantize_fp4_activations(x.to(torch.float32), act_shift, act_scale, a_format, rounding)
+    y = torch.nn.functional.linear(h, w)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
 
 
 def fp4_linear_ref(x, qweight, w_scales, act_shift, act_scale, w_format, a_format, bias, in_features):
     if x.shape[-1] != in_features:
         raise LowbitError(f"fp4_linear: input has {x.shape[-1]} features, the weight expects {in_features}")
     w = dequantize_fp4_weight(qweight, w_scales, w_format, in_features)
-    h = quantize_fp4_activations(x.to(torch.float32), act_shift, act_scale, a_format)
-    y = torch.nn.functional.linear(h, w)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype)
+    return fp4_linear_decoded(x, w, act_shift, act_scale, a_format, bias)
 
 
 @torch.library.custom_op("lowbit::fp4_linear_reference", mutates_args=())

@@ -214,14 +214,17 @@ def native_rounding() -> bool:
 
 
 def round_fp4(x: torch.Tensor, fmt: FP4Format, scale: torch.Tensor, minus_input: bool = False) -> torch.Tensor:
-    """formats.fp4.quantize(x, fmt, scale), minus x with minus_input, for a float32 matrix x and a scale with one
-    element per row or one in all: natively when `native_rounding()`, else in torch (the same values)."""
-    if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and native_rounding():
+    """formats.fp4.quantize(x, fmt, scale), minus x with minus_input, for float32 x and a scale with one element per
+    row of a matrix x, or one in all (any shape of x then): natively when `native_rounding()`, else in torch (the
+    same values)."""
+    one = scale.numel() == 1
+    if (x.dim() == 2 or (one and x.dim() >= 1)) and x.dtype == torch.float32 and x.device.type == "cpu" and native_rounding():
         s = scale.to(torch.float32).reshape(-1)
-        return torch.ops.lowbit_native.fp4_round(x.contiguous(), s, fmt.m_bits, fmt.max_value(0.0), minus_input)
+        x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+        out = torch.ops.lowbit_native.fp4_round(x2.contiguous(), s, fmt.m_bits, fmt.max_value(0.0), minus_input)
+        return out.reshape(x.shape)
     q = f4.quantize(x, fmt, scale)
     return q.sub_(x) if minus_input else q
-
 
 
 class _Layer:

@@ -40,7 +40,7 @@ The ops (schemas in csrc/ops.cpp, CPU kernels in csrc/kernels_*.cpp, fakes below
   interpreter overhead per column; the quantizer uses it when the library is available.
 - `fp4_round(x float32 (R, C), scale float32 (R or 1 elements), m_bits, max_value, minus_input) -> float32 (R, C)`:
   formats.fp4.quantize(x, fmt, scale) (minus x with minus_input) in one pass (csrc/fp4_round.cpp), bit for bit torch's
-  ten elementwise passes; the FP4 search's candidates use it (formats.fp4.rounded) when the library is available.
+  ten elementwise passes; the FP4 search's candidates use it (quantize.fp4.round_fp4) when the library is available.
 - `cpu_features() -> int[]`, `resolve_isa(isa) -> int`: what `capabilities()` reads;
   `default_prefill_rows(act, bits) -> int`: the rows from which prefill_rows=-1 takes the GEMM path.
 
