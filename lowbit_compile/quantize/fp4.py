@@ -218,7 +218,8 @@ def round_fp4(x: torch.Tensor, fmt: FP4Format, scale: torch.Tensor, minus_input:
     row of a matrix x, or one in all (any shape of x then): natively when `native_rounding()`, else in torch (the
     same values)."""
     one = scale.numel() == 1
-    if (x.dim() == 2 or (one and x.dim() >= 1)) and x.dtype == torch.float32 and x.device.type == "cpu" and native_rounding():
+    shape_ok = x.dim() == 2 or (one and x.dim() >= 1)
+    if shape_ok and x.dtype == torch.float32 and x.device.type == "cpu" and native_rounding():
         s = scale.to(torch.float32).reshape(-1)
         x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
         out = torch.ops.lowbit_native.fp4_round(x2.contiguous(), s, fmt.m_bits, fmt.max_value(0.0), minus_input)
