@@ -28,6 +28,13 @@ weights. The search is shaped by what its error curves look like (measured on Mi
   SmolLM2 `fp4` groups checked, the screen's best activation format was the one a full search of all three
   picks; on MiniLM's `fp4-rot` layers it was within 4.1 % of it (tools/fp4_search_ab.py A/Bs such changes).
 
+Every candidate's error is computed from integers: an FP4 value at bias 0 times `int_mult(fmt)` is a small integer
+(E2M1 0..12, E1M2 ×2 0..7, E3M0 ×½ 0..64), so Q(x)·Q(W)ᵀ = (ints_x · ints_Wᵀ) · s_x s_w / (mult_x mult_w) with the
+sum exact in int32 (torch's int8 GEMM, 5-10× float32's speed with AVX-512 VNNI/AMX, ~1.6× with AVX2), and each
+difference to y = x Wᵀ is one float32 rounding (`sq_err_rows`). The numbers are the same on every CPU, where float32
+GEMMs differ in their last bits by instruction set; before, the same errors were float32 expansions
+(||X̂ d + (X̂ − x) w||², d = Q(w) − w) whose rounding was that of the GEMM.
+
 The search starts from, and returns nothing worse than, max-scaled E2M1 (its loss is reported as
 `baseline_loss`). Weight and activation formats may differ.
 
@@ -228,6 +235,72 @@ def round_fp4(x: torch.Tensor, fmt: FP4Format, scale: torch.Tensor, minus_input:
     return q.sub_(x) if minus_input else q
 
 
+def int_mult(fmt: FP4Format) -> float:
+    """The power of two that makes fmt's bias-0 values integers small enough for int8: E2M1 x1 (0..12), E1M2 x2
+    (0..7), E3M0 x1/2 (0..64)."""
+    return {0: 0.5, 1: 1.0, 2: 2.0}[fmt.m_bits]
+
+
+def fp4_ints(x: torch.Tensor, fmt: FP4Format, scale: torch.Tensor, native: bool | None = None) -> torch.Tensor:
+    """int8 (R, C): the signed bias-0 values of quantize(x, fmt, scale) times int_mult(fmt), for finite float32 x
+    (R, C) and a scale with one element per row or one in all: natively when `native` (default `native_rounding()`),
+    else in torch."""
+    mult = int_mult(fmt)
+    native = native_rounding() if native is None else native
+    if x.dtype == torch.float32 and x.device.type == "cpu" and native:
+        return torch.ops.lowbit_native.fp4_ints(x.contiguous(), scale.to(torch.float32).reshape(-1), fmt.m_bits,
+                                                fmt.max_value(0.0), mult)
+    s = scale.to(torch.float32)
+    s = s.reshape(-1, 1) if s.numel() > 1 else s.reshape(1)
+    return (f4.quantize_unscaled(x, fmt, s) * mult).to(torch.int8)
+
+
+def int_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a · bᵀ for int8 a (R, K) and b (T, K), exactly, as int32 (R, T) (torch's int8 GEMM; float64 where that is
+    missing: the sums are integers below 2**31, exact in either)."""
+    if a.shape[1] * 128 * 128 >= 2**31:
+        raise LowbitError(f"the FP4 search's integer products need fewer than {2**31 // 128 // 128} input features, "
+                          f"got {a.shape[1]}")
+    try:
+        return torch._int_mm(a.contiguous(), b.contiguous().T)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return (a.to(torch.float64) @ b.to(torch.float64).T).to(torch.int32)
+
+
+def sq_err_rows(m: torch.Tensor, c: torch.Tensor, y: torch.Tensor, native: bool | None = None) -> torch.Tensor:
+    """float64 (R,): Σ_t (m[r, t]·c[r] − y[r, t])² for int32 m (R, T), float32 c (R or 1 elements), float32 y (R, T):
+    each difference in float32, its square summed in double (natively in a fixed order when `native`, default
+    `native_rounding()`)."""
+    c = c.to(torch.float32).reshape(-1)
+    if native_rounding() if native is None else native:
+        return torch.ops.lowbit_native.fp4_sq_err(m.contiguous(), c, y.contiguous())
+    d = m.to(torch.float32) * (c.unsqueeze(1) if c.numel() > 1 else c) - y
+    return d.to(torch.float64).pow_(2).sum(1)
+
+
+@dataclass
+class Rounded:
+    """A tensor rounded to FP4, held as small integers: its values are ints · unit exactly (float32), with
+    unit = scale / int_mult(fmt) (a float16 scale divided by a power of two)."""
+
+    fmt: FP4Format
+    scale: torch.Tensor  # float32 holding float16 values: (rows, 1) per row, or (1,) per tensor
+    ints: torch.Tensor   # int8, the tensor's shape
+
+    @property
+    def unit(self) -> torch.Tensor:
+        return self.scale.to(torch.float32) / int_mult(self.fmt)
+
+    def values(self) -> torch.Tensor:
+        """float32: formats.fp4.quantize(x, fmt, scale), with +0 for its -0."""
+        return self.ints.to(torch.float32) * self.unit
+
+
+def round_ints(x: torch.Tensor, fmt: FP4Format, scale: torch.Tensor) -> Rounded:
+    """x rounded to fmt at scale ((rows, 1) per row or (1,) per tensor), as `Rounded`."""
+    return Rounded(fmt, scale.to(torch.float32), fp4_ints(x, fmt, scale))
+
+
 class _Layer:
     """Calibration data of one layer in shifted coordinates, and the exact loss."""
 
@@ -238,14 +311,32 @@ class _Layer:
         else:
             self.x, self.w = apply_channel_exponents(x, w, k)
         self.y64 = y64
+        self._yt = None
 
-    def max_scaled_weight(self, fmt: FP4Format) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-row max-scaled scales (rows, 1), the weight quantized at them) in format fmt."""
+    @property
+    def yt(self) -> torch.Tensor:
+        """float32 (out, tokens): (x Wᵀ)ᵀ, what the integer products are compared with."""
+        if self._yt is None:
+            self._yt = self.y64.T.to(torch.float32).contiguous()
+        return self._yt
+
+    def max_scaled_weight(self, fmt: FP4Format) -> tuple[torch.Tensor, Rounded]:
+        """(per-row max-scaled scales (rows, 1), the weight rounded at them) in format fmt."""
         scales = f4.max_scaled_scale(self.w.abs().amax(dim=1), fmt).unsqueeze(1)
-        return scales, round_fp4(self.w, fmt, scales)
+        return scales, round_ints(self.w, fmt, scales)
 
-    def exact_loss(self, xq: torch.Tensor, wq: torch.Tensor) -> float:
-        r = xq.to(torch.float64) @ wq.to(torch.float64).T - self.y64
+    def row_errors(self, xq: Rounded, wq: Rounded) -> torch.Tensor:
+        """float64 (rows,): ||X̂ q_r − y_r||² per weight row, from the exact integer products."""
+        m = int_products(wq.ints, xq.ints)
+        return sq_err_rows(m, wq.unit.reshape(-1) * xq.unit.reshape(-1), self.yt)
+
+    def exact_loss(self, xq: Rounded | torch.Tensor, wq: Rounded) -> float:
+        """mean (Q(x) Q(W)ᵀ − x Wᵀ)², in float64 (Q(x) = x itself in W4A16 mode)."""
+        if isinstance(xq, Rounded):
+            m = int_products(wq.ints, xq.ints).to(torch.float64)
+            r = m.mul_(wq.unit.to(torch.float64).reshape(-1, 1) * xq.unit.to(torch.float64)).sub_(self.y64.T)
+        else:
+            r = xq.to(torch.float64) @ wq.values().to(torch.float64).T - self.y64
         return float(r.pow(2).mean())
 
 
@@ -316,32 +407,31 @@ class _RowSearch:
         self._take(idx.clone())
 
 
-def _weight_step(layer: _Layer, xq: torch.Tensor, w_formats, clip_grid, refine: bool = True,
+def _weight_step(layer: _Layer, xq: Rounded | torch.Tensor, w_formats, clip_grid, refine: bool = True,
                  row_weight: torch.Tensor | None = None, totals: dict | None = None):
-    """Best weight format and per-row scales given the (fixed) quantized activations xq.
+    """Best weight format and per-row scales given the (fixed) activations: xq `Rounded` (quantized), or the float
+    activations themselves (W4A16).
 
-    Row r's error for a candidate is ||X̂ q_r - x w_r||² with d_r = q_r - w_r; it is computed as
-    ||X̂ d_r + (X̂ - x) w_r||² from the tokens when there are fewer tokens than input features, else as
-    d_rᵀ Ĥ d_r + 2 d_rᵀ G w_r + ||(X̂ - x) w_r||² with Ĥ = X̂ᵀX̂, G = X̂ᵀ(X̂ - x): the cheaper of the two.
+    Row r's error for a candidate q_r is ||X̂ q_r − x w_r||². With quantized activations both factors are small
+    integers times scales, so X̂ q_r is computed exactly from the int8 products (`int_products`) and compared with
+    y_r = x w_r (`sq_err_rows`). With float activations (W4A16: X̂ = x) it is ||x d_r||², d_r = q_r − w_r, from the
+    tokens when there are fewer tokens than input features, else as d_rᵀ H d_r with H = xᵀx.
 
     For every format the coarse pass over the clip grid; with refine, the formats whose coarse total is within
     FORMAT_MARGIN of the best are refined (every point within step - 1 of each row's best), and the smallest total
     wins. A format's total is the sum of its rows' errors, each times row_weight (a screen's rows standing for
-    others); `totals`, if given, receives every format's. Returns (format, scales (rows, 1), quantized weight).
+    others); `totals`, if given, receives every format's. Returns (format, scales (rows, 1), `Rounded` weight).
     """
     x, w = layer.x, layer.w
     grid = torch.tensor(clip_grid, dtype=torch.float32)
     coarse, step = _coarse_to_fine(len(clip_grid))
-    err_x = xq - x
-    quantized_act = bool(err_x.abs().max() > 0) if err_x.numel() else False
-    by_tokens = x.shape[0] < x.shape[1]
-    if by_tokens:
-        base = err_x @ w.T if quantized_act else None  # (tokens, out)
+    quantized_act = isinstance(xq, Rounded)
+    native = native_rounding()
+    if quantized_act:
+        x_ints, x_unit, yt = xq.ints, xq.unit.reshape(-1), layer.yt
     else:
-        hess = xq.T @ xq
-        if quantized_act:
-            cross = w @ (xq.T @ err_x).T          # row r: G w_r
-            const = (err_x @ w.T).pow(2).sum(0)   # ||(X̂ - x) w_r||²
+        by_tokens = x.shape[0] < x.shape[1]
+        hess = None if by_tokens else x.T @ x
     amax = w.abs().amax(dim=1)
     rows, n = w.shape[0], len(clip_grid)
 
@@ -349,14 +439,16 @@ def _weight_step(layer: _Layer, xq: torch.Tensor, w_formats, clip_grid, refine: 
         # every row's scale for every clip value at once: the same elementwise float32 operations as one
         # max_scaled_scale(amax, fmt, γ) call per candidate, so the same float16 scales
         scales = f4.max_scaled_scale(amax.unsqueeze(1), fmt, grid)  # (rows, n)
+        mult = int_mult(fmt)
 
         def evaluate(idx):
-            d = round_fp4(w, fmt, scales.gather(1, idx.unsqueeze(1)), minus_input=True)
+            s = scales.gather(1, idx.unsqueeze(1))
+            if quantized_act:
+                m = int_products(fp4_ints(w, fmt, s, native), x_ints)
+                return sq_err_rows(m, s.to(torch.float32).reshape(-1) / mult * x_unit, yt, native)
+            d = round_fp4(w, fmt, s, minus_input=True)
             if by_tokens:
-                e = torch.addmm(base, xq, d.T) if quantized_act else xq @ d.T
-                return e.pow_(2).sum(0)
-            if quantized_act:  # dᵀĤd + 2 dᵀG w + const = Σ d ⊙ (Ĥd + 2 G w) + const
-                return (d @ hess).add_(cross, alpha=2).mul_(d).sum(1).add_(const)
+                return (x @ d.T).pow_(2).sum(0)
             return (d @ hess).mul_(d).sum(1)
 
         return _RowSearch(evaluate, rows, n), scales
@@ -379,11 +471,12 @@ def _weight_step(layer: _Layer, xq: torch.Tensor, w_formats, clip_grid, refine: 
     fmt = min(found, key=lambda f: found[f][0])  # the first of equal totals, in w_formats order
     _, rs, scales = found[fmt]
     row_scale = scales.gather(1, rs.idx.unsqueeze(1))
-    return fmt, row_scale, f4.quantize(w, fmt, row_scale)
+    return fmt, row_scale, round_ints(w, fmt, row_scale)
 
 
 class ActCache:
-    """Quantized activations by scale, for ONE shifted activation tensor x' and one activation format.
+    """Quantized activations (int8, `fp4_ints`) by scale, for ONE shifted activation tensor x' and one activation
+    format.
 
     The layers of a group read the same x' and try the same candidate scales, and so do a screen and the search
     after it: the quantized tensors are made once. The caller keeps one cache per (x', format); at most
@@ -394,11 +487,11 @@ class ActCache:
         self.tensors: dict[float, torch.Tensor] = {}
         self.bytes = 0
 
-    def quantized(self, x: torch.Tensor, fmt: FP4Format, s: torch.Tensor) -> torch.Tensor:
+    def ints(self, x: torch.Tensor, fmt: FP4Format, s: torch.Tensor) -> torch.Tensor:
         key = float(s)
         xq = self.tensors.get(key)
         if xq is None:
-            xq = round_fp4(x, fmt, s)
+            xq = fp4_ints(x, fmt, s)
             size = xq.numel() * xq.element_size()
             if self.bytes + size <= self.limit:
                 self.tensors[key] = xq
@@ -406,25 +499,23 @@ class ActCache:
         return xq
 
 
-def _act_step(layer: _Layer, wq: torch.Tensor, a_fmt: FP4Format, clip_grid, prev: int | None = None,
+def _act_step(layer: _Layer, wq: Rounded, a_fmt: FP4Format, clip_grid, prev: int | None = None,
               cache: ActCache | None = None):
     """Best per-tensor activation scale for a_fmt given the (fixed) quantized weight wq.
 
-    The error ||(X̂ - x) Ŵᵀ + x (Ŵ - W)ᵀ||² is computed per candidate from the tokens, or, when the layer has more
-    outputs than inputs, as tr(E G Eᵀ) + 2 tr(E Pᵀ) + const with E = X̂ - x, G = ŴᵀŴ, P = x (Ŵ - W)ᵀ Ŵ (fewer
-    operations). First step (prev None): the coarse pass from the top of the clip grid down, ending once the error
+    The error ||X̂ Ŵᵀ − x Wᵀ||² of a candidate is computed exactly from the int8 products of the two (`int_products`,
+    `sq_err_rows`). First step (prev None): the coarse pass from the top of the clip grid down, ending once the error
     has stayed above ACT_TURN_RATIO × the best for TURN_POINTS points, then a halving refinement around the best;
     a later step (prev: the previous step's grid index) starts there with stride LOCAL_STRIDE. Several clip values
     can give the same float16 scale: each scale is evaluated once. `cache` holds quantized activations of this
-    layer's x' and a_fmt (shared with other layers of a group). Returns (scale (1,), quantized x, grid index);
-    the quantized x may be the cache's tensor: not to be modified.
+    layer's x' and a_fmt (shared with other layers of a group). Returns (scale (1,), `Rounded` x, grid index);
+    the integers may be the cache's tensor: not to be modified.
     """
-    x = layer.x
-    z = x @ (wq - layer.w).T  # (tokens, out)
+    x, yt = layer.x, layer.yt
     amax = x.abs().max()
-    by_gram = wq.shape[0] > wq.shape[1]
-    if by_gram:
-        gram, p, zz = wq.T @ wq, z @ wq, float(z.pow(2).sum())
+    w_unit = wq.unit.reshape(-1)
+    mult = int_mult(a_fmt)
+    native = native_rounding()
     tried: dict[float, tuple] = {}
     cache = ActCache(0) if cache is None else cache
 
@@ -434,13 +525,10 @@ def _act_step(layer: _Layer, wq: torch.Tensor, a_fmt: FP4Format, clip_grid, prev
     def evaluate(idx):
         s = scale_of(int(idx[0]))
         if float(s) not in tried:
-            xq = cache.quantized(x, a_fmt, s)
-            e = xq - x
-            if by_gram:
-                err = float(((e @ gram).mul_(e)).sum() + 2 * (e.mul_(p)).sum()) + zz
-            else:
-                err = float((e @ wq.T + z).pow(2).sum())
-            tried[float(s)] = (err, xq)
+            x_ints = cache.ints(x, a_fmt, s)
+            m = int_products(wq.ints, x_ints)
+            err = float(sq_err_rows(m, w_unit * (s.to(torch.float32) / mult), yt, native).sum())
+            tried[float(s)] = (err, x_ints)
         return torch.tensor([tried[float(s)][0]], dtype=torch.float64)
 
     coarse, step = _coarse_to_fine(len(clip_grid))
@@ -453,7 +541,7 @@ def _act_step(layer: _Layer, wq: torch.Tensor, a_fmt: FP4Format, clip_grid, prev
         rs.refine(LOCAL_STRIDE)
     i = int(rs.idx[0])
     s = scale_of(i)
-    return s, tried[float(s)][1], i
+    return s, Rounded(a_fmt, s.to(torch.float32), tried[float(s)][1]), i
 
 
 def _start_format(formats):
@@ -511,7 +599,7 @@ def screen_format(x: torch.Tensor, w: torch.Tensor, a_fmt: FP4Format, k: torch.T
     _, xq, _ = _act_step(layer, wq, a_fmt, clip_grid, cache=cache)
     totals: dict = {}
     _, _, wq = _weight_step(layer, xq, w_formats, clip_grid, refine=False, row_weight=weight, totals=totals)
-    err = (xq.to(torch.float64) @ wq.to(torch.float64).T - layer.y64).pow(2).sum(0)
+    err = layer.row_errors(xq, wq)
     total = float(energy.sum())
     score = float((err * weight).sum()) / total if total > 0 else float((err * weight).sum())
     return Screened(score, kept_formats(totals, W_FORMAT_MARGIN))
@@ -531,7 +619,7 @@ def _max_scaled(fqn, layer: _Layer, w_fmt: FP4Format, a_fmt: FP4Format | None) -
     a_scale, xq = None, layer.x
     if a_fmt is not None:
         a_scale = f4.max_scaled_scale(layer.x.abs().max(), a_fmt).reshape(1)
-        xq = round_fp4(layer.x, a_fmt, a_scale)
+        xq = round_ints(layer.x, a_fmt, a_scale)
     return _result(fqn, layer, w_fmt, w_scales, a_fmt, a_scale, layer.w.shape[1], layer.exact_loss(xq, wq))
 
 
@@ -609,10 +697,14 @@ def search_fp4_layer(
     if y64 is None:
         y64 = x.to(torch.float64) @ w.to(torch.float64).T
     base_fmt = f4.fp4_format(BASELINE_FORMAT)
-    baseline_loss = _max_scaled(fqn, _Layer(x, w, None, y64), base_fmt, base_fmt if act_quant else None).loss
+    baseline = _max_scaled(fqn, _Layer(x, w, None, y64), base_fmt, base_fmt if act_quant else None)
     start_w = _start_format(w_formats)
     start_a = _start_format(a_formats) if act_quant else None
-    best = _max_scaled(fqn, _Layer(x, w, act_exponents, y64), start_w, start_a)
+    if act_exponents is None and start_w == base_fmt and start_a == (base_fmt if act_quant else None):
+        best = baseline  # the same quantizer on the same tensors
+    else:
+        best = _max_scaled(fqn, _Layer(x, w, act_exponents, y64), start_w, start_a)
+    baseline_loss = baseline.loss
     channel_amax = x.abs().amax(dim=0)
 
     def shifts(a_fmt):

@@ -139,27 +139,53 @@ def test_row_search_halving_refinement_reaches_every_point_of_the_bracket():
         assert int(rs.idx[0]) == target and len(calls) == 1 + 6
 
 
-@pytest.mark.parametrize("out,inp", [(40, 24), (24, 40)])
-def test_act_step_error_forms_agree(out, inp):
-    """The Gram form (more outputs than inputs) and the token form of the activation error are the same number."""
+@pytest.mark.parametrize("a_name", ["e2m1", "e1m2", "e3m0"])
+@pytest.mark.parametrize("w_name", ["e2m1", "e1m2", "e3m0"])
+def test_integer_products_are_the_quantized_product(a_name, w_name):
+    """The search multiplies quantized tensors as int8 integers (values = ints · scale / int_mult): the integers
+    decode to formats.fp4.quantize's values exactly, and the row errors and loss computed from their int32 products
+    equal the float64 products' (to the float32 rounding of each difference)."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(64, inp, generator=g) * 3
-    w = torch.randn(out, inp, generator=g) * 0.1
+    x = torch.randn(70, 24, generator=g) * 3
+    x[:, 3] *= 40  # an outlier channel: the activation scale clips the rest
+    w = torch.randn(13, 24, generator=g) * 0.1
+    y64 = x.double() @ w.double().T
+    layer = q._Layer(x, w, None, y64)
+    a_fmt, w_fmt = f4.fp4_format(a_name), f4.fp4_format(w_name)
+    w_scales = f4.max_scaled_scale(w.abs().amax(1), w_fmt, 0.8).unsqueeze(1)
+    a_scale = f4.max_scaled_scale(x.abs().max(), a_fmt, 0.3).reshape(1)
+    wq, xq = q.round_ints(w, w_fmt, w_scales), q.round_ints(x, a_fmt, a_scale)
+    assert wq.ints.dtype == torch.int8 and int(xq.ints.abs().max()) <= 127
+    assert torch.equal(wq.values(), f4.quantize(w, w_fmt, w_scales) + 0.0)  # + 0.0: -0 -> +0
+    assert torch.equal(xq.values(), f4.quantize(x, a_fmt, a_scale) + 0.0)
+    want = (xq.values().double() @ wq.values().double().T - y64).pow(2)
+    torch.testing.assert_close(layer.row_errors(xq, wq), want.sum(0), rtol=1e-6, atol=0)
+    assert layer.exact_loss(xq, wq) == pytest.approx(float(want.mean()), rel=1e-12)
+    # torch's fallback of each piece gives the same numbers
+    m = q.int_products(wq.ints, xq.ints)
+    assert torch.equal(m, (wq.ints.double() @ xq.ints.double().T).to(torch.int32))
+    c = wq.unit.reshape(-1) * xq.unit
+    d = m.to(torch.float32) * c.unsqueeze(1) - layer.yt
+    torch.testing.assert_close(q.sq_err_rows(m, c, layer.yt), d.double().pow(2).sum(1), rtol=1e-12, atol=0)
+
+
+def test_act_step_picks_the_best_scale_by_the_exact_error():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 24, generator=g) * 3
+    w = torch.randn(40, 24, generator=g) * 0.1
     layer = q._Layer(x, w, None, x.double() @ w.double().T)
     fmt = f4.fp4_format("e2m1")
-    wq = f4.quantize(w, fmt, f4.max_scaled_scale(w.abs().amax(1), fmt).unsqueeze(1))
+    wq = q.round_ints(w, fmt, f4.max_scaled_scale(w.abs().amax(1), fmt).unsqueeze(1))
     s, xq, i = q._act_step(layer, wq, fmt, q.CLIP_GRID)
     assert float(s) == float(f4.max_scaled_scale(x.abs().max(), fmt, q.CLIP_GRID[i]))
-    assert torch.equal(xq, f4.quantize(x, fmt, s))
-    # whichever form ran, the chosen scale beats every coarse point by the exact (float64) error, up to the
-    # float32 rounding of the form's sums: a wrong form would pick by the wrong numbers
+    assert torch.equal(xq.values(), f4.quantize(x, fmt, s) + 0.0)
     coarse, _ = q._coarse_to_fine(len(q.CLIP_GRID))
     errs = []
     for i in coarse:
         xg = f4.quantize(x, fmt, f4.max_scaled_scale(x.abs().max(), fmt, q.CLIP_GRID[i]).reshape(1))
-        errs.append(float((xg.double() @ wq.double().T - layer.y64).pow(2).sum()))
-    found = float((xq.double() @ wq.double().T - layer.y64).pow(2).sum())
-    assert found <= min(errs) * (1 + 1e-5)
+        errs.append(float((xg.double() @ wq.values().double().T - layer.y64).pow(2).sum()))
+    found = float((xq.values().double() @ wq.values().double().T - layer.y64).pow(2).sum())
+    assert found <= min(errs) * (1 + 1e-6)
 
 
 def test_screened_search_matches_searching_every_activation_format():

@@ -41,6 +41,12 @@ The ops (schemas in csrc/ops.cpp, CPU kernels in csrc/kernels_*.cpp, fakes below
 - `fp4_round(x float32 (R, C), scale float32 (R or 1 elements), m_bits, max_value, minus_input) -> float32 (R, C)`:
   formats.fp4.quantize(x, fmt, scale) (minus x with minus_input) in one pass (csrc/fp4_round.cpp), bit for bit torch's
   ten elementwise passes; the FP4 search's candidates use it (quantize.fp4.round_fp4) when the library is available.
+- `fp4_ints(x, scale, m_bits, max_value, mult) -> int8 (R, C)`: the same rounding, as the signed bias-0 value times mult
+  (quantize.fp4.int_mult: an exact small integer), and `fp4_sq_err(m int32 (R, T), c float32 (R or 1), y float32 (R, T))
+  -> float64 (R)`: Σ_t (float32(m)·c − y)² per row, summed in double in a fixed order. With torch's int8 GEMM between
+  them they are the FP4 search's exact candidate errors (quantize.fp4.fp4_ints, sq_err_rows). Their loops
+  (csrc/fp4_rows.inc, with fp4_round's) are compiled for baseline x86-64, AVX2 and AVX-512 and run the ISA `isa="auto"`
+  resolves; every build gives the same bits.
 - `cpu_features() -> int[]`, `resolve_isa(isa) -> int`: what `capabilities()` reads;
   `default_prefill_rows(act, bits) -> int`: the rows from which prefill_rows=-1 takes the GEMM path.
 
@@ -75,7 +81,7 @@ import torch
 NAMESPACE = "lowbit_native"
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = ("ops.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "ldlq.cpp", "fp4_round.cpp")
-HEADERS = ("lowbit_native.h", "kernels_simd.inc", "hadamard_simd.inc")
+HEADERS = ("lowbit_native.h", "kernels_simd.inc", "hadamard_simd.inc", "fp4_rows.inc")
 CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-Wall")
 ISAS = ("scalar", "avx2", "avx512")
 FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "amx_tile",

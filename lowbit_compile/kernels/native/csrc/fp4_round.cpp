@@ -7,6 +7,11 @@
 // built from q's exponent bits (raised to band 1 below 2); v = (q + c) − c; for M = 0, a tie 1.5·2^e with e even moves
 // down (v · 0.5); v takes x's sign; then v · s, and with `minus_input` (v · s) − x. The library is built with
 // -ffp-contract=off, so no two of them fuse: the result is torch's bit for bit (tests/kernels/test_fp4_round.py).
+//
+// lowbit_native::fp4_ints: the same rounding, giving the signed bias-0 value times `mult` as int8 (an exact small
+// integer for mult = quantize.fp4.int_mult(fmt)), so that products of quantized tensors can be summed exactly in int32.
+// lowbit_native::fp4_sq_err: Σ_t (m[r, t]·c[r] − y[r, t])² per row r for an int32 product m (the search's error of
+// quantized outputs against float ones), float32 terms summed in double, in a fixed order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,38 +20,44 @@
 #include <cstdint>
 #include <cstring>
 
+#include "lowbit_native.h"
+
 namespace lowbit_native {
 namespace {
 
-inline float bits_to_float(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof f);
-  return f;
-}
+#define LB_NS scalar
+#define LB_TARGET
+#include "fp4_rows.inc"
+#undef LB_NS
+#undef LB_TARGET
+#if defined(__x86_64__)
+#define LB_NS avx2
+#define LB_TARGET __attribute__((target("avx2")))
+#include "fp4_rows.inc"
+#undef LB_NS
+#undef LB_TARGET
+#define LB_NS avx512
+#define LB_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")))
+#include "fp4_rows.inc"
+#undef LB_NS
+#undef LB_TARGET
+#endif
 
-inline uint32_t float_to_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof b);
-  return b;
-}
+struct RowKernels {
+  decltype(&scalar::round_row) round_row;
+  decltype(&scalar::ints_row) ints_row;
+  decltype(&scalar::sq_err_row) sq_err_row;
+};
 
-// One row of n elements at scale s.
-void round_row(const float* x, float* out, int64_t n, float s, float max_value, uint32_t c_add, bool e3m0,
-               bool minus_input) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float xi = x[i];
-    float q = std::fabs(xi) / s;
-    q = q > max_value ? max_value : q;  // clamp_(max=...): NaN stays NaN
-    const uint32_t qb = float_to_bits(q);
-    uint32_t cb = qb & 0x7F800000u;
-    cb = cb < (128u << 23) ? (128u << 23) : cb;
-    const float c = bits_to_float(cb + c_add);
-    float v = (q + c) - c;
-    if (e3m0 && (qb & 0x40FFFFFFu) == 0x40C00000u) v = v * 0.5f;
-    v = std::copysign(v, xi);
-    const float y = v * s;
-    out[i] = minus_input ? y - xi : y;
-  }
+// The loops for the instruction set the library resolves ($LOWBIT_NATIVE_ISA or the best the CPU has): the same bits
+// whichever runs.
+RowKernels row_kernels() {
+#if defined(__x86_64__)
+  const int64_t isa = resolved_isa();
+  if (isa == 2) return {avx512::round_row, avx512::ints_row, avx512::sq_err_row};
+  if (isa == 1) return {avx2::round_row, avx2::ints_row, avx2::sq_err_row};
+#endif
+  return {scalar::round_row, scalar::ints_row, scalar::sq_err_row};
 }
 
 // fp4_round(x float32 (R, C) contiguous, scale float32 with R or 1 elements, m_bits, max_value, minus_input)
@@ -67,9 +78,61 @@ at::Tensor fp4_round(const at::Tensor& x, const at::Tensor& scale, int64_t m_bit
   const bool per_row = s.numel() == rows && rows != 1;
   const uint32_t c_add = (static_cast<uint32_t>(23 - m_bits) << 23) | 0x400000u;
   const float maxv = static_cast<float>(max_value);
+  const RowKernels k = row_kernels();
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
-      round_row(xp + r * cols, op + r * cols, cols, per_row ? sp[r] : sp[0], maxv, c_add, m_bits == 0, minus_input);
+      k.round_row(xp + r * cols, op + r * cols, cols, per_row ? sp[r] : sp[0], maxv, c_add, m_bits == 0, minus_input);
+  });
+  return out;
+}
+
+// fp4_ints(x float32 (R, C) contiguous, finite; scale float32 with R or 1 elements, m_bits, max_value, mult)
+//   -> int8 (R, C): the signed bias-0 value of quantize(x, fmt, scale), times mult
+at::Tensor fp4_ints(const at::Tensor& x, const at::Tensor& scale, int64_t m_bits, double max_value, double mult) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat,
+              "fp4_ints: x and scale must be float32");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fp4_ints: x must be a contiguous (rows, cols) matrix");
+  TORCH_CHECK(m_bits >= 0 && m_bits <= 2, "fp4_ints: m_bits must be 0, 1 or 2");
+  TORCH_CHECK(max_value * mult <= 127.0, "fp4_ints: max_value * mult must fit int8");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::Tensor s = scale.contiguous().reshape(-1);
+  TORCH_CHECK(s.numel() == rows || s.numel() == 1, "fp4_ints: scale must have one element per row, or one");
+  at::Tensor out = at::empty({rows, cols}, x.options().dtype(at::kChar));
+  const float* xp = x.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  int8_t* op = out.data_ptr<int8_t>();
+  const bool per_row = s.numel() == rows && rows != 1;
+  const uint32_t c_add = (static_cast<uint32_t>(23 - m_bits) << 23) | 0x400000u;
+  const float maxv = static_cast<float>(max_value), fm = static_cast<float>(mult);
+  const RowKernels k = row_kernels();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      k.ints_row(xp + r * cols, op + r * cols, cols, per_row ? sp[r] : sp[0], maxv, c_add, m_bits == 0, fm);
+  });
+  return out;
+}
+
+// fp4_sq_err(m int32 (R, T) contiguous, c float32 (R or 1 elements), y float32 (R, T) contiguous) -> float64 (R):
+//   out[r] = Σ_t d², d = float32(m[r, t]) · c[r] − y[r, t] in float32, d² summed in double by eight running sums
+//   (t mod 8), added in a fixed order: the same value on every machine.
+at::Tensor fp4_sq_err(const at::Tensor& m, const at::Tensor& c, const at::Tensor& y) {
+  TORCH_CHECK(m.scalar_type() == at::kInt && m.dim() == 2 && m.is_contiguous(),
+              "fp4_sq_err: m must be a contiguous int32 (rows, cols) matrix");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.sizes() == m.sizes() && y.is_contiguous(),
+              "fp4_sq_err: y must be a contiguous float32 matrix of m's shape");
+  TORCH_CHECK(c.scalar_type() == at::kFloat, "fp4_sq_err: c must be float32");
+  const int64_t rows = m.size(0), cols = m.size(1);
+  at::Tensor cc = c.contiguous().reshape(-1);
+  TORCH_CHECK(cc.numel() == rows || cc.numel() == 1, "fp4_sq_err: c must have one element per row, or one");
+  at::Tensor out = at::empty({rows}, y.options().dtype(at::kDouble));
+  const int32_t* mp = m.data_ptr<int32_t>();
+  const float* yp = y.data_ptr<float>();
+  const float* cp = cc.data_ptr<float>();
+  double* op = out.data_ptr<double>();
+  const bool per_row = cc.numel() == rows && rows != 1;
+  const RowKernels k = row_kernels();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) op[r] = k.sq_err_row(mp + r * cols, yp + r * cols, cols, per_row ? cp[r] : cp[0]);
   });
   return out;
 }
@@ -78,8 +141,14 @@ at::Tensor fp4_round(const at::Tensor& x, const at::Tensor& scale, int64_t m_bit
 
 TORCH_LIBRARY_FRAGMENT(lowbit_native, m) {
   m.def("fp4_round(Tensor x, Tensor scale, int m_bits, float max_value, bool minus_input) -> Tensor");
+  m.def("fp4_ints(Tensor x, Tensor scale, int m_bits, float max_value, float mult) -> Tensor");
+  m.def("fp4_sq_err(Tensor m, Tensor c, Tensor y) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lowbit_native, CPU, m) { m.impl("fp4_round", &fp4_round); }
+TORCH_LIBRARY_IMPL(lowbit_native, CPU, m) {
+  m.impl("fp4_round", &fp4_round);
+  m.impl("fp4_ints", &fp4_ints);
+  m.impl("fp4_sq_err", &fp4_sq_err);
+}
 
 }  // namespace lowbit_native

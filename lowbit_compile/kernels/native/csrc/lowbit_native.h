@@ -87,6 +87,8 @@ struct Kernels {
 };
 
 Kernels scalar_kernels();
+// The instruction set the ops run ($LOWBIT_NATIVE_ISA when set, else the best the CPU has): 0 scalar, 1 AVX2, 2 AVX-512.
+int64_t resolved_isa();
 #if defined(__x86_64__)
 Kernels avx2_kernels();
 Kernels avx512_kernels(bool vnni);

@@ -445,6 +445,8 @@ at::Tensor rotated_linear(const at::Tensor& x, const at::Tensor& packed, const a
 
 }  // namespace
 
+int64_t resolved_isa() { return resolve("auto"); }
+
 TORCH_LIBRARY(lowbit_native, m) {
   m.def("pack(Tensor codes, int bits) -> Tensor");
   m.def("unpack(Tensor packed, int bits, int N, int K) -> Tensor");
