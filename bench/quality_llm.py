@@ -16,7 +16,7 @@ nats, top-1 agreement, and lb.quantize's wall time (one thread unless --threads;
 Each row is stored in bench-out/quality_llm.json as it finishes; a rerun skips rows already there (delete the
 file, or --fresh, to measure again).
 
-    python -m bench.quality_llm [--quick] [--only RECIPE ...] [--threads N] [--fresh] [--table-only]
+    python -m bench.quality_llm [--quick] [--only RECIPE ...] [--threads N] [--fresh] [--table-only] [--calib-order K]
 """
 
 from __future__ import annotations
@@ -94,6 +94,9 @@ def main(argv=None) -> str:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="forget the stored rows")
     ap.add_argument("--table-only", action="store_true", help="publish the stored rows (docs included), run none")
+    ap.add_argument("--calib-order", default="0",
+                    help="'reverse', or K: the calibration batches rotated by K (how much a recipe's figure moves with "
+                         "an equally good calibration set); rows of another order than 0 are printed, not stored")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from lowbit_compile.evaluate import text_chunks
@@ -103,8 +106,15 @@ def main(argv=None) -> str:
     chunks = text_chunks(loaded.tokenizer, "heldout", max_chunks=4 if args.quick else EVAL_CHUNKS,
                          min_tokens=1000 if args.quick else 4096)
     calib = list(text_chunks(loaded.tokenizer, "calibration", max_chunks=CALIB_CHUNKS).split(4))
+    reordered = args.calib_order != "0"
+    if args.calib_order == "reverse":
+        calib = calib[::-1]
+    elif reordered:
+        k = int(args.calib_order) % len(calib)
+        calib = calib[k:] + calib[:k]
+    scratch = args.quick or reordered
     store = os.path.join(OUT, "quality_llm.json")
-    done = {} if (args.fresh or args.quick or not os.path.exists(store)) else json.load(open(store))
+    done = {} if (args.fresh or scratch or not os.path.exists(store)) else json.load(open(store))
     todo = [r for _, r in ROWS if (_key(r) in QUICK if args.quick else args.only is None or _key(r) in args.only)]
     for recipe in todo:
         key = _key(recipe)
@@ -113,7 +123,7 @@ def main(argv=None) -> str:
         print(f"{key}: quantizing and evaluating ...", flush=True)
         done[key] = run_row(loaded, recipe, calib, chunks)
         print(f"{key}: {done[key]}", flush=True)
-        if not args.quick:
+        if not scratch:
             os.makedirs(OUT, exist_ok=True)
             with open(store, "w") as f:
                 json.dump(done, f, indent=1)
@@ -135,8 +145,12 @@ def main(argv=None) -> str:
             markdown_table(["method", "recipe", "bits/weight (stored)", "perplexity", "vs float", "KL (nats/token)",
                             "top-1 agreement", "quantize s"], table)]
     missing = [_key(r) for _, r in ROWS if _key(r) not in done]
-    if missing and not args.quick:
+    if missing and not scratch:
         text.append(f"\nNot measured yet: {', '.join(missing)} (`python -m bench.quality_llm --only ...` adds them).")
+    if reordered:
+        text.append(f"\nCalibration batches in order {args.calib_order!r} (not the benchmark's).")
+        print("\n".join(text))
+        return "\n".join(text)
     return publish("quality_llm", "\n".join(text), doc=not args.quick and args.only is None)
 
 

@@ -31,9 +31,9 @@ weights. The search is shaped by what its error curves look like (measured on Mi
 Every candidate's error is computed from integers: an FP4 value at bias 0 times `int_mult(fmt)` is a small integer
 (E2M1 0..12, E1M2 ×2 0..7, E3M0 ×½ 0..64), so Q(x)·Q(W)ᵀ = (ints_x · ints_Wᵀ) · s_x s_w / (mult_x mult_w) with the
 sum exact in int32 (torch's int8 GEMM, 5-10× float32's speed with AVX-512 VNNI/AMX, ~1.6× with AVX2), and each
-difference to y = x Wᵀ is one float32 rounding (`sq_err_rows`). The numbers are the same on every CPU, where float32
-GEMMs differ in their last bits by instruction set; before, the same errors were float32 expansions
-(||X̂ d + (X̂ − x) w||², d = Q(w) − w) whose rounding was that of the GEMM.
+difference to y = x Wᵀ is one float32 rounding (`sq_err_rows`). Given y, the numbers are the same on every CPU (float32
+GEMMs differ in their last bits by instruction set); before, the same errors were float32 expansions
+(||X̂ d + (X̂ − x) w||², d = Q(w) − w) rounded as the GEMMs round.
 
 The search starts from, and returns nothing worse than, max-scaled E2M1 (its loss is reported as
 `baseline_loss`). Weight and activation formats may differ.
