@@ -109,6 +109,8 @@ def test_native_ints_are_the_quantized_values_times_the_multiplier(fmt, monkeypa
             assert torch.equal(got.to(torch.float32), want + 0.0), isa
             _same_bits(q.round_fp4(x, fmt, s if s.numel() == 1 else s.reshape(-1, 1)),
                        f4.quantize(x, fmt, s if s.numel() == 1 else s.reshape(-1, 1)))
+    nan = torch.tensor([[float("nan"), -float("nan"), 1.0]])
+    assert torch.ops.lowbit_native.fp4_ints(nan, torch.tensor([1.0]), 1, 12.0, 1.0).tolist() == [[0, 0, 1]]
     with pytest.raises(RuntimeError, match="fit int8"):
         torch.ops.lowbit_native.fp4_ints(normal.contiguous(), row_scales.float().reshape(-1), 1, 6.0, 64.0)
 

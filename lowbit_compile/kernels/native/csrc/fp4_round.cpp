@@ -9,7 +9,8 @@
 // -ffp-contract=off, so no two of them fuse: the result is torch's bit for bit (tests/kernels/test_fp4_round.py).
 //
 // lowbit_native::fp4_ints: the same rounding, giving the signed bias-0 value times `mult` as int8 (an exact small
-// integer for mult = quantize.fp4.int_mult(fmt)), so that products of quantized tensors can be summed exactly in int32.
+// integer for mult = quantize.fp4.int_mult(fmt); NaN gives 0), so that products of quantized tensors can be summed
+// exactly in int32.
 // lowbit_native::fp4_sq_err: Σ_t (m[r, t]·c[r] − y[r, t])² per row r for an int32 product m (the search's error of
 // quantized outputs against float ones), float32 terms summed in double, in a fixed order.
 #include <ATen/ATen.h>
