@@ -666,9 +666,9 @@ def search_fp4_layer(
     calls on the same x with the same shifts (the layers of a group); y64: x Wᵀ in float64, if at hand;
     screened: {format: Screened} when the caller screened already (each format's search then takes the weight
     formats its screen kept; a_formats still says which activation formats to search).
-    The cost is about 28 weight candidates of out·min(in, tokens)·in per kept weight format, plus ~20 activation
-    candidates of tokens·in·min(in, out), per kept activation format and weight step (usually one): pass a token
-    sample, not a whole calibration set.
+    The cost is about 28 weight candidates per kept weight format plus ~20 activation candidates per kept activation
+    format and weight step (usually one), each an int8 product of out·in·tokens multiply-adds (W4A16's weight
+    candidates: float32, out·min(in, tokens)·in): pass a token sample, not a whole calibration set.
     """
     x = check_inputs(fqn, x, w)
     w = w.detach()
