@@ -141,7 +141,7 @@ def test_row_search_halving_refinement_reaches_every_point_of_the_bracket():
 
 @pytest.mark.parametrize("a_name", ["e2m1", "e1m2", "e3m0"])
 @pytest.mark.parametrize("w_name", ["e2m1", "e1m2", "e3m0"])
-def test_integer_products_are_the_quantized_product(a_name, w_name):
+def test_integer_products_are_the_quantized_product(a_name, w_name, monkeypatch):
     """The search multiplies quantized tensors as int8 integers (values = ints · scale / int_mult): the integers
     decode to formats.fp4.quantize's values exactly, and the row errors and loss computed from their int32 products
     equal the float64 products' (to the float32 rounding of each difference)."""
@@ -166,6 +166,9 @@ def test_integer_products_are_the_quantized_product(a_name, w_name):
     assert torch.equal(m, (wq.ints.double() @ xq.ints.double().T).to(torch.int32))
     c = wq.unit.reshape(-1) * xq.unit
     d = m.to(torch.float32) * c.unsqueeze(1) - layer.yt
+    torch.testing.assert_close(q.sq_err_rows(m, c, layer.yt), d.double().pow(2).sum(1), rtol=1e-12, atol=0)
+    monkeypatch.setenv("LOWBIT_NATIVE_FP4", "0")
+    assert torch.equal(q.fp4_ints(w, w_fmt, w_scales), wq.ints) and torch.equal(q.fp4_ints(x, a_fmt, a_scale), xq.ints)
     torch.testing.assert_close(q.sq_err_rows(m, c, layer.yt), d.double().pow(2).sum(1), rtol=1e-12, atol=0)
 
 
