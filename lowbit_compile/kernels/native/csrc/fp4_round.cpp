@@ -38,7 +38,11 @@ namespace {
 #undef LB_NS
 #undef LB_TARGET
 #define LB_NS avx512
+#if defined(__clang__)
+#define LB_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#else  // 512-bit vectors whatever the tuning prefers (a GCC option; clang keeps its default)
 #define LB_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")))
+#endif
 #include "fp4_rows.inc"
 #undef LB_NS
 #undef LB_TARGET
