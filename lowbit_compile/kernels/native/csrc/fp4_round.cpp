@@ -65,28 +65,45 @@ RowKernels row_kernels() {
   return {scalar::round_row, scalar::ints_row, scalar::sq_err_row};
 }
 
+// One float32 factor per row of a (rows, cols) tensor, or one for all rows: the scale of fp4_round and fp4_ints, c of
+// fp4_sq_err.
+struct RowFactor {
+  at::Tensor t;
+  const float* p;
+  bool per_row;
+  RowFactor(const at::Tensor& f, int64_t rows, const char* op, const char* name) : t(f.contiguous().reshape(-1)) {
+    TORCH_CHECK(f.scalar_type() == at::kFloat, op, ": ", name, " must be float32");
+    TORCH_CHECK(t.numel() == rows || t.numel() == 1, op, ": ", name, " must have one element per row, or one");
+    p = t.data_ptr<float>();
+    per_row = t.numel() == rows && rows != 1;
+  }
+  float operator[](int64_t r) const { return per_row ? p[r] : p[0]; }
+};
+
+// The checks fp4_round and fp4_ints share, and the constant of their rounding (the c of round_magnitude, less its
+// exponent): 2^(23 − M) · 1.5 in exponent-field units.
+uint32_t rounding_constant(const at::Tensor& x, int64_t m_bits, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (rows, cols) matrix");
+  TORCH_CHECK(m_bits >= 0 && m_bits <= 2, op, ": m_bits must be 0, 1 or 2");
+  return (static_cast<uint32_t>(23 - m_bits) << 23) | 0x400000u;
+}
+
 // fp4_round(x float32 (R, C) contiguous, scale float32 with R or 1 elements, m_bits, max_value, minus_input)
 //   -> float32 (R, C): quantize(x, fmt, scale) [- x]
 at::Tensor fp4_round(const at::Tensor& x, const at::Tensor& scale, int64_t m_bits, double max_value,
                      bool minus_input) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat,
-              "fp4_round: x and scale must be float32");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fp4_round: x must be a contiguous (rows, cols) matrix");
-  TORCH_CHECK(m_bits >= 0 && m_bits <= 2, "fp4_round: m_bits must be 0, 1 or 2");
+  const uint32_t c_add = rounding_constant(x, m_bits, "fp4_round");
   const int64_t rows = x.size(0), cols = x.size(1);
-  at::Tensor s = scale.contiguous().reshape(-1);
-  TORCH_CHECK(s.numel() == rows || s.numel() == 1, "fp4_round: scale must have one element per row, or one");
+  const RowFactor s(scale, rows, "fp4_round", "scale");
   at::Tensor out = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
-  const float* sp = s.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const bool per_row = s.numel() == rows && rows != 1;
-  const uint32_t c_add = (static_cast<uint32_t>(23 - m_bits) << 23) | 0x400000u;
   const float maxv = static_cast<float>(max_value);
   const RowKernels k = row_kernels();
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
-      k.round_row(xp + r * cols, op + r * cols, cols, per_row ? sp[r] : sp[0], maxv, c_add, m_bits == 0, minus_input);
+      k.round_row(xp + r * cols, op + r * cols, cols, s[r], maxv, c_add, m_bits == 0, minus_input);
   });
   return out;
 }
@@ -94,25 +111,17 @@ at::Tensor fp4_round(const at::Tensor& x, const at::Tensor& scale, int64_t m_bit
 // fp4_ints(x float32 (R, C) contiguous, finite; scale float32 with R or 1 elements, m_bits, max_value, mult)
 //   -> int8 (R, C): the signed bias-0 value of quantize(x, fmt, scale), times mult
 at::Tensor fp4_ints(const at::Tensor& x, const at::Tensor& scale, int64_t m_bits, double max_value, double mult) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat,
-              "fp4_ints: x and scale must be float32");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fp4_ints: x must be a contiguous (rows, cols) matrix");
-  TORCH_CHECK(m_bits >= 0 && m_bits <= 2, "fp4_ints: m_bits must be 0, 1 or 2");
+  const uint32_t c_add = rounding_constant(x, m_bits, "fp4_ints");
   TORCH_CHECK(max_value * mult <= 127.0, "fp4_ints: max_value * mult must fit int8");
   const int64_t rows = x.size(0), cols = x.size(1);
-  at::Tensor s = scale.contiguous().reshape(-1);
-  TORCH_CHECK(s.numel() == rows || s.numel() == 1, "fp4_ints: scale must have one element per row, or one");
+  const RowFactor s(scale, rows, "fp4_ints", "scale");
   at::Tensor out = at::empty({rows, cols}, x.options().dtype(at::kChar));
   const float* xp = x.data_ptr<float>();
-  const float* sp = s.data_ptr<float>();
   int8_t* op = out.data_ptr<int8_t>();
-  const bool per_row = s.numel() == rows && rows != 1;
-  const uint32_t c_add = (static_cast<uint32_t>(23 - m_bits) << 23) | 0x400000u;
   const float maxv = static_cast<float>(max_value), fm = static_cast<float>(mult);
   const RowKernels k = row_kernels();
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      k.ints_row(xp + r * cols, op + r * cols, cols, per_row ? sp[r] : sp[0], maxv, c_add, m_bits == 0, fm);
+    for (int64_t r = r0; r < r1; ++r) k.ints_row(xp + r * cols, op + r * cols, cols, s[r], maxv, c_add, m_bits == 0, fm);
   });
   return out;
 }
@@ -125,19 +134,15 @@ at::Tensor fp4_sq_err(const at::Tensor& m, const at::Tensor& c, const at::Tensor
               "fp4_sq_err: m must be a contiguous int32 (rows, cols) matrix");
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.sizes() == m.sizes() && y.is_contiguous(),
               "fp4_sq_err: y must be a contiguous float32 matrix of m's shape");
-  TORCH_CHECK(c.scalar_type() == at::kFloat, "fp4_sq_err: c must be float32");
   const int64_t rows = m.size(0), cols = m.size(1);
-  at::Tensor cc = c.contiguous().reshape(-1);
-  TORCH_CHECK(cc.numel() == rows || cc.numel() == 1, "fp4_sq_err: c must have one element per row, or one");
+  const RowFactor cr(c, rows, "fp4_sq_err", "c");
   at::Tensor out = at::empty({rows}, y.options().dtype(at::kDouble));
   const int32_t* mp = m.data_ptr<int32_t>();
   const float* yp = y.data_ptr<float>();
-  const float* cp = cc.data_ptr<float>();
   double* op = out.data_ptr<double>();
-  const bool per_row = cc.numel() == rows && rows != 1;
   const RowKernels k = row_kernels();
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) op[r] = k.sq_err_row(mp + r * cols, yp + r * cols, cols, per_row ? cp[r] : cp[0]);
+    for (int64_t r = r0; r < r1; ++r) op[r] = k.sq_err_row(mp + r * cols, yp + r * cols, cols, cr[r]);
   });
   return out;
 }
