@@ -19,7 +19,9 @@ __all__ = ["Checkpoint", "FP4QuantizedLinear", "QuantizedLinear", "RECORD_KINDS"
 
 # 2: records carry a "kind" ("int" or "fp4"); version-1 files (integer records only) still load.
 # 3: a record may serve two layers (a quantized embedding and its tied head): the second holds {"shares": fqn}.
-FORMAT_VERSION = 3
+# 4: integer and E8 records may hold a "bias" tensor (bias correction), applied instead of the model's bias; an
+#    older lowbit-compile would drop it, so it refuses version 4. Versions 1-3 still load (no record has a bias).
+FORMAT_VERSION = 4
 TENSORS_FILE = "lowbit.safetensors"
 META_FILE = "lowbit.json"
 

@@ -109,6 +109,20 @@ class CalibrationFP4Linear(LowbitFP4Linear):
                                   rounding=round_fp4)
 
 
+class DequantizedLinear(torch.nn.Module):
+    """A quantized layer as lb.quantize's sequential calibration runs it when its record holds its own bias (bias
+    correction): the record's dequantized float32 weight and that bias, y = x Ŵᵀ + b, in x's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.float32))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), b)
+
+
 class _Rotations(torch.nn.Module):
     """Holds the Kronecker rotation blocks of a CPU fast form as non-persistent buffers (constants of the
     transform size, not part of the state dict)."""
@@ -263,6 +277,12 @@ def lowbit_module(rec, bias: torch.Tensor | None = None, fast: bool = False) -> 
     raise LowbitError(f"layer {getattr(rec, 'fqn', '?')}: not a quantized linear record ({type(rec).__name__})")
 
 
+def record_bias(rec, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias a quantized layer applies: the record's own when bias correction set one, else the model's `bias`."""
+    own = getattr(rec, "bias", None)
+    return bias if own is None else own
+
+
 def swap_linears(model: torch.nn.Module, records: Mapping[str, QuantizedLinear | FP4QuantizedLinear],
                  inplace: bool = False, make_module=None, fast: bool = False, make_embedding=None):
     """Replace each nn.Linear named in `records` by its LowbitLinear / LowbitFP4Linear, and each nn.Embedding named
@@ -287,7 +307,7 @@ def swap_linears(model: torch.nn.Module, records: Mapping[str, QuantizedLinear |
                                   f"table cannot do; keep it in float")
             new = made[id(rec)] = make_embedding(rec)
         elif isinstance(old, torch.nn.Linear):
-            new = make_module(rec, old.bias)
+            new = make_module(rec, record_bias(rec, old.bias))
             shared = made.get(id(rec))
             if shared is not None:  # a tied head: the embedding's table, not a copy of it
                 for name in ("qweight", "scales"):

@@ -85,10 +85,12 @@ def folder_digests(folder) -> dict:
             for f in sorted(os.listdir(folder))}
 
 
-def e8_records(model, bits: int = 2, skip: str = r"(^|.*\.)(lm_head|pooler\..*)$", tuned: tuple = ()):
+def e8_records(model, bits: int = 2, skip: str = r"(^|.*\.)(lm_head|pooler\..*)$", tuned: tuple = (),
+               biased: tuple = ()):
     """E8 records (w{bits}-e8) for every nn.Linear not matching `skip`, from identity Hessians (the exporters do not
     care how the codes were chosen; calibration costs time). Layers named in `tuned` get su / sv with real float16
-    values, as block fine-tuning (-ft recipes) leaves them."""
+    values, as block fine-tuning (-ft recipes) leaves them; layers named in `biased` a bias of their own, as bias
+    correction leaves it (the model's bias moved by 0.1 · N(0, 1))."""
     import re
 
     from lowbit_compile.quantize.layer import quantize_weight
@@ -103,5 +105,7 @@ def e8_records(model, bits: int = 2, skip: str = r"(^|.*\.)(lm_head|pooler\..*)$
         if name in tuned:
             rec.su = (rec.su * (1 + 0.2 * torch.rand(rec.in_features, generator=g))).half().float()
             rec.sv = (rec.sv * (1 - 0.2 * torch.rand(rec.out_features, generator=g))).half().float()
+        if name in biased:
+            rec.bias = mod.bias.detach().float() + 0.1 * torch.randn(rec.out_features, generator=g)
         records[name] = rec
     return records

@@ -100,6 +100,8 @@ class RewriteLinears(PassBase):
                         bias = graph.get_attr(f"{node.target}.bias")
             else:
                 bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if getattr(rec, "bias", None) is not None:  # bias correction: the record's bias replaces the graph's
+                bias = constant(p + "_bias", rec.bias, node)
             choice = cpu_caps.choose_for(rec, self.kernels)
             meta = {KERNEL_REASON: choice.reason} if isinstance(rec, QuantizedLinear) else {}
             if choice.kernel in ("native", "int4pack"):  # a CPU kernel: only the packed form becomes a constant

@@ -27,7 +27,7 @@ from .incoherence import Transform
 @dataclass
 class QuantizedLinear:
     kind: ClassVar[str] = "int"
-    TENSORS: ClassVar[tuple[str, ...]] = ("qweight", "scales", "su", "sv")
+    TENSORS: ClassVar[tuple[str, ...]] = ("qweight", "scales", "su", "sv", "bias")
     FIELDS: ClassVar[tuple[str, ...]] = ("method", "bits", "in_features", "out_features", "group_size", "seed",
                                          "weight_error", "proxy_loss", "weight_sha256")
 
@@ -45,6 +45,9 @@ class QuantizedLinear:
     weight_error: float  # ||Ŵ - W||_F / ||W||_F
     proxy_loss: float | None = None  # tr((Ŵ-W) H (Ŵ-W)ᵀ) when a Hessian was available
     weight_sha256: str | None = None  # weight_digest of the float weight it was made from (matching a model)
+    # float32 (out_features,): the layer's bias as bias correction set it (recipe.LayerSpec.bias_correct), which
+    # every consumer applies instead of the model's bias; None: the model's own bias (or none)
+    bias: torch.Tensor | None = None
 
     OP: ClassVar = ROTATED_LINEAR  # the reference op that runs it (nn.LowbitLinear, passes/rewrite_linears)
 

@@ -34,7 +34,7 @@ def test_e8_records_export_to_pte_and_match(bits, tmp_path):
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.GELU(), torch.nn.Linear(24, 56)).eval()
-    records = e8_records(model, bits, tuned=("2",))
+    records = e8_records(model, bits, tuned=("2",), biased=("0",))  # layer 0: a bias of its own (bias correction)
     res = export_pte(model, records, (torch.randn(2, 40),), tmp_path / "e8.pte")
     assert res.routes == {"0": "e8-packed", "2": "e8-packed"} and res.rtol == RTOL_FLOAT and res.error <= 1e-5
     assert res.portable_ops.get(TABLE_OP, 0) == 2 * {2: 3, 3: 4, 4: 6}[bits]  # per layer and E8P stage: 3 gathers
