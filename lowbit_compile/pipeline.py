@@ -124,16 +124,17 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
                                                   is_tensor=_replaced_by_weight, unit=unit)
 
         # -ft: the block's linears group by group, tuned to the block's float outputs between the groups
+        # -ft: the block's linears group by group, tuned to the block's float outputs between the groups; bias
+        # correction (recipe.LayerSpec.bias_correct): group by group too, each group's biases set after it
         tuned = tuner.quantize_block(linears, stats, quantize_some) if tuner is not None else None
-        finetuned = {}
+        extra = {}
         if tuned is None:
             rows, deq = quantize_some(linears, stats)
         else:
-            rows, deq, stats, finetuned = tuned
+            rows, deq, stats, extra = tuned
         unit_plan = [_plan_entry(row, stats.get(row.fqn)) for row in rows]
         for entry in unit_plan:
-            if entry["fqn"] in finetuned:
-                entry["finetune"] = finetuned[entry["fqn"]]
+            entry.update(extra.get(entry["fqn"], {}))
         records.update(unit_records)
         plan.extend(unit_plan)
         if store is not None and linears and distributed.rank() == 0:
@@ -225,17 +226,20 @@ def _replaced_by_weight(r) -> bool:
     """True when `_replacement` gives a dequantized weight (float32, the layer's shape), not a module."""
     from .quantize.records import FP4QuantizedLinear
 
-    return not (isinstance(r, FP4QuantizedLinear) and r.a_format is not None)
+    return not (isinstance(r, FP4QuantizedLinear) and r.a_format is not None) and getattr(r, "bias", None) is None
 
 
 def _replacement(r, lin: torch.nn.Linear):
     """What the rest of the model sees for a quantized linear while calibrating sequentially: the dequantized
-    weight, or for FP4 W4A4 (activations rounded too) the run-time module (nn.CalibrationFP4Linear)."""
-    from .nn import CalibrationFP4Linear
+    weight; for FP4 W4A4 (activations rounded too) the run-time module (nn.CalibrationFP4Linear); for a record with
+    its own bias (bias correction) the dequantized weight with that bias (nn.DequantizedLinear)."""
+    from .nn import CalibrationFP4Linear, DequantizedLinear
     from .quantize.records import FP4QuantizedLinear
 
     if isinstance(r, FP4QuantizedLinear) and r.a_format is not None:
         return CalibrationFP4Linear(r, lin.bias)
+    if getattr(r, "bias", None) is not None:
+        return DequantizedLinear(r.dequantized_weight(), r.bias)
     return r.dequantized_weight()
 
 

@@ -7,7 +7,9 @@ A recipe string names the default layer spec: ``w{bits}[-{method}][-g{group}][-f
     w2-quip     int2, QuIP: incoherence + LDLQ on calibration Hessians (needs calibration data)
     w2-optq     int2, OPTQ/GPTQ: LDLQ without incoherence (baseline, needs calibration data)
     w2-e8       E8P: incoherence + block LDLQ with QuIP#'s E8 lattice codebook, 8 weights per 16-bit code (needs
-                calibration data; 2, 3 or 4 bits; registered by quantize/layer.py)
+                calibration data; 2, 3 or 4 bits; registered by quantize/layer.py); after each block, the
+                quantized linears' biases are set so that their mean outputs on the calibration data are the float
+                model's (bias correction; linears without a bias are left as they are)
     w2-e8-ft    as w2-e8, but each transformer block is quantized group by group (the linears that read one input),
                 fine-tuning after each group the quantized linears' continuous parameters and the float weights of
                 those still to come to the float model's block outputs (QuIP#; quantize/finetune.py); -ft applies to
@@ -51,6 +53,7 @@ class Method:
     bits: tuple[int, ...] = PACKABLE_BITS  # the widths it quantizes to
     grouped: bool = True  # takes group-wise scales (-g<N>)
     tunable: bool = False  # takes -ft: block fine-tuning after quantization (quantize/finetune.py)
+    bias_correct: bool = False  # its recipes (but -ft) correct the linears' biases after each block (finetune.py)
     fmt: str = "int{bits}"  # the format's name in reports
 
 
@@ -66,7 +69,7 @@ CALIBRATED = ("fp4",)  # methods outside METHODS (named recipes) that need calib
 
 def register_method(name: str, description: str, *, rotate: bool, needs_calibration: bool, **options) -> None:
     """Make `w{bits}-{name}` a recipe (the quantizer that implements it registers it, see quantize/layer.py);
-    `options` are Method's other fields (bits, grouped, tunable, fmt)."""
+    `options` are Method's other fields (bits, grouped, tunable, bias_correct, fmt)."""
     if not re.fullmatch(r"[a-z][a-z0-9]*", name) or name == "ft" or re.fullmatch(r"g\d+", name):
         raise LowbitError(f"method name {name!r}: use lowercase letters and digits (not 'ft' or g<N>)")
     METHODS[name] = Method(description, rotate, needs_calibration, **options)
@@ -100,9 +103,14 @@ class LayerSpec:
     act_exponents: bool = True
     # tunable methods only (-ft): fine-tune each block's continuous parameters after quantizing it
     finetune: bool = False
+    # after each block is quantized, give each quantized linear that has a bias the bias that makes its mean output
+    # on the calibration data the float model's (quantize/finetune.py, BlockTuner; stored in the record)
+    bias_correct: bool = False
 
     def __post_init__(self):
         method = METHODS.get(self.method)
+        if self.bias_correct and not (method and method.needs_calibration):
+            raise LowbitError(f"bias correction needs a calibrated LDLQ method (quip, optq, e8), not {self.method!r}")
         if self.finetune and not (method and method.tunable):
             tunable = [m for m, v in METHODS.items() if v.tunable]
             raise LowbitError(f"fine-tuning (-ft) is implemented for the methods {tunable}, not {self.method!r}")
@@ -144,7 +152,8 @@ class LayerSpec:
             return f"fp4 w4a4 {how}" + (" + act. exponents" if self.act_exponents and self.fp4_search else "")
         g = f", group {self.group_size}" if self.group_size else ""
         inc = " + incoherence" if self.rotate and self.method == "rtn" else ""
-        return f"{self.fmt} {self.method}{inc}{g}" + (" + fine-tuning" if self.finetune else "")
+        return (f"{self.fmt} {self.method}{inc}{g}" + (" + fine-tuning" if self.finetune else "")
+                + (" + bias correction" if self.bias_correct else ""))
 
 
 _BPW_RE = re.compile(r"^(?P<bpw>\d+(?:\.\d+)?)bpw(?P<fp4>\+fp4)?$")
@@ -178,7 +187,8 @@ def parse_spec(text: str) -> LayerSpec:
     method = m["method"] or ""
     rotate = METHODS[method].rotate
     return LayerSpec(bits=int(m["bits"]), method=method or "rtn", rotate=rotate,
-                     group_size=int(m["group"] or 0), finetune=bool(m["ft"]))
+                     group_size=int(m["group"] or 0), finetune=bool(m["ft"]),
+                     bias_correct=METHODS[method].bias_correct and not m["ft"])
 
 
 def _as_spec(value) -> LayerSpec | None:

@@ -77,10 +77,14 @@ def test_bpw_recipes_parse_to_a_mixed_precision_budget():
 def test_e8_recipes_and_the_fine_tuning_suffix():
     import lowbit_compile  # noqa: F401  (quantize/layer.py registers the method "e8")
 
-    assert parse_spec("w2-e8") == LayerSpec(bits=2, method="e8", rotate=True)
-    assert parse_spec("W3-E8-FT") == LayerSpec(bits=3, method="e8", rotate=True, finetune=True)
+    assert parse_spec("w2-e8") == LayerSpec(bits=2, method="e8", rotate=True, bias_correct=True)
+    assert parse_spec("W3-E8-FT") == LayerSpec(bits=3, method="e8", rotate=True, finetune=True)  # tuning instead
     assert parse_spec("w4-e8").needs_calibration and Recipe.parse("w2-e8-ft").needs_calibration
     assert parse_spec("w2-e8-ft").describe() == "e8p2 e8 + fine-tuning"
+    assert parse_spec("w2-e8").describe() == "e8p2 e8 + bias correction"
+    assert not parse_spec("w2-quip").bias_correct and LayerSpec(bits=2, method="quip", bias_correct=True).bias_correct
+    with pytest.raises(LowbitError, match="bias correction needs a calibrated LDLQ method"):
+        LayerSpec(bits=4, method="rtn", bias_correct=True)
     assert parse_spec("w4-g128") == LayerSpec(bits=4, rotate=True, group_size=128)  # -g is not a method name
     names = valid_recipe_names()
     assert {"w2-e8", "w3-e8", "w4-e8", "w2-e8-ft", "w4-e8-ft"} <= set(names)

@@ -25,7 +25,8 @@ from .records import FP4QuantizedLinear, QuantizedLinear, weight_digest
 from .rtn import quantize_rtn
 
 register_method("e8", "QuIP#'s E8P: incoherence + block LDLQ with the E8 lattice codebook (2-bit; 3/4-bit residual)",
-                rotate=True, needs_calibration=True, bits=E8_BITS, grouped=False, tunable=True, fmt="e8p{bits}")
+                rotate=True, needs_calibration=True, bits=E8_BITS, grouped=False, tunable=True, bias_correct=True,
+                fmt="e8p{bits}")
 
 
 def check_weight(fqn: str, w: torch.Tensor) -> None:

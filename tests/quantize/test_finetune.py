@@ -69,7 +69,7 @@ def _tuned_block(seed, weights=True):
     records = {r.fqn: r.record for r in rows}
     assert all(torch.equal(deq[f], r.dequantized_weight()) for f, r in records.items())  # what the next block sees
     assert set(used) == set(linears) and set(entries) == set(linears)
-    return records, entries[f"{prefix}.self_attn.q_proj"], weights_before, linears
+    return records, entries[f"{prefix}.self_attn.q_proj"]["finetune"], weights_before, linears
 
 
 def test_tuning_lowers_the_block_error_keeps_codes_and_is_deterministic():
