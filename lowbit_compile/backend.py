@@ -206,6 +206,14 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, settings: BackendSe
         layers = [Layer(s.fqn, lambda s=s: weight_of(s), lambda fqn=s.fqn: stats_of(fqn), group=node.args[0].name,
                         shape=(s.out_features, s.in_features)) for node, s in sites]
         precheck(layers, recipe, weights=False)  # a bad group size fails before the first call is calibrated
+        block_steps = sorted({("fine-tuning" if sp.finetune else "bias correction") for sp in
+                              (recipe.spec_for(s.fqn)[0] for _, s in sites) if sp is not None
+                              and (sp.finetune or sp.bias_correct)})
+        if block_steps:
+            log.warning("lowbit: recipe %s asks for %s, which runs block by block in lb.quantize; the backend "
+                        "quantizes each layer on its own without it. For the recipe's full quality, quantize with "
+                        "lb.quantize and compile with options={'checkpoint': FOLDER}", recipe.name,
+                        " and ".join(block_steps))
         for row in quantize_linears(layers, recipe, cache=CACHE.get, on_record=settle):
             if row.quantized:
                 report.layers.append(LayerReport(row.fqn, row.shape, "quantized", row.spec.describe(),

@@ -190,6 +190,16 @@ def test_calibrating_recipe_without_checkpoint_calibrates_on_the_first_call(capl
     assert torch.allclose(y, with_weights(model, report.records)(ids).logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("recipe, step", [("w2-e8", "bias correction"), ("w2-e8-ft", "fine-tuning")])
+def test_the_backend_says_when_it_quantizes_without_a_recipes_block_steps(recipe, step, caplog):
+    model = tiny_llama(layers=1)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="lowbit_compile"):
+        torch.compile(model, backend="lowbit", options={"recipe": recipe, "compiler": "eager", **REFERENCE})(
+            torch.randint(0, 320, (2, 16)))
+    said = [r.message for r in caplog.records if "runs block by block in lb.quantize" in r.message]
+    assert len(said) == 1 and f"asks for {step}," in said[0] and "options={'checkpoint': FOLDER}" in said[0]
+
+
 def test_checkpoint_option_takes_an_object_and_rejects_other_types():
     model = tiny_llama(layers=1)
     ck = lb.quantize(model, "w4", progress=False)
