@@ -394,7 +394,7 @@ class BlockTuner:
             [_hidden(a, k) for a, k, _ in calls]
         return [_with_hidden(args, kwargs, h) for (args, kwargs, _), h in zip(calls, floats)]
 
-    def _float_model_targets(self, block, calls: list, means_of: dict | None = None) -> list:
+    def _float_model_targets(self, block, calls: list, means_of: dict | None = None) -> list | tuple[list, dict]:
         """The calls with the float model's output of `block` as targets: the float block run on the float model's
         input (`_float_inputs`). `means_of` ({fqn: module}): also the mean output of those modules in that run,
         returned as a second value."""
@@ -478,15 +478,11 @@ class BlockTuner:
                     swaps.enter_context(_swapped(block, prefix, swap))
                     fix = [r for r in rows if r.record is not None and r.fqn in goal and r.fqn not in tuned]
                     if fix:
-                        fixed = self._correct_biases(block, prefix, {r.fqn: r.record for r in fix}, goal, calls,
-                                                     linears)
-                        for f, (module, entry) in fixed.items():
-                            deq_all[f] = module
-                            plan[f] = {"bias_correction": entry}
-                        swaps.enter_context(_swapped(block, prefix, {f: m for f, (m, _) in fixed.items()}))
+                        self._correct_biases(block, prefix, {r.fqn: r.record for r in fix}, goal, calls, linears,
+                                             swaps, deq_all, plan)
                     later = [linears[f].weight for g in groups[k + 1:] for f in g
                              if self.settings.weights and specs[f] is not None and specs[f].finetune]
-                    if not any(r.fqn in tuned for r in rows) and not later and not tuned:
+                    if not tuned and not later:
                         continue  # nothing to tune (bias correction only)
                     gen = torch.Generator().manual_seed(_seed(self.seed, f"{prefix}:{k}"))
                     desc = f"fine-tuning {prefix} ({k + 1}/{len(groups)})"
@@ -531,29 +527,25 @@ class BlockTuner:
                 records = {r.fqn: r.record for r in rows if r.record is not None}
                 swaps.enter_context(_swapped(block, prefix, {f: deq[f] for f in records if f in deq}))
                 fix = {f: rec for f, rec in records.items() if f in goal}
-                if not fix:
-                    continue
-                fixed = self._correct_biases(block, prefix, fix, goal, calls, linears)
-                for f, (module, entry) in fixed.items():
-                    deq_all[f] = module
-                    plan[f] = {"bias_correction": entry}
-                swaps.enter_context(_swapped(block, prefix, {f: m for f, (m, _) in fixed.items()}))
+                if fix:
+                    self._correct_biases(block, prefix, fix, goal, calls, linears, swaps, deq_all, plan)
         return rows_all, deq_all, used, plan
 
-    def _correct_biases(self, block, prefix: str, records: dict, goal: dict, calls: list, linears: dict) -> dict:
+    def _correct_biases(self, block, prefix: str, records: dict, goal: dict, calls: list, linears: dict,
+                        swaps: contextlib.ExitStack, deq: dict, plan: dict) -> None:
         """Bias correction of one group: each record gets bias = model bias + goal mean − the mean output the layer
-        has now (quantized, the groups before it corrected) on the block's calibration inputs; returns {fqn:
-        (nn.DequantizedLinear to run from now on, the plan entry)}."""
+        has now (quantized, the groups before it corrected) on the block's calibration inputs. The corrected layers
+        (nn.DequantizedLinear) go into the block for the rest of `swaps` and into `deq` (what the next blocks see),
+        their plan entries into `plan`."""
         from ..nn import DequantizedLinear
 
         now = _output_means(block, {f: block.get_submodule(f[len(prefix) + 1:]) for f in records},
                             [(a, k) for a, k, _ in calls])
-        out = {}
         for f, rec in records.items():
             b0 = linears[f].bias.detach().to(torch.float64)
             shift = goal[f] - now[f]
             rec.bias = (b0 + shift).to(torch.float32)
-            entry = {"mean_shift_rms": float(shift.square().mean().sqrt()),
-                     "bias_rms": float(b0.square().mean().sqrt())}
-            out[f] = (DequantizedLinear(rec.dequantized_weight(), rec.bias), entry)
-        return out
+            plan[f] = {"bias_correction": {"mean_shift_rms": float(shift.square().mean().sqrt()),
+                                           "bias_rms": float(b0.square().mean().sqrt())}}
+            deq[f] = DequantizedLinear(rec.dequantized_weight(), rec.bias)
+        swaps.enter_context(_swapped(block, prefix, {f: deq[f] for f in records}))
