@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from tinymodels import tiny_opt, tiny_qwen2, token_batches
+from tinymodels import quantize_interrupted_then_resumed, tiny_opt, tiny_qwen2, token_batches
 
 import lowbit_compile as lb
 from lowbit_compile.checkpoint import FORMAT_VERSION
@@ -113,22 +113,11 @@ def test_the_checkpoint_keeps_the_biases_and_the_backend_applies_them(qwen_e8, t
 
 
 def test_bias_correction_is_deterministic_and_resumes_byte_identically(qwen_e8, tmp_path, monkeypatch):
-    from lowbit_compile.quantize import core
-
     model, ck = qwen_e8
     ck.save(tmp_path / "first")
-    real = core.quantize_weight
-
-    def flaky(fqn, *a, **k):
-        if fqn.startswith("model.layers.1."):
-            raise KeyboardInterrupt
-        return real(fqn, *a, **k)
-
-    monkeypatch.setattr(core, "quantize_weight", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        lb.quantize(model, "w2-e8", _batches(), progress=False, work_dir=tmp_path / "work")
-    monkeypatch.setattr(core, "quantize_weight", real)
-    lb.quantize(model, "w2-e8", _batches(), progress=False, work_dir=tmp_path / "work").save(tmp_path / "resumed")
+    resumed = quantize_interrupted_then_resumed(model, "w2-e8", _batches(), tmp_path / "work", monkeypatch,
+                                                "model.layers.1.")
+    resumed.save(tmp_path / "resumed")
     for name in ("lowbit.safetensors", "lowbit.json"):
         assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
 

@@ -5,7 +5,7 @@ Fine-tuning runs a few steps here; lb.quantize's default is quantize/finetune.SE
 
 import pytest
 import torch
-from tinymodels import tiny_llama
+from tinymodels import quantize_interrupted_then_resumed, tiny_llama
 
 import lowbit_compile as lb
 from lowbit_compile.backend import CACHE
@@ -155,24 +155,12 @@ def test_fine_tuning_is_deterministic(llama_e8, tmp_path):
 def test_an_interrupted_fine_tuning_run_resumes_byte_identically(tmp_path, monkeypatch):
     """A resumed -ft run tunes the next block to the same targets: the float model's hidden states are carried
     through the blocks an earlier run finished, as if they had been tuned in this run."""
-    from lowbit_compile.quantize import core
-
     model = tiny_llama(layers=3)
     monkeypatch.setattr(finetune, "SETTINGS", finetune.FinetuneSettings(steps=3, lr=5e-3))
     expected = lb.quantize(model, "w2-e8-ft", _batches(), progress=False)
     expected.save(tmp_path / "uninterrupted")
-    real = core.quantize_weight
-
-    def flaky(fqn, *a, **k):
-        if fqn.startswith("model.layers.2."):
-            raise KeyboardInterrupt
-        return real(fqn, *a, **k)
-
-    monkeypatch.setattr(core, "quantize_weight", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        lb.quantize(model, "w2-e8-ft", _batches(), progress=False, work_dir=tmp_path / "work")
-    monkeypatch.setattr(core, "quantize_weight", real)
-    resumed = lb.quantize(model, "w2-e8-ft", _batches(), progress=False, work_dir=tmp_path / "work")
+    resumed = quantize_interrupted_then_resumed(model, "w2-e8-ft", _batches(), tmp_path / "work", monkeypatch,
+                                                "model.layers.2.")
     resumed.save(tmp_path / "resumed")
     for name in ("lowbit.safetensors", "lowbit.json"):
         assert (tmp_path / "uninterrupted" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()

@@ -109,3 +109,25 @@ def e8_records(model, bits: int = 2, skip: str = r"(^|.*\.)(lm_head|pooler\..*)$
             rec.bias = mod.bias.detach().float() + 0.1 * torch.randn(rec.out_features, generator=g)
         records[name] = rec
     return records
+
+
+def quantize_interrupted_then_resumed(model, recipe: str, batches, work_dir, monkeypatch, stop_at: str):
+    """lb.quantize with `work_dir`, interrupted (KeyboardInterrupt) when it reaches the first linear whose name starts
+    with `stop_at`, then run again with the same work_dir: the resumed run's checkpoint."""
+    import pytest
+
+    import lowbit_compile as lb
+    from lowbit_compile.quantize import core
+
+    real = core.quantize_weight
+
+    def flaky(fqn, *a, **k):
+        if fqn.startswith(stop_at):
+            raise KeyboardInterrupt
+        return real(fqn, *a, **k)
+
+    monkeypatch.setattr(core, "quantize_weight", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        lb.quantize(model, recipe, batches, progress=False, work_dir=work_dir)
+    monkeypatch.setattr(core, "quantize_weight", real)
+    return lb.quantize(model, recipe, batches, progress=False, work_dir=work_dir)
