@@ -7,8 +7,9 @@ second moment alone cannot give (activation rounding is not a function of H).
 
 Summation order: each call's x xᵀ is formed on its own (one float64 GEMM) and added to the running sum, in one
 fixed order of the batches (`Shard.order`). That fixed order is what lets several processes split the batches: each
-rank forms the products of its own batches, and every rank adds all of them in that order after an exchange, so the
-Hessians, and the checkpoint, are the one-process ones byte for byte.
+rank forms the products of its own batches, and after an exchange the rank that quantizes the layers reading an input
+adds all of that input's products in that order, so the Hessians, and the checkpoint, are the one-process ones byte
+for byte.
 
 Streaming, block by block (GPTQ/QuIP practice): the inputs of the first repeated block are captured once;
 then each block in turn is run on the stored boundary activations to collect its linears' Hessians, the
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,11 +40,14 @@ class HessianAccumulator:
 
     `deferred=True` (calibration split over processes, see `Shard`): `add` only forms the call's x xᵀ and keeps it
     in `pending`; `fold` adds pending products, its own and the other ranks', in the fold order. No sample is kept then
-    (a sample needs every token in order; recipes that use it do not split their calibration)."""
+    (a sample needs every token in order; recipes that use it do not split their calibration). An exchange may give
+    the Hessian to one rank (`rank`: the one that quantizes the layers reading this input, `sum_on`); the others keep
+    max |x| and the rows only."""
 
     def __init__(self, n: int, name: str = "", sample_size: int = SAMPLE_TOKENS, deferred: bool = False,
                  hessian: bool = True):
         self.n, self.name = n, name
+        self.rank: int | None = None  # the one rank that sums the Hessian, when only one does (Shard.exchange)
         # hessian False (the layers reading this input need none, e.g. FP4): max |x| and the sample only
         self.with_hessian = hessian or deferred
         self.sum = torch.zeros(n, n, dtype=torch.float64) if self.with_hessian else None
@@ -110,16 +114,28 @@ class HessianAccumulator:
         """Σ x xᵀ / tokens, float64; None when collected without it (`hessian=False`)."""
         if self.tokens == 0:
             raise LowbitError(f"layer {self.name}: no calibration tokens reached this layer")
+        if self.rank is not None and self.sum is None:
+            raise LowbitError(f"layer {self.name}: its Hessian was summed on rank {self.rank}, the rank that "
+                              f"quantizes the layers reading this input (distributed.owners), not on this one")
         return self.sum / self.tokens if self.with_hessian else None
+
+    def sum_on(self, rank: int, here: bool) -> None:
+        """Only rank `rank` sums the Hessian; where that is not `here`, drop the sum and keep max |x| and the rows."""
+        self.rank = rank
+        if not here:
+            self.sum = None
 
 
 @dataclass
 class LayerStats:
-    hessian: torch.Tensor | None  # float64 (in, in); None when no layer reading this input needs it (FP4)
+    # float64 (in, in); None when no layer reading this input needs it (FP4); a callable that raises where another
+    # rank summed it (calibration split over processes: Shard.to_owner)
+    hessian: torch.Tensor | Callable | None
     absmax: torch.Tensor  # float32 (in,)
     tokens: int
     sample: torch.Tensor | None = None  # float32 (<= SAMPLE_TOKENS, in): sampled input rows
     owner: str = ""  # the linear whose accumulator this is; linears fed the very same tensor share one
+    rank: int | None = None  # the rank that summed the Hessian, when only one did (Shard.to_owner)
 
 
 @dataclass
@@ -143,21 +159,25 @@ class Shard:
     is set (a recipe whose calibration may be split: distributed.shard), else 0, 1, 2, ... Position p of that order
     is in round p // world; within a round the positions go to the ranks in turn, reversed every other round (a
     snake: 0, 1, 1, 0, ... for two ranks), so that each rank gets a fair share of the tokens. Every few rounds
-    (`every`) the ranks exchange their batches' products (`exchange`) and every rank adds them in position order --
-    the order in which one process runs and adds them with the same `balance`: the Hessians of one process, byte for
-    byte. One process runs every batch in that order and exchanges nothing. `over(batches)` fixes the order for a
-    batch list."""
+    (`every`) the ranks exchange their batches' products (`exchange`), which are added in position order -- the order
+    in which one process runs and adds them with the same `balance`: the Hessians of one process, byte for byte. One
+    process runs every batch in that order and exchanges nothing. `over(batches)` fixes the order for a batch list.
+
+    `to_owner` (lb.quantize, whose ranks quantize the linears distributed.assign gives them): an input's products go
+    only to the rank that quantizes the layers reading it (distributed.hessian_owners), sent point to point; the
+    others keep its max |x| and rows. Without it every rank receives and sums every product."""
 
     rank: int = 0
     world: int = 1
     balance: bool = False
     order: tuple[int, ...] | None = None
+    to_owner: bool = False
 
     def over(self, batches: list) -> Shard:
         n = len(batches)
         order = (tuple(sorted(range(n), key=lambda b: (-_tokens_of(batches[b]), b))) if self.balance
                  else tuple(range(n)))
-        return Shard(self.rank, self.world, self.balance, order)
+        return replace(self, order=order)
 
     def _owner(self, p: int) -> int:
         j, slot = divmod(p, self.world)
@@ -189,11 +209,13 @@ class Shard:
         return max(1, EXCHANGE_BYTES // max(per_round, 1))
 
     def exchange(self, accs: dict[str, HessianAccumulator], share: dict[str, str], j: int, what: str,
-                 every: int = 1) -> None:
+                 every: int = 1, linears: Mapping[str, torch.nn.Linear] | None = None) -> None:
         """Close round j; after every `every` rounds and after the last, every rank's products of those rounds added,
-        in position order (then call order), to every rank's accumulators; accumulators and input sharing that only
-        other ranks met are taken over. The small things (which products, max |x|, rows) travel as objects, the
-        float64 products as tensors (a broadcast each: no pickling)."""
+        in position order (then call order), to the accumulators of the rank that sums them (`to_owner` and the
+        `linears` being calibrated given: the rank that quantizes the layers reading that input; else every rank);
+        max |x| and rows to every rank's; accumulators and input sharing that only other ranks met are taken over.
+        The small things (which products, max |x|, rows) travel as objects, the float64 products as tensors (no
+        pickling): to their owner, sent as soon as the exchange starts and received in the order they are added."""
         if self.world == 1:
             return
         from . import distributed
@@ -210,8 +232,10 @@ class Shard:
         for other_share, _ in gathered:
             for fqn, owner in other_share.items():
                 share.setdefault(fqn, owner)
+        owners = distributed.hessian_owners(linears, share) if self.to_owner and linears is not None else {}
+        steps = []  # (key, owner or None for every rank, rank, round index in the rank's list, call, amax, rows)
         for key in sorted({k for _, m in gathered for k in m}):
-            calls = []  # (position, call, rank, round index in the rank's list, amax, rows)
+            calls = []  # (position, call, rank, round index, amax, rows)
             for r, (_, m) in enumerate(gathered):
                 n, by_round = m.get(key, (0, []))
                 for q, (jj, parts) in enumerate(by_round):
@@ -219,11 +243,31 @@ class Shard:
                     calls += [(p, i, r, q, amax, rows) for i, (amax, rows) in enumerate(parts)]
                 if n and key not in accs:
                     accs[key] = HessianAccumulator(n, key, deferred=True)
+            owner = accs[key].rank if accs[key].rank is not None else owners.get(key)  # decided once per input
+            if owner is not None:
+                accs[key].sum_on(owner, owner == self.rank)
+            calls.sort(key=lambda c: c[:2])
+            steps += [(key, owner, r, q, i, amax, rows) for _, i, r, q, amax, rows in calls]
+        sent = [distributed.isend(accs[key].rounds[q][1][i][0], owner, tag, what)
+                for tag, (key, owner, r, q, i, _, _) in enumerate(steps)
+                if owner is not None and r == self.rank != owner]
+        buffers: dict[int, torch.Tensor] = {}  # one receive buffer per size, reused (added before the next recv)
+        for tag, (key, owner, r, q, i, amax, rows) in enumerate(steps):
             acc = accs[key]
-            for _, i, r, q, amax, rows in sorted(calls, key=lambda c: (c[0], c[1])):
+            if owner is None:  # every rank sums it
                 xx = acc.rounds[q][1][i][0] if r == self.rank else torch.empty(acc.n, acc.n, dtype=torch.float64)
                 distributed.broadcast(xx, r, what)
-                acc.fold([(xx, amax, rows)])
+            elif owner != self.rank:
+                xx = None
+            elif r == self.rank:
+                xx = acc.rounds[q][1][i][0]
+            else:
+                xx = buffers.get(acc.n)
+                if xx is None:
+                    xx = buffers[acc.n] = torch.empty(acc.n, acc.n, dtype=torch.float64)
+                distributed.recv(xx, r, tag, what)
+            acc.fold([(xx, amax, rows)])
+        distributed.wait(sent, what)
         for a in accs.values():
             a.rounds = []
 
@@ -442,8 +486,11 @@ def _observing(root: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], ac
 
 
 def _stats(share: Mapping[str, str], accs: Mapping[str, HessianAccumulator]) -> dict[str, LayerStats]:
-    by_owner = {o: LayerStats(accs[o].hessian(), accs[o].absmax, accs[o].tokens,
-                              None if accs[o].deferred else accs[o].sample, o)
+    """LayerStats per linear. Where another rank sums an input's Hessian, `hessian` is the accumulator's method, which
+    says so if called (core.quantize_linears calls a callable Hessian, and only for the layers of its own rank)."""
+    by_owner = {o: LayerStats(accs[o].hessian if accs[o].sum is None and accs[o].rank is not None
+                              else accs[o].hessian(), accs[o].absmax, accs[o].tokens,
+                              None if accs[o].deferred else accs[o].sample, o, accs[o].rank)
                 for o in set(share.values())}
     return {fqn: by_owner[owner] for fqn, owner in share.items()}
 
@@ -587,17 +634,18 @@ def calibrate_blocks(
                         if bad is None:
                             raise
                         raise LowbitError(f"{bad}; clean the calibration data (it reached {e})") from None
-                shard.exchange(accs, share, j, "the statistics of the float pass", every)
+                shard.exchange(accs, share, j, "the statistics of the float pass", every, observed)
     finally:
         for h in handles:
             h.remove()
     outside_stats = _stats(share, accs) if outside and not streaming else {}
     floats, last_outputs = (stored if streaming and outside else None), []  # the float model's hidden states
 
+    lims: dict[str, list] = {}  # block -> this rank's (Σ 1 − cos, rows) per batch, gathered once at the end
     for prefix, block in zip(prefixes, tqdm(blocks, desc="calibration: blocks", disable=not progress)):
         with loader(prefix) if streaming else contextlib.nullcontext():
-            stored = _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume, shard,
-                                      hessian)
+            stored, lims[prefix] = _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential,
+                                                    resume, shard, hessian)
             if floats is not None:
                 with torch.no_grad():
                     last_outputs = [block(*a, **k) for a, k in floats]
@@ -609,13 +657,20 @@ def calibrate_blocks(
         if streaming:
             outside_stats = _replayed_stats(model, blocks_name, last_outputs, local, outside, shard, hessian(outside))
         quantize_layers(outside, outside_stats)
+    by_batch = shard.in_order(list(zip(*lims.values())) if lims else [], "the LIM of the blocks")
+    for b, prefix in enumerate(lims):
+        lim_sum, lim_n = 0.0, 0
+        for per_block in by_batch:  # in the fold order, however many processes
+            lim_sum, lim_n = lim_sum + per_block[b][0], lim_n + per_block[b][1]
+        summary.lim[prefix] = lim_sum / max(lim_n, 1)
     return summary
 
 
 def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential, resume, shard=None,
                      hessian=lambda linears: True):
-    """One step of calibrate_blocks: the block's statistics, its quantization (unless resumed) and the inputs of
-    the next block (returned). `stored` holds this rank's batches (`shard`; default: one process, every batch)."""
+    """One step of calibrate_blocks: the block's statistics, its quantization (unless resumed), the inputs of
+    the next block and this rank's LIM terms per batch (returned). `stored` holds this rank's batches (`shard`;
+    default: one process, every batch)."""
     shard = shard or Shard().over(stored)
     summary.blocks.append(prefix)
     linears = named_linears(block, prefix)
@@ -628,7 +683,7 @@ def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential
                 if j < len(stored):
                     args, kwargs = stored[j]
                     outputs.append(_first(block(*args, **kwargs)))
-                shard.exchange(accs, share, j, f"the statistics of {prefix}", shard.every(linears))
+                shard.exchange(accs, share, j, f"the statistics of {prefix}", shard.every(linears), linears)
         deq = quantize_layers(linears, _stats(share, accs))
     elif not (sequential and deq):  # finished earlier: only the block's float outputs are needed
         with torch.no_grad():
@@ -636,12 +691,8 @@ def _calibrate_block(prefix, block, stored, summary, quantize_layers, sequential
     if sequential and deq:
         with _quantized(block, prefix, linears, deq) as run, torch.no_grad():
             outputs = [_first(run(*a, **k)) for a, k in stored]
-    lims = shard.in_order([_lim(_hidden(a, k), out) for (a, k), out in zip(stored, outputs)], f"the LIM of {prefix}")
-    lim_sum, lim_n = 0.0, 0
-    for s, n in lims:  # in the fold order, however many processes
-        lim_sum, lim_n = lim_sum + s, lim_n + n
-    summary.lim[prefix] = lim_sum / max(lim_n, 1)
-    return [_with_hidden(a, k, out) for (a, k), out in zip(stored, outputs)]
+    lims = [_lim(_hidden(a, k), out) for (a, k), out in zip(stored, outputs)]
+    return [_with_hidden(a, k, out) for (a, k), out in zip(stored, outputs)], lims
 
 
 class _Replay(torch.nn.Module):
@@ -678,7 +729,8 @@ def _replayed_stats(model, blocks_name: str, outputs: list, batches: list, outsi
                 if j < len(batches):
                     current[0] = j
                     _run(model, batches[j], shard.index(j))
-                shard.exchange(accs, share, j, "the statistics of the linears outside the blocks", shard.every(outside))
+                shard.exchange(accs, share, j, "the statistics of the linears outside the blocks",
+                               shard.every(outside), outside)
     finally:
         for i, b in enumerate(saved):
             layers[i] = b

@@ -84,6 +84,27 @@ def assign(layers: list, world_size: int) -> dict[str, int]:
     return owner
 
 
+def owners(layers: list, world_size: int) -> dict[str, int]:
+    """`assign`, except that a group whose Hessian only one rank summed (calibrate.LayerStats.rank: the calibration
+    was split with Shard.to_owner) goes to that rank: a layer is quantized where its Hessian is."""
+    owner = assign(layers, world_size)
+    for la in layers:
+        r = None if callable(la.stats) else getattr(la.stats, "rank", None)
+        if r is not None:
+            owner[la.group or la.fqn] = r
+    return owner
+
+
+def hessian_owners(linears, share) -> dict[str, int]:
+    """{input key: rank} while calibrating `linears` (a unit that lb.quantize quantizes as one) split over the ranks:
+    the rank `assign` gives the layers reading each input, as lb.quantize will group them (`share`: linear -> the key
+    of the input it reads, calibrate._observing)."""
+    from .quantize.core import Layer
+
+    layers = [Layer(f, None, None, share.get(f, f), (lin.out_features, lin.in_features)) for f, lin in linears.items()]
+    return assign(layers, world()[1])
+
+
 def exchange(obj, what: str) -> list:
     """Every rank's `obj`, in rank order (all_gather_object); a rank that died or timed out makes it a LowbitError
     naming `what` was being exchanged."""
@@ -101,6 +122,30 @@ def broadcast(tensor: torch.Tensor, src: int, what: str) -> None:
 
     with _failing(what):
         dist.broadcast(tensor, src)
+
+
+def isend(tensor: torch.Tensor, dst: int, tag: int, what: str):
+    """Start sending `tensor` to rank `dst` (keep it unchanged until `wait`); the handle for `wait`."""
+    import torch.distributed as dist
+
+    with _failing(what):
+        return dist.isend(tensor, dst, tag=tag)
+
+
+def recv(tensor: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
+    """`tensor` filled with what rank `src` sent with `tag`."""
+    import torch.distributed as dist
+
+    with _failing(what):
+        dist.recv(tensor, src, tag=tag)
+    return tensor
+
+
+def wait(handles: list, what: str) -> None:
+    """Until the sends `handles` (from `isend`) are done."""
+    with _failing(what):
+        for h in handles:
+            h.wait()
 
 
 @contextlib.contextmanager
@@ -124,30 +169,37 @@ def shard(recipe, finetune: bool = False):
     specs = [recipe.default] + [s for _, s in recipe.overrides]
     if finetune or any(s is not None and s.method == "fp4" for s in specs):
         return Shard()
-    return Shard(r, n, balance=True)  # in one process too: the order of the sums is the same for any N
+    # in one process too: the order of the sums is the same for any N; each input's products to the rank that
+    # quantizes the layers reading it (distributed.owners), as lb.quantize, the only caller, does
+    return Shard(r, n, balance=True, to_owner=True)
 
 
 def replacements(layers, records: dict, make, *, is_tensor, unit: str = "") -> dict:
     """{fqn: make(fqn, record)} for the layers that have a record, on every rank. With several ranks, a record for
     which `is_tensor(record)` holds (a dequantized float32 weight of the layer's shape) is made by the rank that
-    quantized the layer (`assign`) and broadcast: the same bytes as made anywhere, made once. Others are made on
-    every rank."""
+    quantized the layer (`owners`) and sent to the others, one broadcast per rank of all it made: the same bytes as
+    made anywhere, made once. Others are made on every rank."""
     r, n = world()
     if n == 1:
         return {la.fqn: make(la.fqn, records[la.fqn]) for la in layers if la.fqn in records}
-    owner = assign(list(layers), n)
-    out = {}
+    owner = owners(list(layers), n)
+    out, by_src = {}, {}
     for la in layers:
         rec = records.get(la.fqn)
         if rec is None:
             continue
-        src = owner[la.group or la.fqn]
-        if not is_tensor(rec):
+        if is_tensor(rec):
+            by_src.setdefault(owner[la.group or la.fqn], []).append(la)
+        else:
             out[la.fqn] = make(la.fqn, rec)
-            continue
-        t = make(la.fqn, rec).contiguous() if src == r else torch.empty(la.shape, dtype=torch.float32)
-        broadcast(t, src, f"the quantized weight of {la.fqn}" + (f" ({unit})" if unit else ""))
-        out[la.fqn] = t
+    for src in sorted(by_src):
+        mine = by_src[src]
+        sizes = [la.shape[0] * la.shape[1] for la in mine]
+        flat = (torch.cat([make(la.fqn, records[la.fqn]).reshape(-1) for la in mine]) if src == r
+                else torch.empty(sum(sizes), dtype=torch.float32))
+        broadcast(flat, src, f"the quantized weights of {', '.join(la.fqn for la in mine[:3])}"
+                             + (", ..." if len(mine) > 3 else "") + (f" ({unit})" if unit else ""))
+        out.update({la.fqn: t.view(la.shape) for la, t in zip(mine, flat.split(sizes))})
     return out
 
 
@@ -160,7 +212,7 @@ def quantize_linears(layers, recipe, *, on_record=None, unit: str = ""):
     r, n = world()
     if n == 1:
         return core.quantize_linears(layers, recipe, on_record=on_record)
-    owner = assign(layers, n)
+    owner = owners(layers, n)
     mine = core.quantize_linears([la for la in layers if owner[la.group or la.fqn] == r], recipe)
     records = {}
     for part in exchange({row.fqn: row.record for row in mine}, f"the records of {unit or 'a unit'}"):

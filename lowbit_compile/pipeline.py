@@ -123,7 +123,6 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
             return rows, distributed.replacements(layers, unit_records, lambda f, r: _replacement(r, linears[f]),
                                                   is_tensor=_replaced_by_weight, unit=unit)
 
-        # -ft: the block's linears group by group, tuned to the block's float outputs between the groups
         # -ft: the block's linears group by group, tuned to the block's float outputs between the groups; bias
         # correction (recipe.LayerSpec.bias_correct): group by group too, each group's biases set after it
         tuned = tuner.quantize_block(linears, stats, quantize_some) if tuner is not None else None

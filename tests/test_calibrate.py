@@ -26,6 +26,16 @@ def test_accumulator_refuses_non_finite_activations_and_empty_use():
         acc.add(torch.tensor([[1.0, float("nan"), 0.0]]))
 
 
+def test_an_accumulator_whose_hessian_another_rank_sums_keeps_maxima_and_rows_and_says_where_the_hessian_is():
+    acc = HessianAccumulator(3, "model.layers.0.mlp.down_proj", deferred=True)
+    acc.add(torch.tensor([[1.0, -2.0, 0.5]]))
+    acc.sum_on(1, here=False)
+    acc.fold([(None, torch.tensor([3.0, 0.0, 0.0]), 4)])  # another rank's call: its maxima and rows only
+    assert acc.tokens == 4 and torch.equal(acc.absmax, torch.tensor([3.0, 0.0, 0.0]))
+    with pytest.raises(LowbitError, match="down_proj: its Hessian was summed on rank 1"):
+        acc.hessian()
+
+
 def test_blocks_are_found_in_decoder_and_encoder_models():
     name, blocks = find_blocks(tiny_llama(layers=3))
     assert name == "model.layers" and len(blocks) == 3

@@ -43,6 +43,17 @@ if die_at and distributed.rank() == 1:  # this rank dies (a kill, an out-of-memo
             os._exit(3)
         return real(fqn, *a, **k)
     core.quantize_weight = dying
+held, quantized = set(), set()  # inputs whose Hessian this rank summed; layers it quantized
+real_stats = calibrate._stats
+def recording(share, accs):
+    held.update(k for k, a in accs.items() if a.sum is not None)
+    return real_stats(share, accs)
+calibrate._stats = recording
+real_qw = core.quantize_weight
+def quantizing(fqn, *a, **k):
+    quantized.add(fqn)
+    return real_qw(fqn, *a, **k)
+core.quantize_weight = quantizing
 g = torch.Generator().manual_seed(0)
 batches = [torch.randint(0, 320, (2, 10), generator=g) for _ in range(3)]
 ck = lb.quantize(folder, recipe, batches, progress=False, overrides={"lm_head": "w4-quip"}, work_dir=work or None)
@@ -50,6 +61,8 @@ if distributed.rank() == 0:
     ck.save(out)
 with open(f"{out}.rows{distributed.rank()}", "w") as f:
     f.write(str(rows[0]))
+with open(f"{out}.held{distributed.rank()}", "w") as f:
+    f.write(" ".join(sorted(held)) + "\n" + " ".join(sorted(quantized)))
 """
 
 
@@ -88,6 +101,16 @@ def test_two_processes_give_the_one_process_checkpoint_byte_for_byte(folder, tmp
     assert folder_digests(tmp_path / "two") == expected
     rows = [int((tmp_path / f"two.rows{r}").read_text()) for r in (0, 1)]
     assert rows[1] == 2 * rows[0] > 0  # each rank observed only its own batches (equal sizes here)
+    # each input's Hessian was summed on one rank only, the one that quantized the layers reading it
+    held, quantized = zip(*((set(a.split()), set(b.split())) for a, b in
+                            ((tmp_path / f"two.held{r}").read_text().split("\n") for r in (0, 1))))
+    assert held[0] and held[1] and not held[0] & held[1] and quantized[0] and quantized[1]
+    readers = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "gate_proj": "gate_proj",
+               "up_proj": "gate_proj"}  # linears fed the same input share the first one's accumulator
+    for r in (0, 1):
+        for fqn in quantized[r]:
+            head, _, name = fqn.rpartition(".")
+            assert ".".join(filter(None, (head, readers.get(name, name)))) in held[r], (r, fqn)
 
 
 def test_a_rank_that_dies_stops_the_run_and_the_work_dir_resumes_it(folder, tmp_path):
