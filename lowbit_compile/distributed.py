@@ -174,11 +174,11 @@ def shard(recipe, finetune: bool = False):
     return Shard(r, n, balance=True, to_owner=True)
 
 
-def replacements(layers, records: dict, make, *, is_tensor, unit: str = "") -> dict:
+def replacements(layers, records: dict, make, *, is_tensor, unit: str = "", ready: dict | None = None) -> dict:
     """{fqn: make(fqn, record)} for the layers that have a record, on every rank. With several ranks, a record for
     which `is_tensor(record)` holds (a dequantized float32 weight of the layer's shape) is made by the rank that
-    quantized the layer (`owners`) and sent to the others, one broadcast per rank of all it made: the same bytes as
-    made anywhere, made once. Others are made on every rank."""
+    quantized the layer (`owners`; or taken from `ready`, where that rank made it already) and sent to the others, one
+    broadcast per rank of all it made: the same bytes as made anywhere, made once. Others are made on every rank."""
     r, n = world()
     if n == 1:
         return {la.fqn: make(la.fqn, records[la.fqn]) for la in layers if la.fqn in records}
@@ -195,7 +195,9 @@ def replacements(layers, records: dict, make, *, is_tensor, unit: str = "") -> d
     for src in sorted(by_src):
         mine = by_src[src]
         sizes = [la.shape[0] * la.shape[1] for la in mine]
-        flat = (torch.cat([make(la.fqn, records[la.fqn]).reshape(-1) for la in mine]) if src == r
+        ready = ready or {}
+        flat = (torch.cat([(ready[la.fqn] if la.fqn in ready else make(la.fqn, records[la.fqn])).reshape(-1)
+                           for la in mine]) if src == r
                 else torch.empty(sum(sizes), dtype=torch.float32))
         broadcast(flat, src, f"the quantized weights of {', '.join(la.fqn for la in mine[:3])}"
                              + (", ..." if len(mine) > 3 else "") + (f" ({unit})" if unit else ""))
@@ -203,9 +205,11 @@ def replacements(layers, records: dict, make, *, is_tensor, unit: str = "") -> d
     return out
 
 
-def quantize_linears(layers, recipe, *, on_record=None, unit: str = ""):
+def quantize_linears(layers, recipe, *, on_record=None, unit: str = "", prepare=None):
     """quantize.core.quantize_linears with the layers split over the ranks (see the module docstring): the same rows
-    and records on every rank, `on_record` called for every layer in the given order."""
+    and records on every rank, `on_record` called for every layer in the given order. `prepare(fqn, record)`, with
+    several ranks, is called for this rank's own records before they are exchanged: work on them (the weight the next
+    block needs, `replacements(ready=...)`) then fills the time a rank with less to quantize waits for the others."""
     from .quantize import core
 
     layers = list(layers)
@@ -214,6 +218,10 @@ def quantize_linears(layers, recipe, *, on_record=None, unit: str = ""):
         return core.quantize_linears(layers, recipe, on_record=on_record)
     owner = owners(layers, n)
     mine = core.quantize_linears([la for la in layers if owner[la.group or la.fqn] == r], recipe)
+    if prepare is not None:
+        for row in mine:
+            if row.record is not None:
+                prepare(row.fqn, row.record)
     records = {}
     for part in exchange({row.fqn: row.record for row in mine}, f"the records of {unit or 'a unit'}"):
         records.update(part)

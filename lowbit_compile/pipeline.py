@@ -118,10 +118,17 @@ def _quantize(model, rec: Recipe, calibration, tokenizer, sequential: bool, prog
             layers = [Layer(fqn, lin.weight, stats.get(fqn), getattr(stats.get(fqn), "owner", "") or fqn)
                       for fqn, lin in linears.items()]
             # core's, or split over ranks; then what the next blocks see when calibrating sequentially (each weight
-            # rebuilt once, by the rank that quantized it)
-            rows = distributed.quantize_linears(layers, rec, on_record=unit_records.__setitem__, unit=unit)
+            # rebuilt once, by the rank that quantized it, before the records are exchanged)
+            ready = {}
+
+            def prepare(fqn, r):
+                if _replaced_by_weight(r):
+                    ready[fqn] = _replacement(r, linears[fqn])
+
+            rows = distributed.quantize_linears(layers, rec, on_record=unit_records.__setitem__, unit=unit,
+                                                prepare=prepare)
             return rows, distributed.replacements(layers, unit_records, lambda f, r: _replacement(r, linears[f]),
-                                                  is_tensor=_replaced_by_weight, unit=unit)
+                                                  is_tensor=_replaced_by_weight, unit=unit, ready=ready)
 
         # -ft: the block's linears group by group, tuned to the block's float outputs between the groups; bias
         # correction (recipe.LayerSpec.bias_correct): group by group too, each group's biases set after it
