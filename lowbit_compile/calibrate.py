@@ -50,7 +50,8 @@ class HessianAccumulator:
         self.rank: int | None = None  # the one rank that sums the Hessian, when only one does (Shard.exchange)
         # hessian False (the layers reading this input need none, e.g. FP4): max |x| and the sample only
         self.with_hessian = hessian or deferred
-        self.sum = torch.zeros(n, n, dtype=torch.float64) if self.with_hessian else None
+        # deferred: made at the first product added, on the rank that adds them (not on every rank: Shard.exchange)
+        self.sum = torch.zeros(n, n, dtype=torch.float64) if self.with_hessian and not deferred else None
         self.absmax = torch.zeros(n, dtype=torch.float32)
         self.tokens = 0
         self.deferred = deferred
@@ -85,6 +86,8 @@ class HessianAccumulator:
         """Add calls' (x xᵀ, max |x|, rows), in the order given (the fold order)."""
         for xx, amax, rows in parts:
             if xx is not None:
+                if self.sum is None:
+                    self.sum = torch.zeros(self.n, self.n, dtype=torch.float64)
                 self.sum.add_(xx)
             self.absmax = torch.maximum(self.absmax, amax)
             self.tokens += rows
