@@ -50,8 +50,8 @@ class HessianAccumulator:
         self.rank: int | None = None  # the one rank that sums the Hessian, when only one does (Shard.exchange)
         # hessian False (the layers reading this input need none, e.g. FP4): max |x| and the sample only
         self.with_hessian = hessian or deferred
-        # deferred: made at the first product added, on the rank that adds them (not on every rank: Shard.exchange)
-        self.sum = torch.zeros(n, n, dtype=torch.float64) if self.with_hessian and not deferred else None
+        # made at the first product added (`fold`): split over ranks, only on the rank that adds them (Shard.exchange)
+        self.sum: torch.Tensor | None = None
         self.absmax = torch.zeros(n, dtype=torch.float32)
         self.tokens = 0
         self.deferred = deferred
