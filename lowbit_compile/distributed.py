@@ -192,10 +192,10 @@ def replacements(layers, records: dict, make, *, is_tensor, unit: str = "", read
             by_src.setdefault(owner[la.group or la.fqn], []).append(la)
         else:
             out[la.fqn] = make(la.fqn, rec)
+    ready = ready or {}
     for src in sorted(by_src):
         mine = by_src[src]
         sizes = [la.shape[0] * la.shape[1] for la in mine]
-        ready = ready or {}
         flat = (torch.cat([(ready[la.fqn] if la.fqn in ready else make(la.fqn, records[la.fqn])).reshape(-1)
                            for la in mine]) if src == r
                 else torch.empty(sum(sizes), dtype=torch.float32))
